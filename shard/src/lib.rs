@@ -1,0 +1,27 @@
+//! The per-core runtime of shardgate.
+//!
+//! One [`runtime::start`] call starts N shards: glommio executors pinned to cores, each
+//! with its own `SO_REUSEPORT` listener, owning the connections it accepted and their
+//! rooms. Shards share nothing mutable; they talk through the lock-free [`mesh`].
+//!
+//! Read top-down: [`runtime`] (executors, listener, tasks) -> [`conn`] (one task per
+//! connection: HTTP upgrade, WebSocket frames, Engine.IO) -> [`session`] (Socket.IO
+//! namespace connect, auth, chat events) -> [`state`] (the shard's connections, rooms,
+//! users and the home-shard directory) -> [`mesh`] (cross-core queues, [`msg::ShardMsg`]).
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod config;
+mod conn;
+pub mod mesh;
+pub mod metrics;
+pub mod msg;
+pub mod runtime;
+mod session;
+mod slab;
+
+pub use slab::ConnId;
+mod state;
+
+pub use config::RuntimeConfig;
+pub use runtime::{start, ShardsHandle, Shared};

@@ -1,0 +1,178 @@
+//! Cross-core queues: one lock-free MPSC inbox per shard.
+//!
+//! Each inbox is a `crossbeam_queue::SegQueue` plus a doorbell: a Unix socket pair whose
+//! read end the owning shard awaits through io_uring. A sender pushes, then rings only
+//! if the inbox is not already rung (one `AtomicBool` swap), so a busy shard receives
+//! whole batches for a single wake-up and an idle shard sleeps in the kernel instead of
+//! spinning. Senders may be shards or any other thread (the bridge).
+//!
+//! Ordering: messages from one sender to one shard arrive in the order they were sent.
+
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crossbeam_queue::SegQueue;
+
+use crate::msg::ShardMsg;
+
+/// Index of a shard inside one process.
+pub type ShardId = usize;
+
+/// The inbox of one shard.
+struct Inbox {
+    queue: SegQueue<ShardMsg>,
+    rung: AtomicBool,
+    bell: UnixStream,
+    rings: AtomicU64,
+}
+
+/// All inboxes of the process; cloned (`Arc`) into every shard.
+pub struct Mesh {
+    inboxes: Box<[Inbox]>,
+}
+
+/// The read end of a shard's doorbell, handed once to the shard that owns the inbox.
+pub struct Doorbell {
+    /// Shard this doorbell wakes.
+    pub shard: ShardId,
+    /// Non-blocking read end of the socket pair.
+    pub fd: OwnedFd,
+}
+
+impl Mesh {
+    /// Builds `n` inboxes and returns their doorbells, one per shard, in shard order.
+    pub fn new(n: usize) -> std::io::Result<(Arc<Mesh>, Vec<Doorbell>)> {
+        let mut inboxes = Vec::with_capacity(n);
+        let mut bells = Vec::with_capacity(n);
+        for shard in 0..n {
+            let (tx, rx) = UnixStream::pair()?;
+            tx.set_nonblocking(true)?;
+            rx.set_nonblocking(true)?;
+            inboxes.push(Inbox {
+                queue: SegQueue::new(),
+                rung: AtomicBool::new(false),
+                bell: tx,
+                rings: AtomicU64::new(0),
+            });
+            bells.push(Doorbell {
+                shard,
+                fd: rx.into(),
+            });
+        }
+        Ok((
+            Arc::new(Mesh {
+                inboxes: inboxes.into_boxed_slice(),
+            }),
+            bells,
+        ))
+    }
+
+    /// Number of shards.
+    pub fn len(&self) -> usize {
+        self.inboxes.len()
+    }
+
+    /// The mesh has no shards.
+    pub fn is_empty(&self) -> bool {
+        self.inboxes.is_empty()
+    }
+
+    /// Queues `msg` for shard `to` and wakes it if it may be asleep.
+    pub fn send(&self, to: ShardId, msg: ShardMsg) {
+        let Some(inbox) = self.inboxes.get(to) else {
+            return;
+        };
+        inbox.queue.push(msg);
+        if !inbox.rung.swap(true, Ordering::AcqRel) {
+            inbox.rings.fetch_add(1, Ordering::Relaxed);
+            // A full socket buffer means a wake-up is already pending: nothing is lost.
+            let _ = (&inbox.bell).write(&[1]);
+        }
+    }
+
+    /// Re-arms shard `me`'s doorbell and takes everything queued so far, up to `max`.
+    /// Called by the owning shard only, after it consumed the doorbell bytes.
+    pub fn drain(&self, me: ShardId, max: usize, out: &mut Vec<ShardMsg>) {
+        let Some(inbox) = self.inboxes.get(me) else {
+            return;
+        };
+        inbox.rung.swap(false, Ordering::AcqRel);
+        while out.len() < max {
+            match inbox.queue.pop() {
+                Some(m) => out.push(m),
+                None => break,
+            }
+        }
+        if !inbox.queue.is_empty() {
+            // More than one batch waits: keep the bell rung so the shard comes back.
+            inbox.rung.store(true, Ordering::Release);
+        }
+    }
+
+    /// Messages waiting for shard `me` (approximate, for metrics).
+    pub fn backlog(&self, me: ShardId) -> usize {
+        self.inboxes.get(me).map(|i| i.queue.len()).unwrap_or(0)
+    }
+
+    /// Doorbell writes made for shard `me` so far (wake-ups, for metrics).
+    pub fn rings(&self, me: ShardId) -> u64 {
+        self.inboxes
+            .get(me)
+            .map(|i| i.rings.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+}
+
+/// The shard that owns global state for `key` (a user's directory entry).
+pub fn home_shard(key: &str, shards: usize) -> ShardId {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same key maps to the same shard in every shard.
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new();
+    key.hash(&mut h);
+    (h.finish() % shards.max(1) as u64) as ShardId
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn rings_once_per_batch_and_keeps_order() {
+        let (mesh, bells) = Mesh::new(2).unwrap();
+        for i in 0..10u64 {
+            mesh.send(1, ShardMsg::Test(i));
+        }
+        assert_eq!(mesh.rings(1), 1);
+        let mut rx = UnixStream::from(bells.into_iter().nth(1).unwrap().fd);
+        let mut b = [0u8; 8];
+        assert_eq!(rx.read(&mut b).unwrap(), 1);
+        let mut out = Vec::new();
+        mesh.drain(1, 4, &mut out);
+        mesh.drain(1, 100, &mut out);
+        let got: Vec<u64> = out
+            .iter()
+            .map(|m| match m {
+                ShardMsg::Test(i) => *i,
+                _ => 99,
+            })
+            .collect();
+        assert_eq!(got, (0..10).collect::<Vec<_>>());
+        mesh.send(1, ShardMsg::Test(10));
+        assert_eq!(mesh.rings(1), 2);
+    }
+
+    #[test]
+    fn home_shard_is_stable_and_spread() {
+        let a = home_shard("t1\x1falice", 4);
+        assert_eq!(a, home_shard("t1\x1falice", 4));
+        let spread: std::collections::HashSet<_> = (0..100)
+            .map(|i| home_shard(&format!("t\x1fu{i}"), 4))
+            .collect();
+        assert_eq!(spread.len(), 4);
+    }
+}

@@ -1,0 +1,301 @@
+//! Starting and running the shards.
+//!
+//! [`start`] binds one `SO_REUSEPORT` listening socket per shard on the calling thread (so
+//! bind errors surface before anything runs, and port 0 resolves to one port for all),
+//! then starts one pinned glommio executor per shard. Each shard runs three kinds of
+//! task: the accept loop (one connection task per client), the inbox task (drains the
+//! shard's mesh inbox in batches) and the tick task (timers: pings, timeouts, typing
+//! expiry, delivery-report expiry, directory upkeep).
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use futures_lite::AsyncRead;
+use glommio::net::{TcpListener, UnixStream};
+use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
+use tracing::{debug, info, warn};
+
+use crate::auth::Verifier;
+use crate::config::RuntimeConfig;
+use crate::mesh::{Doorbell, Mesh, ShardId};
+use crate::metrics::{Counter, ShardMetrics};
+use crate::msg::ShardMsg;
+use crate::state::State;
+
+/// Read-only state of the whole process, shared by every shard.
+pub struct Shared {
+    /// Protocol timers and limits.
+    pub config: RuntimeConfig,
+    /// Token verification.
+    pub verifier: Verifier,
+    /// Cross-core queues.
+    pub mesh: Arc<Mesh>,
+    /// One counter block per shard.
+    pub metrics: Box<[ShardMetrics]>,
+    /// `/readyz` answers 200 while set.
+    pub ready: AtomicBool,
+    /// Set once shutdown began: accept loops stop, connections close.
+    pub stopping: AtomicBool,
+    /// Start of shard time.
+    pub epoch: Instant,
+    /// Address every shard listens on.
+    pub listen: SocketAddr,
+    /// Extra Prometheus text appended to `/metrics` (process-level facts).
+    pub static_metrics: String,
+}
+
+impl Shared {
+    /// Milliseconds since the process started (shard time).
+    pub fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// WebSocket connections open in the whole process.
+    pub fn open_connections(&self) -> u64 {
+        self.metrics.iter().map(|m| m.get(Counter::Open)).sum()
+    }
+}
+
+/// How to start the shards.
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    /// Listen address (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Number of shards.
+    pub shards: usize,
+    /// CPU of each shard; `None` leaves a shard unpinned.
+    pub cpus: Vec<Option<usize>>,
+    /// Protocol timers and limits.
+    pub config: RuntimeConfig,
+    /// Extra process-level Prometheus text.
+    pub static_metrics: String,
+}
+
+/// Running shards.
+pub struct ShardsHandle {
+    /// Process-wide shared state.
+    pub shared: Arc<Shared>,
+    handles: Vec<ExecutorJoinHandle<()>>,
+}
+
+impl ShardsHandle {
+    /// The bound address (with the port resolved).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.listen
+    }
+
+    /// Stops accepting and closes every connection with reason `server_shutdown`.
+    pub fn shutdown(&self) {
+        self.shared.ready.store(false, Ordering::SeqCst);
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        for s in 0..self.shared.mesh.len() {
+            self.shared.mesh.send(s, ShardMsg::Shutdown);
+        }
+    }
+
+    /// Waits for every shard to exit.
+    pub fn join(self) {
+        for h in self.handles {
+            if let Err(e) = h.join() {
+                warn!("shard exited with error: {e}");
+            }
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(4096)?;
+    Ok(sock)
+}
+
+/// Binds the listeners and starts the shards.
+pub fn start(opts: StartOptions, verifier: Verifier) -> std::io::Result<ShardsHandle> {
+    let n = opts.shards.max(1);
+    let first = bind(opts.listen)?;
+    let listen = first
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("listener has no inet address"))?;
+    let mut sockets = vec![first];
+    for _ in 1..n {
+        sockets.push(bind(listen)?);
+    }
+    let (mesh, bells) = Mesh::new(n)?;
+    let shared = Arc::new(Shared {
+        config: opts.config,
+        verifier,
+        mesh,
+        metrics: (0..n).map(|_| ShardMetrics::default()).collect(),
+        ready: AtomicBool::new(false),
+        stopping: AtomicBool::new(false),
+        epoch: Instant::now(),
+        listen,
+        static_metrics: opts.static_metrics,
+    });
+    let mut handles = Vec::with_capacity(n);
+    for ((id, sock), bell) in sockets.into_iter().enumerate().zip(bells) {
+        let placement = match opts.cpus.get(id).copied().flatten() {
+            Some(cpu) => Placement::Fixed(cpu),
+            None => Placement::Unbound,
+        };
+        let shared = shared.clone();
+        let fd = sock.into_raw_fd();
+        let h = LocalExecutorBuilder::new(placement)
+            .name(&format!("shard-{id}"))
+            .spawn(move || async move {
+                // SAFETY: `fd` is a listening socket this thread now owns alone.
+                let listener = unsafe { TcpListener::from_raw_fd(fd) };
+                run_shard(id, shared, listener, bell).await
+            })
+            .map_err(|e| std::io::Error::other(format!("cannot start shard {id}: {e}")))?;
+        handles.push(h);
+    }
+    shared.ready.store(true, Ordering::SeqCst);
+    Ok(ShardsHandle { shared, handles })
+}
+
+/// What a shard's tasks share: its state and scratch buffers. Lives on one thread.
+pub(crate) struct Shard {
+    pub id: ShardId,
+    pub shared: Arc<Shared>,
+    pub state: RefCell<State>,
+    /// Read buffer used by every connection of this shard in turn.
+    pub scratch: RefCell<Box<[u8]>>,
+    /// Write-coalescing buffer used by every connection in turn.
+    pub wbuf: RefCell<Vec<u8>>,
+}
+
+/// Bytes read from a socket per call; one buffer per shard, not per connection.
+pub(crate) const SCRATCH: usize = 64 * 1024;
+
+async fn run_shard(id: ShardId, shared: Arc<Shared>, listener: TcpListener, bell: Doorbell) {
+    let shard = Rc::new(Shard {
+        id,
+        state: RefCell::new(State::new(id, shared.clone())),
+        shared: shared.clone(),
+        scratch: RefCell::new(vec![0u8; SCRATCH].into_boxed_slice()),
+        wbuf: RefCell::new(Vec::with_capacity(SCRATCH)),
+    });
+    debug_assert_eq!(bell.shard, id);
+    // SAFETY: the doorbell's read end belongs to this shard alone.
+    let bell = unsafe { UnixStream::from_raw_fd(bell.fd.into_raw_fd()) };
+    let inbox = glommio::spawn_local(inbox_task(shard.clone(), bell));
+    let tick = glommio::spawn_local(tick_task(shard.clone()));
+    debug!(shard = id, "shard started");
+    let max_open = shared.config.max_connections as u64;
+    loop {
+        if shared.stopping.load(Ordering::Relaxed) {
+            break;
+        }
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            // Re-check the stop flag now and then while no client arrives.
+            glommio::timer::sleep(Duration::from_millis(200)).await;
+            None
+        })
+        .await;
+        match accepted {
+            None => continue,
+            Some(Ok(stream)) => {
+                shared.metrics[id].inc(Counter::Accepted);
+                let full = shared.open_connections() >= max_open;
+                glommio::spawn_local(crate::conn::serve(shard.clone(), stream, full)).detach();
+            }
+            Some(Err(e)) => {
+                warn!(shard = id, "accept failed: {e}");
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    drop(listener);
+    // Close every connection, then give them a moment to send their close frames.
+    {
+        let mut st = shard.state.borrow_mut();
+        let now = shared.now();
+        let ids: Vec<_> = st.conns.iter_mut().map(|(cid, _)| cid).collect();
+        for cid in ids {
+            st.close(cid, crate::metrics::CloseReason::ServerShutdown, true, now);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while shard.state.borrow().conns.len() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    drop(inbox);
+    drop(tick);
+    info!(shard = id, "shard stopped");
+}
+
+/// Drains the mesh inbox and the shard's local queue, in batches.
+async fn inbox_task(shard: Rc<Shard>, mut bell: UnixStream) {
+    let mut batch = Vec::with_capacity(256);
+    let mut ring = [0u8; 64];
+    let mesh = shard.shared.mesh.clone();
+    loop {
+        poll_fn(|cx| {
+            if !shard.state.borrow().local.is_empty() || mesh.backlog(shard.id) > 0 {
+                return Poll::Ready(());
+            }
+            shard.state.borrow_mut().inbox_waker = Some(cx.waker().clone());
+            match Pin::new(&mut bell).poll_read(cx, &mut ring) {
+                Poll::Ready(_) => Poll::Ready(()),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        mesh.drain(shard.id, 256, &mut batch);
+        let now = shard.shared.now();
+        let mut stop = false;
+        {
+            let mut st = shard.state.borrow_mut();
+            st.metrics().add(Counter::MeshReceived, batch.len() as u64);
+            for m in batch.drain(..) {
+                if matches!(m, ShardMsg::Shutdown) {
+                    stop = true;
+                }
+                st.handle(m, now);
+            }
+            let mut budget = 1024;
+            while let Some(m) = st.local.pop_front() {
+                st.handle(m, now);
+                budget -= 1;
+                if budget == 0 {
+                    break;
+                }
+            }
+        }
+        if stop {
+            debug!(shard = shard.id, "inbox saw shutdown");
+        }
+        glommio::yield_if_needed().await;
+    }
+}
+
+/// Periodic timers of every connection of the shard, and directory upkeep.
+async fn tick_task(shard: Rc<Shard>) {
+    let period = Duration::from_millis(shard.shared.config.tick_ms());
+    let mut last_sweep = 0;
+    loop {
+        glommio::timer::sleep(period).await;
+        let now = shard.shared.now();
+        let mut st = shard.state.borrow_mut();
+        crate::session::tick(&mut st, now);
+        if now - last_sweep >= 10_000 {
+            last_sweep = now;
+            st.sweep_directory(now);
+        }
+    }
+}

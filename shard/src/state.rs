@@ -1,0 +1,584 @@
+//! The state one shard owns: its connections, the rooms and users they belong to, the
+//! presence subscriptions of its sockets, pending delivery reports, and the directory of
+//! the users homed on this shard.
+//!
+//! Everything here is single-threaded (`RefCell` inside the shard, never shared). Effects
+//! on other shards leave as [`ShardMsg`]s through [`State::send`]; messages a shard sends
+//! to itself go through a local queue so that no handler runs inside another.
+//!
+//! The home-shard directory: each user key hashes to one shard ([`home_shard`]) which
+//! alone knows on which shards that user has sockets, their presence and last-seen time,
+//! their offline queue and which shards watch their presence. That single owner is what
+//! makes "online", "offline", "queued" and drain order consistent without locks.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::task::Waker;
+
+use serde_json::{json, Value};
+use shardgate_io::socketio::{self, PacketType};
+use shardgate_io::ws::{self, OpKind};
+
+use crate::auth::Identity;
+use crate::mesh::{home_shard, ShardId};
+use crate::metrics::{CloseReason, Counter, ShardMetrics};
+use crate::msg::{key_id, DeliveryStatus, Frame, Key, ShardMsg, SocketRef};
+use crate::runtime::Shared;
+use crate::slab::{ConnId, Slab};
+
+/// One client connection as the shard sees it (the socket itself lives in its task).
+#[derive(Default)]
+pub(crate) struct ConnEntry {
+    /// Frames waiting to be written, oldest first.
+    pub outbox: VecDeque<Frame>,
+    /// Bytes of the front frame already written.
+    pub head_off: usize,
+    /// Bytes queued in `outbox` (minus `head_off`).
+    pub out_bytes: usize,
+    /// Wakes the connection task when something is queued or it must close.
+    pub waker: Option<Waker>,
+    /// Set when the connection must close; frames still queued are flushed first unless
+    /// `close_now`.
+    pub close: Option<CloseReason>,
+    /// Drop the outbox instead of flushing it.
+    pub close_now: bool,
+    /// Shard time (ms) after which a close is forced even if the flush is stuck.
+    pub close_by: u64,
+    /// Shard time (ms) of the next Engine.IO ping.
+    pub next_ping: u64,
+    /// Shard time (ms) by which a pong must arrive; 0 when no ping is outstanding.
+    pub pong_deadline: u64,
+    /// Shard time (ms) by which the Socket.IO CONNECT must arrive; 0 once connected.
+    pub connect_deadline: u64,
+    /// The authenticated session, once the namespace CONNECT succeeded.
+    pub session: Option<Box<Session>>,
+}
+
+/// An authenticated Socket.IO session on the default namespace.
+pub(crate) struct Session {
+    pub identity: Identity,
+    pub user_key: Key,
+    pub rooms: Vec<Key>,
+    pub watching: Vec<Key>,
+    /// Rooms this socket is typing in, with the shard time the indicator expires.
+    pub typing: Vec<(Key, u64)>,
+    /// Token bucket: events available now.
+    pub tokens: f64,
+    /// Shard time (ms) of the last refill.
+    pub refilled: u64,
+    /// Consecutive refused events; past a bound the socket is closed.
+    pub strikes: u32,
+}
+
+/// A 1:1 message waiting for its delivery report.
+pub(crate) struct Pending {
+    pub conn: ConnId,
+    pub ack_id: Option<u64>,
+    pub client_msg_id: Option<Value>,
+    pub deadline: u64,
+}
+
+/// What the home shard knows about one user.
+#[derive(Default)]
+pub(crate) struct UserDir {
+    /// Sockets per shard.
+    sockets: Vec<(ShardId, u32)>,
+    /// Presence subscriptions per shard.
+    watchers: Vec<(ShardId, u32)>,
+    /// Wall-clock ms of the last time the user went offline (or came online).
+    last_seen: u64,
+    /// Undelivered `message:new` frames with the shard time they were queued.
+    offline: VecDeque<(u64, Frame)>,
+}
+
+impl UserDir {
+    fn online(&self) -> bool {
+        self.sockets.iter().any(|&(_, n)| n > 0)
+    }
+}
+
+fn bump(list: &mut Vec<(ShardId, u32)>, shard: ShardId, up: bool) {
+    match list.iter_mut().find(|(s, _)| *s == shard) {
+        Some((_, n)) if up => *n += 1,
+        Some((_, n)) => *n = n.saturating_sub(1),
+        None if up => list.push((shard, 1)),
+        None => {}
+    }
+    list.retain(|&(_, n)| n > 0);
+}
+
+/// The state of one shard.
+pub(crate) struct State {
+    pub shard: ShardId,
+    pub shared: Arc<Shared>,
+    pub conns: Slab<ConnEntry>,
+    /// Local members of each room.
+    pub rooms: HashMap<Key, Vec<ConnId>>,
+    /// Local sockets of each user.
+    pub users: HashMap<Key, Vec<ConnId>>,
+    /// Local presence subscribers of each watched user.
+    pub watchers: HashMap<Key, Vec<ConnId>>,
+    /// 1:1 messages sent from this shard awaiting a report.
+    pub pending: HashMap<u128, Pending>,
+    /// Users homed on this shard.
+    directory: HashMap<Key, UserDir>,
+    /// Messages this shard sent to itself, handled by its inbox task.
+    pub local: VecDeque<ShardMsg>,
+    pub inbox_waker: Option<Waker>,
+    /// Monotonic message ids.
+    pub ids: ulid::Generator,
+    /// Shared ping frame.
+    pub ping: Frame,
+}
+
+impl State {
+    pub fn new(shard: ShardId, shared: Arc<Shared>) -> State {
+        State {
+            shard,
+            shared,
+            conns: Slab::default(),
+            rooms: HashMap::new(),
+            users: HashMap::new(),
+            watchers: HashMap::new(),
+            pending: HashMap::new(),
+            directory: HashMap::new(),
+            local: VecDeque::new(),
+            inbox_waker: None,
+            ids: ulid::Generator::new(),
+            ping: text_frame("2"),
+        }
+    }
+
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.shared.metrics[self.shard]
+    }
+
+    /// Sends `msg` to shard `to` (to this shard through the local queue).
+    pub fn send(&mut self, to: ShardId, msg: ShardMsg) {
+        if to == self.shard {
+            self.local.push_back(msg);
+            if let Some(w) = self.inbox_waker.take() {
+                w.wake();
+            }
+        } else {
+            self.shared.mesh.send(to, msg);
+        }
+    }
+
+    pub fn home(&self, user: &str) -> ShardId {
+        home_shard(user, self.shared.mesh.len())
+    }
+
+    /// Queues `frame` on connection `id`; closes it as a slow consumer past the bound.
+    pub fn push(&mut self, id: ConnId, frame: &Frame) -> bool {
+        let limit = self.shared.config.outbound_queue_bytes;
+        let m = &self.shared.metrics[self.shard];
+        push_to(&mut self.conns, m, limit, id, frame)
+    }
+
+    /// Asks connection `id` to close; queued frames are flushed first unless `now`.
+    pub fn close(&mut self, id: ConnId, reason: CloseReason, now: bool, at: u64) {
+        if let Some(c) = self.conns.get_mut(id) {
+            if c.close.is_none() {
+                c.close = Some(reason);
+                c.close_by = at + 2_000;
+            }
+            if now {
+                c.close_now = true;
+                c.outbox.clear();
+                c.out_bytes = 0;
+                c.head_off = 0;
+            }
+            if let Some(w) = c.waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Delivers `frame` to every local member of `room` but `except`.
+    pub fn deliver_room(&mut self, room: &str, frame: &Frame, except: Option<ConnId>) -> usize {
+        let limit = self.shared.config.outbound_queue_bytes;
+        let m = &self.shared.metrics[self.shard];
+        let Some(members) = self.rooms.get(room) else {
+            return 0;
+        };
+        let mut n = 0;
+        for &id in members {
+            if Some(id) != except && push_to(&mut self.conns, m, limit, id, frame) {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Sends `frame` to `room` on every other shard.
+    pub fn broadcast_room(&mut self, room: &Key, frame: &Frame) {
+        for s in 0..self.shared.mesh.len() {
+            if s != self.shard {
+                self.shared.mesh.send(
+                    s,
+                    ShardMsg::RoomDeliver {
+                        room: room.clone(),
+                        frame: frame.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Answers the sender of message `msg_id` once; later reports are ignored.
+    pub fn resolve(&mut self, msg_id: u128, status: DeliveryStatus) {
+        let Some(p) = self.pending.remove(&msg_id) else {
+            return;
+        };
+        let id = ulid::Ulid(msg_id).to_string();
+        let body = json!({ "id": id, "clientMsgId": p.client_msg_id, "status": status.as_str() });
+        let frame = event_frame("message:sent", &body);
+        self.push(p.conn, &frame);
+        if let Some(ack) = p.ack_id {
+            let frame = ack_frame(ack, &body);
+            self.push(p.conn, &frame);
+        }
+    }
+
+    /// Handles one message from the mesh (or from this shard itself).
+    pub fn handle(&mut self, msg: ShardMsg, now: u64) {
+        match msg {
+            ShardMsg::RoomDeliver { room, frame } => {
+                self.deliver_room(&room, &frame, None);
+            }
+            ShardMsg::DeliverUser {
+                user,
+                frame,
+                msg_id,
+                origin,
+            } => {
+                let delivered = self.deliver_user(&user, &frame);
+                if delivered > 0 {
+                    let status = DeliveryStatus::Delivered;
+                    self.send(
+                        origin.shard,
+                        ShardMsg::Status {
+                            conn: origin.conn,
+                            msg_id,
+                            status,
+                        },
+                    );
+                } else {
+                    let home = self.home(&user);
+                    self.send(
+                        home,
+                        ShardMsg::Bounce {
+                            user,
+                            frame,
+                            msg_id,
+                            origin,
+                        },
+                    );
+                }
+            }
+            ShardMsg::Status { msg_id, status, .. } => self.resolve(msg_id, status),
+            ShardMsg::OfflineDrain { conn, frames } => {
+                for f in &frames {
+                    self.push(conn, f);
+                }
+            }
+            ShardMsg::Presence {
+                user,
+                conn,
+                online,
+                last_seen,
+            } => {
+                let body = json!({
+                    "userId": key_id(&user),
+                    "status": if online { "online" } else { "offline" },
+                    "lastSeen": last_seen,
+                });
+                let frame = event_frame("presence", &body);
+                match conn {
+                    Some(c) => {
+                        self.push(c, &frame);
+                    }
+                    None => {
+                        let subs = self.watchers.get(&user).cloned().unwrap_or_default();
+                        for c in subs {
+                            self.push(c, &frame);
+                        }
+                    }
+                }
+            }
+            ShardMsg::UserUp { user, socket } => self.dir_user_up(user, socket, now),
+            ShardMsg::UserDown { user, shard } => self.dir_user_down(user, shard),
+            ShardMsg::ToUser {
+                user,
+                frame,
+                msg_id,
+                origin,
+            } => self.dir_route(user, frame, msg_id, origin, now, false),
+            ShardMsg::Bounce {
+                user,
+                frame,
+                msg_id,
+                origin,
+            } => self.dir_route(user, frame, msg_id, origin, now, true),
+            ShardMsg::Watch { user, socket } => {
+                let dir = self.directory.entry(user.clone()).or_default();
+                bump(&mut dir.watchers, socket.shard, true);
+                let (online, last_seen) = (dir.online(), dir.last_seen);
+                let reply = ShardMsg::Presence {
+                    user,
+                    conn: Some(socket.conn),
+                    online,
+                    last_seen,
+                };
+                self.send(socket.shard, reply);
+            }
+            ShardMsg::Unwatch { user, shard } => {
+                if let Some(dir) = self.directory.get_mut(&user) {
+                    bump(&mut dir.watchers, shard, false);
+                }
+            }
+            ShardMsg::Shutdown => {}
+            #[cfg(test)]
+            ShardMsg::Test(_) => {}
+        }
+    }
+
+    fn deliver_user(&mut self, user: &str, frame: &Frame) -> usize {
+        let limit = self.shared.config.outbound_queue_bytes;
+        let m = &self.shared.metrics[self.shard];
+        let Some(socks) = self.users.get(user) else {
+            return 0;
+        };
+        socks
+            .iter()
+            .filter(|&&id| push_to(&mut self.conns, m, limit, id, frame))
+            .count()
+    }
+
+    fn dir_user_up(&mut self, user: Key, socket: SocketRef, now: u64) {
+        let ttl = self.shared.config.offline_ttl_secs * 1000;
+        let dir = self.directory.entry(user.clone()).or_default();
+        let was_online = dir.online();
+        bump(&mut dir.sockets, socket.shard, true);
+        dir.last_seen = wall_ms();
+        let mut expired = 0;
+        let frames: Vec<Frame> = dir
+            .offline
+            .drain(..)
+            .filter(|(at, _)| {
+                let keep = now.saturating_sub(*at) <= ttl;
+                expired += u64::from(!keep);
+                keep
+            })
+            .map(|(_, f)| f)
+            .collect();
+        let watchers: Vec<ShardId> = dir.watchers.iter().map(|&(s, _)| s).collect();
+        let last_seen = dir.last_seen;
+        self.metrics().add(Counter::OfflineDropped, expired);
+        if !frames.is_empty() {
+            self.send(
+                socket.shard,
+                ShardMsg::OfflineDrain {
+                    conn: socket.conn,
+                    frames,
+                },
+            );
+        }
+        if !was_online {
+            for s in watchers {
+                let msg = ShardMsg::Presence {
+                    user: user.clone(),
+                    conn: None,
+                    online: true,
+                    last_seen,
+                };
+                self.send(s, msg);
+            }
+        }
+    }
+
+    fn dir_user_down(&mut self, user: Key, shard: ShardId) {
+        let Some(dir) = self.directory.get_mut(&user) else {
+            return;
+        };
+        let was_online = dir.online();
+        bump(&mut dir.sockets, shard, false);
+        if was_online && !dir.online() {
+            dir.last_seen = wall_ms();
+            let last_seen = dir.last_seen;
+            let watchers: Vec<ShardId> = dir.watchers.iter().map(|&(s, _)| s).collect();
+            for s in watchers {
+                let msg = ShardMsg::Presence {
+                    user: user.clone(),
+                    conn: None,
+                    online: false,
+                    last_seen,
+                };
+                self.send(s, msg);
+            }
+        }
+    }
+
+    /// Routes a 1:1 message at the recipient's home shard. A bounce (the socket closed
+    /// between lookup and delivery) is queued only if the user is now fully offline.
+    fn dir_route(
+        &mut self,
+        user: Key,
+        frame: Frame,
+        msg_id: u128,
+        origin: SocketRef,
+        now: u64,
+        bounced: bool,
+    ) {
+        let cap = self.shared.config.offline_queue_len;
+        let dir = self.directory.entry(user.clone()).or_default();
+        if dir.online() {
+            if bounced {
+                return; // another socket of the user got it; the report timeout covers the rest
+            }
+            let targets: Vec<ShardId> = dir.sockets.iter().map(|&(s, _)| s).collect();
+            for s in targets {
+                let msg = ShardMsg::DeliverUser {
+                    user: user.clone(),
+                    frame: frame.clone(),
+                    msg_id,
+                    origin,
+                };
+                self.send(s, msg);
+            }
+            return;
+        }
+        let mut dropped = 0;
+        while cap > 0 && dir.offline.len() >= cap {
+            dir.offline.pop_front();
+            dropped += 1;
+        }
+        let queued = cap > 0;
+        if queued {
+            dir.offline.push_back((now, frame));
+        }
+        self.metrics()
+            .add(Counter::OfflineDropped, dropped + u64::from(!queued));
+        self.metrics()
+            .add(Counter::OfflineQueued, u64::from(queued));
+        let status = if queued {
+            DeliveryStatus::Queued
+        } else {
+            DeliveryStatus::Sent
+        };
+        self.send(
+            origin.shard,
+            ShardMsg::Status {
+                conn: origin.conn,
+                msg_id,
+                status,
+            },
+        );
+    }
+
+    /// Periodic upkeep of the directory: expired offline messages and forgotten users.
+    pub fn sweep_directory(&mut self, now: u64) {
+        let ttl = self.shared.config.offline_ttl_secs * 1000;
+        let keep_for = self.shared.config.presence_retention_secs * 1000;
+        let wall = wall_ms();
+        let mut dropped = 0;
+        self.directory.retain(|_, d| {
+            let before = d.offline.len();
+            d.offline.retain(|(at, _)| now.saturating_sub(*at) <= ttl);
+            dropped += (before - d.offline.len()) as u64;
+            d.online()
+                || !d.watchers.is_empty()
+                || !d.offline.is_empty()
+                || wall.saturating_sub(d.last_seen) < keep_for
+        });
+        self.metrics().add(Counter::OfflineDropped, dropped);
+    }
+}
+
+fn push_to(
+    conns: &mut Slab<ConnEntry>,
+    m: &ShardMetrics,
+    limit: usize,
+    id: ConnId,
+    frame: &Frame,
+) -> bool {
+    let Some(c) = conns.get_mut(id) else {
+        return false;
+    };
+    if c.close.is_some() {
+        return false;
+    }
+    if c.out_bytes + frame.len() > limit {
+        c.close = Some(CloseReason::SlowConsumer);
+        c.close_now = true;
+        c.outbox.clear();
+        c.out_bytes = 0;
+        c.head_off = 0;
+    } else {
+        c.outbox.push_back(frame.clone());
+        c.out_bytes += frame.len();
+        m.inc(Counter::Deliveries);
+    }
+    if let Some(w) = c.waker.take() {
+        w.wake();
+    }
+    c.close.is_none()
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A WebSocket text frame carrying an Engine.IO packet.
+pub(crate) fn text_frame(text: &str) -> Frame {
+    let mut out = Vec::with_capacity(text.len() + 4);
+    ws::encode_frame(OpKind::Text, text.as_bytes(), &mut out);
+    out.into()
+}
+
+/// `42["name",payload]` as a frame.
+pub(crate) fn event_frame(name: &str, payload: &Value) -> Frame {
+    let data = json!([name, payload]).to_string();
+    let mut s = String::with_capacity(data.len() + 2);
+    s.push('4');
+    socketio::encode(PacketType::Event, "/", None, 0, Some(&data), &mut s);
+    text_frame(&s)
+}
+
+/// An event with binary attachments: the packet frame followed by one binary frame per
+/// attachment, as one contiguous frame group.
+pub(crate) fn binary_event_frame(name: &str, payload: &Value, attachments: &[Vec<u8>]) -> Frame {
+    if attachments.is_empty() {
+        return event_frame(name, payload);
+    }
+    let data = json!([name, payload]).to_string();
+    let mut s = String::from("4");
+    socketio::encode(
+        PacketType::BinaryEvent,
+        "/",
+        None,
+        attachments.len(),
+        Some(&data),
+        &mut s,
+    );
+    let mut out = Vec::new();
+    ws::encode_frame(OpKind::Text, s.as_bytes(), &mut out);
+    for a in attachments {
+        ws::encode_frame(OpKind::Binary, a, &mut out);
+    }
+    out.into()
+}
+
+/// `43<id>[payload]` as a frame.
+pub(crate) fn ack_frame(ack_id: u64, payload: &Value) -> Frame {
+    let data = json!([payload]).to_string();
+    let mut s = String::with_capacity(data.len() + 24);
+    s.push('4');
+    socketio::encode(PacketType::Ack, "/", Some(ack_id), 0, Some(&data), &mut s);
+    text_frame(&s)
+}

@@ -1,0 +1,151 @@
+//! The node's configuration: one serde struct with defaults, read from an optional TOML
+//! file, then overridden by environment variables and flags, then validated.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use shardgate_shard::RuntimeConfig;
+
+/// HS256 secret used when none is configured and the node listens on loopback only.
+pub const DEV_SECRET: &str = "shardgate-dev-secret-do-not-use-in-production";
+
+/// Everything `shardgate serve` reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address every shard listens on (SO_REUSEPORT).
+    pub listen: SocketAddr,
+    /// Number of shards; 0 means one per core but the one reserved for the bridge.
+    pub shards: usize,
+    /// Pin shard i to `cpus[i]`; empty pins shard i to core i.
+    pub cpus: Vec<usize>,
+    /// Pin shards to cores at all.
+    pub pin: bool,
+    /// Token verification.
+    pub auth: AuthConfig,
+    /// Protocol timers and limits.
+    pub runtime: RuntimeConfig,
+}
+
+/// JWT settings. Exactly one of `jwt_secret` and `jwt_public_key` is used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 shared secret.
+    pub jwt_secret: Option<String>,
+    /// PEM file with an RSA (RS256) or P-256 (ES256) public key.
+    pub jwt_public_key: Option<PathBuf>,
+    /// Seconds of clock skew tolerated on `exp`.
+    pub leeway_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:3000".parse().expect("static address"),
+            shards: 0,
+            cpus: Vec::new(),
+            pin: true,
+            auth: AuthConfig {
+                leeway_secs: 5,
+                ..AuthConfig::default()
+            },
+            runtime: RuntimeConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; unknown keys are errors, missing keys take defaults.
+    pub fn from_file(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Checks the whole configuration; the message names what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        self.runtime.validate()?;
+        if self.auth.jwt_secret.is_some() && self.auth.jwt_public_key.is_some() {
+            return Err("auth: set either jwt_secret or jwt_public_key, not both".into());
+        }
+        if matches!(&self.auth.jwt_secret, Some(s) if s.len() < 16) {
+            return Err("auth.jwt_secret must be at least 16 bytes".into());
+        }
+        if let Some(p) = &self.auth.jwt_public_key {
+            if !p.exists() {
+                return Err(format!(
+                    "auth.jwt_public_key: {} does not exist",
+                    p.display()
+                ));
+            }
+        }
+        if self.auth.jwt_secret.is_none()
+            && self.auth.jwt_public_key.is_none()
+            && !self.listen.ip().is_loopback()
+        {
+            return Err(
+                "auth: a jwt_secret or jwt_public_key is required when listening beyond loopback"
+                    .into(),
+            );
+        }
+        if self.shards > 1024 {
+            return Err("shards must be at most 1024".into());
+        }
+        Ok(())
+    }
+
+    /// Shards to run: the configured number, or all cores but one (at least one).
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            return self.shards;
+        }
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        cores.saturating_sub(1).max(1)
+    }
+
+    /// CPU of each shard.
+    pub fn placement(&self) -> Vec<Option<usize>> {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        (0..self.shard_count())
+            .map(|i| {
+                if !self.pin {
+                    None
+                } else if self.cpus.is_empty() {
+                    Some(i % cores)
+                } else {
+                    self.cpus.get(i % self.cpus.len()).copied()
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_validates() {
+        let c: Config =
+            toml::from_str("listen = \"0.0.0.0:4000\"\n[runtime]\nping_interval_ms = 1000\n")
+                .unwrap();
+        assert_eq!(c.listen.port(), 4000);
+        assert_eq!(c.runtime.ping_interval_ms, 1000);
+        assert_eq!(
+            c.runtime.ping_timeout_ms,
+            RuntimeConfig::default().ping_timeout_ms
+        );
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("required when listening beyond loopback"));
+        assert!(toml::from_str::<Config>("bogus = 1").is_err());
+        assert!(Config::default().validate().is_ok());
+    }
+}

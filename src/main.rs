@@ -1,0 +1,283 @@
+//! The `shardgate` binary: parses configuration, sets up logging and the file limit, and
+//! starts the shards. Everything else lives in the library crates.
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod config;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use shardgate_shard::auth::{mint_hs256, Claims, Verifier};
+use shardgate_shard::runtime::StartOptions;
+use tracing::{info, warn};
+
+use config::{Config, DEV_SECRET};
+
+/// Thread-per-core Socket.IO v4 WebSocket edge server for real-time chat.
+#[derive(Parser)]
+#[command(name = "shardgate", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node (with no options: a development node on 127.0.0.1:3000).
+    Serve(ServeArgs),
+    /// Mint an HS256 token for development and tests.
+    Token(TokenArgs),
+    /// Check a configuration file without starting.
+    CheckConfig {
+        /// TOML file to check.
+        file: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', env = "SHARDGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address of every shard.
+    #[arg(long, env = "SHARDGATE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Number of shards (0: all cores but one).
+    #[arg(long, env = "SHARDGATE_SHARDS")]
+    shards: Option<usize>,
+    /// HS256 secret for tokens.
+    #[arg(
+        long,
+        env = "SHARDGATE_JWT_SECRET",
+        conflicts_with = "jwt_public_key",
+        hide_env_values = true
+    )]
+    jwt_secret: Option<String>,
+    /// PEM public key (RSA: RS256, P-256: ES256) for tokens.
+    #[arg(long, env = "SHARDGATE_JWT_PUBLIC_KEY")]
+    jwt_public_key: Option<PathBuf>,
+    /// Engine.IO ping interval in milliseconds.
+    #[arg(long, env = "SHARDGATE_PING_INTERVAL_MS")]
+    ping_interval_ms: Option<u64>,
+    /// Engine.IO ping timeout in milliseconds.
+    #[arg(long, env = "SHARDGATE_PING_TIMEOUT_MS")]
+    ping_timeout_ms: Option<u64>,
+    /// Milliseconds to wait for the Socket.IO CONNECT after the upgrade.
+    #[arg(long, env = "SHARDGATE_CONNECT_TIMEOUT_MS")]
+    connect_timeout_ms: Option<u64>,
+    /// Largest message accepted, in bytes.
+    #[arg(long, env = "SHARDGATE_MAX_PAYLOAD")]
+    max_payload: Option<usize>,
+    /// Client events per second per connection.
+    #[arg(long, env = "SHARDGATE_EVENTS_PER_SECOND")]
+    events_per_second: Option<u32>,
+    /// Bytes allowed in one connection's outbound queue.
+    #[arg(long, env = "SHARDGATE_OUTBOUND_QUEUE_BYTES")]
+    outbound_queue_bytes: Option<usize>,
+    /// Do not pin shards to cores.
+    #[arg(long)]
+    no_pin: bool,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// User id (`sub`).
+    #[arg(long)]
+    sub: String,
+    /// Tenant id (`tenantId`).
+    #[arg(long, default_value = "demo")]
+    tenant: String,
+    /// Comma-separated permissions (default: no claim, which grants all).
+    #[arg(long)]
+    permissions: Option<String>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl: u64,
+    /// HS256 secret (default: the development secret of `serve` on loopback).
+    #[arg(long, env = "SHARDGATE_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Token(args) => {
+            let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + args.ttl;
+            let claims = Claims {
+                sub: args.sub,
+                tenant_id: args.tenant,
+                permissions: args
+                    .permissions
+                    .map(|p| p.split(',').map(|s| s.trim().to_string()).collect()),
+                exp,
+            };
+            let secret = args.jwt_secret.unwrap_or_else(|| DEV_SECRET.to_string());
+            println!("{}", mint_hs256(secret.as_bytes(), &claims));
+            Ok(())
+        }
+        Command::CheckConfig { file } => {
+            let cfg = Config::from_file(&file).map_err(anyhow::Error::msg)?;
+            cfg.validate().map_err(anyhow::Error::msg)?;
+            build_verifier(&cfg)?;
+            println!(
+                "{}: OK (listen {}, {} shards, ping {}ms/{}ms, max payload {} bytes)",
+                file.display(),
+                cfg.listen,
+                cfg.shard_count(),
+                cfg.runtime.ping_interval_ms,
+                cfg.runtime.ping_timeout_ms,
+                cfg.runtime.max_payload
+            );
+            Ok(())
+        }
+    }
+}
+
+fn load(args: &ServeArgs) -> anyhow::Result<Config> {
+    let mut cfg = match &args.config {
+        Some(p) => Config::from_file(p).map_err(anyhow::Error::msg)?,
+        None => Config::default(),
+    };
+    macro_rules! set {
+        ($field:expr, $arg:expr) => {
+            if let Some(v) = $arg.clone() {
+                $field = v;
+            }
+        };
+    }
+    set!(cfg.listen, args.listen);
+    set!(cfg.shards, args.shards);
+    set!(cfg.runtime.ping_interval_ms, args.ping_interval_ms);
+    set!(cfg.runtime.ping_timeout_ms, args.ping_timeout_ms);
+    set!(cfg.runtime.connect_timeout_ms, args.connect_timeout_ms);
+    set!(cfg.runtime.max_payload, args.max_payload);
+    set!(cfg.runtime.events_per_second, args.events_per_second);
+    set!(cfg.runtime.outbound_queue_bytes, args.outbound_queue_bytes);
+    if args.jwt_secret.is_some() {
+        cfg.auth.jwt_secret = args.jwt_secret.clone();
+        cfg.auth.jwt_public_key = None;
+    }
+    if args.jwt_public_key.is_some() {
+        cfg.auth.jwt_public_key = args.jwt_public_key.clone();
+        cfg.auth.jwt_secret = None;
+    }
+    if args.no_pin {
+        cfg.pin = false;
+    }
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    Ok(cfg)
+}
+
+fn build_verifier(cfg: &Config) -> anyhow::Result<Verifier> {
+    let leeway = cfg.auth.leeway_secs;
+    let max_id = cfg.runtime.max_id_len;
+    if let Some(path) = &cfg.auth.jwt_public_key {
+        let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        return Verifier::public_key_pem(&pem, leeway, max_id).map_err(anyhow::Error::msg);
+    }
+    let secret = cfg.auth.jwt_secret.as_deref().unwrap_or(DEV_SECRET);
+    Ok(Verifier::hs256(secret.as_bytes(), leeway, max_id))
+}
+
+/// Raises RLIMIT_NOFILE's soft limit to the hard limit; returns the new limit.
+fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and the threads it starts later), so that
+/// the main thread alone receives them through `sigwait`.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: initialising and installing a signal mask for the calling thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let cfg = load(&args)?;
+    let verifier = build_verifier(&cfg)?;
+    let dev_secret = cfg.auth.jwt_secret.is_none() && cfg.auth.jwt_public_key.is_none();
+    let fds = raise_fd_limit();
+    // Listeners, doorbells, the bridge and the process itself need a few descriptors.
+    let capacity = fds.saturating_sub(64);
+    if (capacity as usize) < cfg.runtime.max_connections {
+        warn!(
+            "open-file limit {fds} caps this process at about {capacity} connections (max_connections = {}); \
+             raise the hard limit (LimitNOFILE=, ulimit -Hn) or run several processes on the same port",
+            cfg.runtime.max_connections
+        );
+    }
+    let static_metrics = format!(
+        "# TYPE shardgate_fd_limit gauge\nshardgate_fd_limit {fds}\n# TYPE shardgate_connection_capacity gauge\nshardgate_connection_capacity {}\n",
+        capacity.min(cfg.runtime.max_connections as u64)
+    );
+    let sigs = block_signals();
+    let opts = StartOptions {
+        listen: cfg.listen,
+        shards: cfg.shard_count(),
+        cpus: cfg.placement(),
+        config: cfg.runtime.clone(),
+        static_metrics,
+    };
+    let shards = opts.shards;
+    let handle = shardgate_shard::start(opts, verifier)
+        .with_context(|| format!("starting on {}", cfg.listen))?;
+    let addr = handle.local_addr();
+    info!(
+        "shardgate listening on http://{addr} ({shards} shards, capacity {} connections, persistence off: no --kafka, cluster off: no --redis)",
+        capacity.min(cfg.runtime.max_connections as u64)
+    );
+    // The actual address on stdout, for scripts and tests that pass port 0.
+    println!("listening on {addr}");
+    if dev_secret {
+        warn!("no --jwt-secret or --jwt-public-key: using the built-in development secret (loopback only)");
+        println!("get a development token: shardgate token --sub alice --tenant demo");
+    }
+    let mut sig: libc::c_int = 0;
+    // SAFETY: waits on the signal set blocked above.
+    if unsafe { libc::sigwait(&sigs, &mut sig) } != 0 {
+        bail!("sigwait failed");
+    }
+    info!("signal {sig}: shutting down");
+    handle.shutdown();
+    handle.join();
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,505 @@
+//! Test harness: starts the real `shardgate` binary on a free loopback port and drives it
+//! with a small blocking Socket.IO client built on the `shardgate-io` codecs.
+//!
+//! Every wait is bounded; nothing sleeps where it can poll.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use shardgate_io::engineio::{self, Open};
+use shardgate_io::socketio::{self, PacketType};
+use shardgate_io::ws::{self, OpKind, Role};
+use shardgate_shard::auth::{mint_hs256, Claims};
+
+/// Secret every test server is started with.
+pub const SECRET: &str = "integration-test-secret-0123456789";
+/// Default bound of every wait.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// A running `shardgate serve`, killed on drop.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Server {
+    /// Starts the binary with `--listen 127.0.0.1:0 --jwt-secret SECRET` plus `args`.
+    pub fn start(args: &[&str]) -> Server {
+        Server::start_with_config(args, None)
+    }
+
+    /// Like [`Server::start`], with a TOML config file holding `toml`.
+    pub fn start_with_config(args: &[&str], toml: Option<&str>) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardgate"));
+        cmd.arg("serve").args([
+            "--listen",
+            "127.0.0.1:0",
+            "--jwt-secret",
+            SECRET,
+            "--no-pin",
+        ]);
+        if let Some(t) = toml {
+            let path = std::env::temp_dir().join(format!(
+                "shardgate-test-{}-{}.toml",
+                std::process::id(),
+                nanos()
+            ));
+            std::fs::write(&path, t).unwrap();
+            cmd.arg("--config").arg(path);
+        }
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn shardgate");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log2.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(a.parse::<SocketAddr>().unwrap());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("shardgate did not start: {}", log.lock().unwrap());
+            }
+        };
+        Server { child, addr, log }
+    }
+
+    /// Everything the server logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// GET `path`; returns status and body.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(self.addr).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// Value of an unlabelled metric (or with its label set, e.g. `x{reason="y"}`).
+    pub fn metric(&self, name: &str) -> u64 {
+        let (_, body) = self.get("/metrics");
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|r| r.strip_prefix(' '))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// Polls `f` until it is true or `WAIT` passes.
+    pub fn wait_for(&self, what: &str, mut f: impl FnMut(&Server) -> bool) {
+        let end = Instant::now() + WAIT;
+        while Instant::now() < end {
+            if f(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("timed out waiting for {what}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// A token for `sub` in `tenant`, valid for an hour.
+pub fn token(sub: &str, tenant: &str) -> String {
+    token_with(sub, tenant, 3600, None)
+}
+
+/// A token with a chosen lifetime (negative: expired) and permissions.
+pub fn token_with(sub: &str, tenant: &str, ttl: i64, perms: Option<&[&str]>) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let claims = Claims {
+        sub: sub.into(),
+        tenant_id: tenant.into(),
+        permissions: perms.map(|p| p.iter().map(|s| s.to_string()).collect()),
+        exp: (now + ttl) as u64,
+    };
+    mint_hs256(SECRET.as_bytes(), &claims)
+}
+
+/// Something the server sent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    /// An event with its arguments and binary attachments.
+    Event(String, Vec<Value>, Vec<Vec<u8>>),
+    /// An ack answer.
+    Ack(u64, Vec<Value>),
+    /// CONNECT_ERROR with its data.
+    ConnectError(Value),
+    /// Socket.IO DISCONNECT.
+    Disconnect,
+    /// WebSocket close with code and reason, or the TCP connection ended (code 0).
+    Closed(u16, String),
+}
+
+/// A blocking Socket.IO v4 client over WebSocket.
+pub struct Client {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    pub open: Open,
+    pub sid: String,
+    /// Answer pings automatically.
+    pub auto_pong: bool,
+    next_ack: u64,
+    pending_binary: Option<(socketio::Packet, Vec<Vec<u8>>)>,
+    /// Items received while waiting for something else, returned first.
+    backlog: std::collections::VecDeque<Incoming>,
+    pub closed: bool,
+}
+
+impl Client {
+    /// Connects and completes the WebSocket upgrade and Engine.IO open.
+    pub fn upgrade(addr: SocketAddr, query: &str, headers: &str) -> Client {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        write!(
+            stream,
+            "GET /socket.io/?EIO=4&transport=websocket{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
+        )
+        .unwrap();
+        let mut c = Client {
+            stream,
+            buf: Vec::new(),
+            open: Open {
+                sid: String::new(),
+                upgrades: vec![],
+                ping_interval: 0,
+                ping_timeout: 0,
+                max_payload: 0,
+            },
+            sid: String::new(),
+            auto_pong: true,
+            next_ack: 1,
+            pending_binary: None,
+            backlog: Default::default(),
+            closed: false,
+        };
+        let end = Instant::now() + WAIT;
+        loop {
+            if let Some(pos) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&c.buf[..pos]).to_string();
+                assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
+                c.buf.drain(..pos + 4);
+                break;
+            }
+            assert!(Instant::now() < end, "no upgrade response");
+            c.fill();
+        }
+        let text = c.next_text().expect("open packet");
+        match engineio::decode(&text).unwrap() {
+            engineio::Packet::Open(json) => c.open = Open::parse(json).unwrap(),
+            other => panic!("expected open, got {other:?}"),
+        }
+        c
+    }
+
+    /// Upgrade, then Socket.IO CONNECT with `{"token": token}`; panics unless accepted.
+    pub fn connect(addr: SocketAddr, token: &str) -> Client {
+        let mut c = Client::upgrade(addr, "", "");
+        let r = c.sio_connect(Some(json!({ "token": token })));
+        assert!(r.is_ok(), "connect refused: {r:?}");
+        c
+    }
+
+    /// Sends CONNECT with `auth`; Ok(sid) or Err(connect error data).
+    pub fn sio_connect(&mut self, auth: Option<Value>) -> Result<String, Value> {
+        let data = auth.map(|a| a.to_string());
+        self.send_packet(PacketType::Connect, "/", None, data.as_deref());
+        let end = Instant::now() + WAIT;
+        while Instant::now() < end {
+            let Some(text) = self.next_text() else {
+                continue;
+            };
+            let Ok(engineio::Packet::Message(m)) = engineio::decode(&text) else {
+                continue;
+            };
+            let p = socketio::decode(m).unwrap();
+            match p.kind {
+                PacketType::Connect => {
+                    self.sid = p.data.unwrap()["sid"].as_str().unwrap().to_string();
+                    return Ok(self.sid.clone());
+                }
+                PacketType::ConnectError => return Err(p.data.unwrap()),
+                _ => {}
+            }
+        }
+        panic!("no answer to CONNECT");
+    }
+
+    /// Shard that owns this socket (from the sid's first two hex digits).
+    pub fn shard(&self) -> usize {
+        usize::from_str_radix(&self.sid[..2], 16).unwrap()
+    }
+
+    /// Writes one masked text frame with an Engine.IO packet.
+    pub fn send_text(&mut self, text: &str) {
+        let mut out = Vec::new();
+        ws::encode_masked_frame(OpKind::Text, text.as_bytes(), [9, 8, 7, 6], &mut out);
+        let _ = self.stream.write_all(&out);
+    }
+
+    /// Writes raw bytes.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes);
+    }
+
+    fn send_packet(&mut self, kind: PacketType, nsp: &str, ack: Option<u64>, data: Option<&str>) {
+        let mut s = String::from("4");
+        socketio::encode(kind, nsp, ack, 0, data, &mut s);
+        self.send_text(&s);
+    }
+
+    /// Emits an event without asking for an ack.
+    pub fn emit(&mut self, event: &str, arg: Value) {
+        let data = json!([event, arg]).to_string();
+        self.send_packet(PacketType::Event, "/", None, Some(&data));
+    }
+
+    /// Emits an event with binary attachments.
+    pub fn emit_binary(&mut self, event: &str, arg: Value, attachments: &[&[u8]]) {
+        let data = json!([event, arg]).to_string();
+        let mut s = String::from("4");
+        socketio::encode(
+            PacketType::BinaryEvent,
+            "/",
+            None,
+            attachments.len(),
+            Some(&data),
+            &mut s,
+        );
+        self.send_text(&s);
+        for a in attachments {
+            let mut out = Vec::new();
+            ws::encode_masked_frame(OpKind::Binary, a, [1, 2, 3, 4], &mut out);
+            let _ = self.stream.write_all(&out);
+        }
+    }
+
+    /// Emits an event and waits for its ack (other traffic is kept).
+    pub fn emit_ack(&mut self, event: &str, arg: Value) -> Value {
+        let id = self.next_ack;
+        self.next_ack += 1;
+        let data = json!([event, arg]).to_string();
+        self.send_packet(PacketType::Event, "/", Some(id), Some(&data));
+        let end = Instant::now() + WAIT;
+        let mut kept = Vec::new();
+        while Instant::now() < end {
+            match self.recv_until(end) {
+                Some(Incoming::Ack(a, args)) if a == id => {
+                    self.backlog.extend(kept);
+                    return args.into_iter().next().unwrap_or(Value::Null);
+                }
+                Some(Incoming::Closed(code, r)) => {
+                    panic!("closed while waiting for ack: {code} {r}")
+                }
+                Some(other) => kept.push(other),
+                None => {}
+            }
+        }
+        panic!("no ack for {event}");
+    }
+
+    /// Waits for the next event named `name`; other traffic before it is dropped.
+    pub fn expect_event(&mut self, name: &str) -> Value {
+        self.expect_event_full(name).0
+    }
+
+    /// Like [`Client::expect_event`] with the binary attachments.
+    pub fn expect_event_full(&mut self, name: &str) -> (Value, Vec<Vec<u8>>) {
+        let end = Instant::now() + WAIT;
+        while Instant::now() < end {
+            match self.recv_until(end) {
+                Some(Incoming::Event(n, args, bin)) if n == name => {
+                    return (args.into_iter().next().unwrap_or(Value::Null), bin)
+                }
+                Some(Incoming::Closed(code, r)) => {
+                    panic!("closed while waiting for {name}: {code} {r}")
+                }
+                _ => {}
+            }
+        }
+        panic!("no {name} event within {WAIT:?}");
+    }
+
+    /// Asserts no event named `name` arrives within `d`.
+    pub fn expect_no_event(&mut self, name: &str, d: Duration) {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            if let Some(Incoming::Event(n, args, _)) = self.recv_until(end) {
+                assert_ne!(n, name, "unexpected {name}: {args:?}");
+            }
+        }
+    }
+
+    /// Waits until the server closes; returns the close code and reason.
+    pub fn expect_closed(&mut self) -> (u16, String) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Some(Incoming::Closed(c, r)) = self.recv_until(end) {
+                return (c, r);
+            }
+        }
+        panic!("connection still open");
+    }
+
+    /// Next incoming item before `end`, answering pings if `auto_pong`.
+    pub fn recv_until(&mut self, end: Instant) -> Option<Incoming> {
+        if let Some(x) = self.backlog.pop_front() {
+            return Some(x);
+        }
+        while Instant::now() < end {
+            if self.closed {
+                return Some(Incoming::Closed(0, String::new()));
+            }
+            match self.next_frame() {
+                Some((OpKind::Close, p)) => {
+                    self.closed = true;
+                    let code = if p.len() >= 2 {
+                        u16::from_be_bytes([p[0], p[1]])
+                    } else {
+                        0
+                    };
+                    let reason =
+                        String::from_utf8_lossy(p.get(2..).unwrap_or_default()).to_string();
+                    return Some(Incoming::Closed(code, reason));
+                }
+                Some((OpKind::Binary, p)) => {
+                    if let Some((packet, mut bins)) = self.pending_binary.take() {
+                        bins.push(p);
+                        if bins.len() == packet.attachments {
+                            let name = packet.event_name().unwrap_or_default().to_string();
+                            return Some(Incoming::Event(name, packet.event_args().to_vec(), bins));
+                        }
+                        self.pending_binary = Some((packet, bins));
+                    }
+                }
+                Some((OpKind::Text, p)) => {
+                    let text = String::from_utf8(p).unwrap();
+                    match engineio::decode(&text).unwrap() {
+                        engineio::Packet::Ping(_) if self.auto_pong => self.send_text("3"),
+                        engineio::Packet::Message(m) => {
+                            let p = socketio::decode(m).unwrap();
+                            match p.kind {
+                                PacketType::Event => {
+                                    let name = p.event_name().unwrap().to_string();
+                                    return Some(Incoming::Event(
+                                        name,
+                                        p.event_args().to_vec(),
+                                        vec![],
+                                    ));
+                                }
+                                PacketType::BinaryEvent => self.pending_binary = Some((p, vec![])),
+                                PacketType::Ack => {
+                                    let args = match p.data {
+                                        Some(Value::Array(a)) => a,
+                                        _ => vec![],
+                                    };
+                                    return Some(Incoming::Ack(p.ack_id.unwrap(), args));
+                                }
+                                PacketType::ConnectError => {
+                                    return Some(Incoming::ConnectError(p.data.unwrap()))
+                                }
+                                PacketType::Disconnect => return Some(Incoming::Disconnect),
+                                _ => {}
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                Some(_) | None => {}
+            }
+        }
+        None
+    }
+
+    fn next_text(&mut self) -> Option<String> {
+        let end = Instant::now() + WAIT;
+        while Instant::now() < end {
+            if let Some((op, p)) = self.next_frame() {
+                if op == OpKind::Text {
+                    return Some(String::from_utf8(p).unwrap());
+                }
+            }
+        }
+        None
+    }
+
+    /// One frame, or None after a short read timeout.
+    fn next_frame(&mut self) -> Option<(OpKind, Vec<u8>)> {
+        loop {
+            if let Some((f, used)) =
+                ws::decode_frame(&mut self.buf, 64 << 20, Role::Client).expect("server frame")
+            {
+                let payload = self.buf[f.payload.clone()].to_vec();
+                self.buf.drain(..used);
+                return Some((f.op, payload));
+            }
+            if !self.fill() {
+                return None;
+            }
+        }
+    }
+
+    fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 65536];
+        match self.stream.read(&mut chunk) {
+            Ok(0) => {
+                self.closed = true;
+                false
+            }
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
