@@ -177,6 +177,28 @@ pub(crate) struct Shard {
     pub scratch: RefCell<Box<[u8]>>,
     /// Write-coalescing buffer used by every connection in turn.
     pub wbuf: RefCell<Vec<u8>>,
+    /// Wakes the shard's main task at shutdown.
+    pub stop_waker: RefCell<Option<std::task::Waker>>,
+}
+
+/// Accepts clients until cancelled; one connection task each.
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    let shared = &shard.shared;
+    let max_open = shared.config.max_connections as u64;
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                shared.metrics[shard.id].inc(Counter::Accepted);
+                let full = shared.open_connections() >= max_open;
+                glommio::spawn_local(crate::conn::serve(shard.clone(), stream, full)).detach();
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning on the error.
+                warn!(shard = shard.id, "accept failed: {e}");
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
 }
 
 /// Bytes read from a socket per call; one buffer per shard, not per connection.
@@ -189,6 +211,7 @@ async fn run_shard(id: ShardId, shared: Arc<Shared>, listener: TcpListener, bell
         shared: shared.clone(),
         scratch: RefCell::new(vec![0u8; SCRATCH].into_boxed_slice()),
         wbuf: RefCell::new(Vec::with_capacity(SCRATCH)),
+        stop_waker: RefCell::new(None),
     });
     debug_assert_eq!(bell.shard, id);
     // SAFETY: the doorbell's read end belongs to this shard alone.
@@ -196,31 +219,19 @@ async fn run_shard(id: ShardId, shared: Arc<Shared>, listener: TcpListener, bell
     let inbox = glommio::spawn_local(inbox_task(shard.clone(), bell));
     let tick = glommio::spawn_local(tick_task(shard.clone()));
     debug!(shard = id, "shard started");
-    let max_open = shared.config.max_connections as u64;
-    loop {
-        if shared.stopping.load(Ordering::Relaxed) {
-            break;
+    let acceptor = glommio::spawn_local(accept_loop(shard.clone(), listener));
+    // Wait for shutdown: the inbox task wakes us when it sees `ShardMsg::Shutdown`.
+    poll_fn(|cx| {
+        if shared.stopping.load(Ordering::SeqCst) {
+            return Poll::Ready(());
         }
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            // Re-check the stop flag now and then while no client arrives.
-            glommio::timer::sleep(Duration::from_millis(200)).await;
-            None
-        })
-        .await;
-        match accepted {
-            None => continue,
-            Some(Ok(stream)) => {
-                shared.metrics[id].inc(Counter::Accepted);
-                let full = shared.open_connections() >= max_open;
-                glommio::spawn_local(crate::conn::serve(shard.clone(), stream, full)).detach();
-            }
-            Some(Err(e)) => {
-                warn!(shard = id, "accept failed: {e}");
-                glommio::timer::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
-    drop(listener);
+        *shard.stop_waker.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    })
+    .await;
+    // Cancelling the accept task may drop a connection the kernel accepted that very
+    // moment; the node is going away, and that client reconnects elsewhere.
+    drop(acceptor);
     // Close every connection, then give them a moment to send their close frames.
     {
         let mut st = shard.state.borrow_mut();
@@ -279,6 +290,9 @@ async fn inbox_task(shard: Rc<Shard>, mut bell: UnixStream) {
         }
         if stop {
             debug!(shard = shard.id, "inbox saw shutdown");
+            if let Some(w) = shard.stop_waker.borrow_mut().take() {
+                w.wake();
+            }
         }
         glommio::yield_if_needed().await;
     }

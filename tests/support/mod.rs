@@ -36,13 +36,11 @@ impl Server {
     /// Like [`Server::start`], with a TOML config file holding `toml`.
     pub fn start_with_config(args: &[&str], toml: Option<&str>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardgate"));
-        cmd.arg("serve").args([
-            "--listen",
-            "127.0.0.1:0",
-            "--jwt-secret",
-            SECRET,
-            "--no-pin",
-        ]);
+        cmd.arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--no-pin"]);
+        if !args.contains(&"--jwt-public-key") {
+            cmd.args(["--jwt-secret", SECRET]);
+        }
         if let Some(t) = toml {
             let path = std::env::temp_dir().join(format!(
                 "shardgate-test-{}-{}.toml",
@@ -126,6 +124,26 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("timed out waiting for {what}");
+    }
+}
+
+impl Server {
+    /// Sends `sig` to the server process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits up to `d` for the process to exit.
+    pub fn wait_exit(&mut self, d: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 }
 
