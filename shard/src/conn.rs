@@ -45,48 +45,59 @@ struct ConnIo {
 }
 
 /// Serves one accepted TCP connection until it closes.
-pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, full: bool) {
+///
+/// The handshake runs in its own boxed future so that its buffers and the request are
+/// freed before the long idle life of the connection begins: the connection task keeps
+/// only [`ConnIo`].
+pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream, full: bool) {
+    let Some(mut io) = Box::pin(handshake(&shard, stream, full)).await else {
+        return;
+    };
+    let reason = run(&shard, &mut io).await;
+    // Boxed for the same reason: the idle task should not carry the goodbye's state.
+    Box::pin(finish(&shard, io, reason)).await;
+}
+
+/// Reads the request head; answers plain HTTP, or upgrades, registers the connection and
+/// sends the Engine.IO open packet.
+async fn handshake(shard: &Shard, mut stream: TcpStream, full: bool) -> Option<ConnIo> {
     let m = &shard.shared.metrics[shard.id];
     let _ = stream.set_nodelay(true);
     let timeout = Duration::from_millis(shard.shared.config.handshake_timeout_ms);
     let (req, rest) = match read_head(&mut stream, timeout).await {
         Ok(Some(x)) => x,
-        Ok(None) => return,
+        Ok(None) => return None,
         Err(HeadError::Timeout) => {
             m.closed(CloseReason::HandshakeTimeout);
             debug!("closed before upgrade: handshake_timeout");
-            return;
+            return None;
         }
         Err(HeadError::Bad(resp)) => {
             m.inc(Counter::HttpRequests);
             let _ = write_all(&mut stream, &resp).await;
-            return;
+            return None;
         }
     };
-    if let Some(resp) = plain_response(&shard, &req, full) {
+    if let Some(resp) = plain_response(shard, &req, full) {
         m.inc(Counter::HttpRequests);
         let _ = write_all(&mut stream, &resp).await;
-        return;
+        return None;
     }
     let cfg = &shard.shared.config;
-    let open = Open {
-        sid: String::new(),
-        upgrades: vec![],
-        ping_interval: cfg.ping_interval_ms,
-        ping_timeout: cfg.ping_timeout_ms,
-        max_payload: cfg.max_payload as u64,
-    };
     let now = shard.shared.now();
     let id = shard.state.borrow_mut().conns.insert(ConnEntry {
         next_ping: now + cfg.ping_interval_ms,
         connect_deadline: now + cfg.connect_timeout_ms,
         ..ConnEntry::default()
     });
-    let mut hello = http::upgrade_response(req.ws_key.as_deref().unwrap_or_default());
     let open = Open {
         sid: sid(shard.id, id),
-        ..open
+        upgrades: vec![],
+        ping_interval: cfg.ping_interval_ms,
+        ping_timeout: cfg.ping_timeout_ms,
+        max_payload: cfg.max_payload as u64,
     };
+    let mut hello = http::upgrade_response(req.ws_key.as_deref().unwrap_or_default());
     ws::encode_frame(OpKind::Text, open.encode().as_bytes(), &mut hello);
     m.inc(Counter::Open);
     let mut io = ConnIo {
@@ -100,12 +111,11 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, full: bool) {
             .or_else(|| req.query_param("token").map(str::to_string)),
         binary: None,
     };
-    let reason = if write_all(&mut io.stream, &hello).await.is_err() {
-        CloseReason::TransportError
-    } else {
-        run(&shard, &mut io).await
-    };
-    finish(&shard, io, reason).await;
+    if write_all(&mut io.stream, &hello).await.is_err() {
+        finish(shard, io, CloseReason::TransportError).await;
+        return None;
+    }
+    Some(io)
 }
 
 /// The Engine.IO session id the client sees; names the shard that owns the socket.
@@ -123,7 +133,7 @@ async fn read_head(
     timeout: Duration,
 ) -> Result<Option<(Request, Vec<u8>)>, HeadError> {
     let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 2048];
+    let mut chunk = vec![0u8; 2048];
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -294,7 +304,8 @@ fn flush(shard: &Shard, io: &mut ConnIo, cx: &mut Context<'_>) -> Result<(), Clo
     };
     loop {
         let Some(front) = c.outbox.front() else {
-            if c.outbox.capacity() > 32 {
+            // An idle connection keeps no queue allocation.
+            if c.outbox.capacity() > 0 {
                 c.outbox = Default::default();
             }
             return Ok(());
@@ -537,4 +548,44 @@ async fn finish(shard: &Shard, mut io: ConnIo, reason: CloseReason) {
 async fn stream_close(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
     write_all(stream, bytes).await?;
     stream.close().await
+}
+#[cfg(test)]
+mod tests {
+    /// The connection task is what every idle connection costs: keep it small.
+    #[test]
+    fn idle_connection_task_stays_small() {
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(|| async move {
+                let l = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let addr = l.local_addr().unwrap();
+                let c = glommio::net::TcpStream::connect(addr).await.unwrap();
+                let (mesh, _bells) = crate::mesh::Mesh::new(1).unwrap();
+                let shared = std::sync::Arc::new(crate::runtime::Shared {
+                    config: Default::default(),
+                    verifier: crate::auth::Verifier::hs256(b"x", 0, 10),
+                    mesh,
+                    metrics: vec![crate::metrics::ShardMetrics::default()].into_boxed_slice(),
+                    ready: Default::default(),
+                    stopping: Default::default(),
+                    epoch: std::time::Instant::now(),
+                    listen: addr,
+                    static_metrics: String::new(),
+                });
+                let shard = std::rc::Rc::new(crate::runtime::Shard {
+                    id: 0,
+                    state: std::cell::RefCell::new(crate::state::State::new(0, shared.clone())),
+                    shared,
+                    scratch: Default::default(),
+                    wbuf: Default::default(),
+                    stop_waker: Default::default(),
+                });
+                let task = super::serve(shard, c, false);
+                let size = std::mem::size_of_val(&task);
+                assert!(size <= 512, "connection task grew to {size} bytes");
+                assert!(std::mem::size_of::<crate::state::ConnEntry>() <= 128);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
 }

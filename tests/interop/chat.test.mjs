@@ -139,3 +139,22 @@ test("binary content travels as binary", async () => {
   a.close();
   b.close();
 });
+
+test("tenants are isolated: same room name and user id, no crossing", async () => {
+  const a = await connect("same-user", { tenant: "tenant-a" });
+  const b = await connect("same-user", { tenant: "tenant-b" });
+  await a.emitWithAck("join_room", "same-room");
+  await b.emitWithAck("join_room", "same-room");
+  let leaked = 0;
+  b.on("message:new", () => leaked++);
+  const other = await connect("other", { tenant: "tenant-a" });
+  await other.emitWithAck("join_room", "same-room");
+  const got = next(a, "message:new");
+  await other.emitWithAck("message:send", { room: "same-room", content: "a only" });
+  const dm = await other.emitWithAck("message:send", { to: "same-user", content: "dm a only" });
+  assert.equal(dm.status, "delivered");
+  assert.equal((await got).content, "a only");
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(leaked, 0);
+  for (const s of [a, b, other]) s.close();
+});
