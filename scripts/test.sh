@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine with the Rust toolchain:
-# installs what the tests need (Node.js and the pinned npm packages of the interop
-# suite), then runs the gate: formatting, clippy with warnings as errors, every test.
+# installs what the tests need (redis-server and Node.js from Debian packages, the pinned
+# npm packages of the interop suite), then runs the gate: formatting, clippy with
+# warnings as errors, every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,10 +16,16 @@ apt_install() {
   fi
 }
 
-if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
-  log "installing Node.js and npm from Debian packages"
-  apt_install nodejs npm
+missing=()
+command -v node >/dev/null && command -v npm >/dev/null || missing+=(nodejs npm)
+command -v redis-server >/dev/null || missing+=(redis-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing from Debian packages: ${missing[*]}"
+  apt_install "${missing[@]}"
 fi
+# The cluster tests start their own redis-server on free ports; a packaged instance
+# started by the install is not needed.
+if command -v systemctl >/dev/null; then systemctl stop redis-server >/dev/null 2>&1 || true; fi
 
 log "npm packages of the interop suite (tests/interop/package-lock.json)"
 npm ci --prefix tests/interop --no-audit --no-fund --loglevel=error

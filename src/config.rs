@@ -26,6 +26,36 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Protocol timers and limits.
     pub runtime: RuntimeConfig,
+    /// Cluster mode (Redis); off unless `cluster.redis` is set.
+    pub cluster: ClusterConfig,
+}
+
+/// Cluster membership through Redis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `redis://[user[:password]@]host[:port][/db]`; unset runs the embedded bus.
+    pub redis: Option<String>,
+    /// Prefix of every Redis key and channel.
+    pub prefix: String,
+    /// This process's id in the cluster; unset picks a random one per process.
+    pub server_id: Option<String>,
+    /// Lifetime of the node's liveness key, in milliseconds.
+    pub liveness_ttl_ms: u64,
+    /// Lifetime of an online user's presence key, in seconds (refreshed at half).
+    pub presence_ttl_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            redis: None,
+            prefix: String::new(),
+            server_id: None,
+            liveness_ttl_ms: 15_000,
+            presence_ttl_secs: 60,
+        }
+    }
 }
 
 /// JWT settings. Exactly one of `jwt_secret` and `jwt_public_key` is used.
@@ -47,11 +77,9 @@ impl Default for Config {
             shards: 0,
             cpus: Vec::new(),
             pin: true,
-            auth: AuthConfig {
-                leeway_secs: 5,
-                ..AuthConfig::default()
-            },
+            auth: AuthConfig { leeway_secs: 5, ..AuthConfig::default() },
             runtime: RuntimeConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -59,8 +87,8 @@ impl Default for Config {
 impl Config {
     /// Reads a TOML file; unknown keys are errors, missing keys take defaults.
     pub fn from_file(path: &Path) -> Result<Config, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
@@ -75,10 +103,7 @@ impl Config {
         }
         if let Some(p) = &self.auth.jwt_public_key {
             if !p.exists() {
-                return Err(format!(
-                    "auth.jwt_public_key: {} does not exist",
-                    p.display()
-                ));
+                return Err(format!("auth.jwt_public_key: {} does not exist", p.display()));
             }
         }
         if self.auth.jwt_secret.is_none()
@@ -86,9 +111,14 @@ impl Config {
             && !self.listen.ip().is_loopback()
         {
             return Err(
-                "auth: a jwt_secret or jwt_public_key is required when listening beyond loopback"
-                    .into(),
+                "auth: a jwt_secret or jwt_public_key is required when listening beyond loopback".into()
             );
+        }
+        if let Some(url) = &self.cluster.redis {
+            crate::bridge::RedisUrl::parse(url).map_err(|e| format!("cluster.redis: {e}"))?;
+            if self.cluster.liveness_ttl_ms < 300 || self.cluster.presence_ttl_secs < 2 {
+                return Err("cluster.liveness_ttl_ms must be >= 300 and presence_ttl_secs >= 2".into());
+            }
         }
         if self.shards > 1024 {
             return Err("shards must be at most 1024".into());
@@ -101,17 +131,13 @@ impl Config {
         if self.shards > 0 {
             return self.shards;
         }
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         cores.saturating_sub(1).max(1)
     }
 
     /// CPU of each shard.
     pub fn placement(&self) -> Vec<Option<usize>> {
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         (0..self.shard_count())
             .map(|i| {
                 if !self.pin {
@@ -133,18 +159,11 @@ mod tests {
     #[test]
     fn file_overrides_defaults_and_validates() {
         let c: Config =
-            toml::from_str("listen = \"0.0.0.0:4000\"\n[runtime]\nping_interval_ms = 1000\n")
-                .unwrap();
+            toml::from_str("listen = \"0.0.0.0:4000\"\n[runtime]\nping_interval_ms = 1000\n").unwrap();
         assert_eq!(c.listen.port(), 4000);
         assert_eq!(c.runtime.ping_interval_ms, 1000);
-        assert_eq!(
-            c.runtime.ping_timeout_ms,
-            RuntimeConfig::default().ping_timeout_ms
-        );
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .contains("required when listening beyond loopback"));
+        assert_eq!(c.runtime.ping_timeout_ms, RuntimeConfig::default().ping_timeout_ms);
+        assert!(c.validate().unwrap_err().contains("required when listening beyond loopback"));
         assert!(toml::from_str::<Config>("bogus = 1").is_err());
         assert!(Config::default().validate().is_ok());
     }

@@ -4,6 +4,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod bridge;
 mod config;
 
 use std::net::SocketAddr;
@@ -51,12 +52,7 @@ struct ServeArgs {
     #[arg(long, env = "SHARDGATE_SHARDS")]
     shards: Option<usize>,
     /// HS256 secret for tokens.
-    #[arg(
-        long,
-        env = "SHARDGATE_JWT_SECRET",
-        conflicts_with = "jwt_public_key",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "SHARDGATE_JWT_SECRET", conflicts_with = "jwt_public_key", hide_env_values = true)]
     jwt_secret: Option<String>,
     /// PEM public key (RSA: RS256, P-256: ES256) for tokens.
     #[arg(long, env = "SHARDGATE_JWT_PUBLIC_KEY")]
@@ -82,6 +78,18 @@ struct ServeArgs {
     /// Do not pin shards to cores.
     #[arg(long)]
     no_pin: bool,
+    /// Cluster mode: `redis://[user[:password]@]host[:port][/db]`.
+    #[arg(long, env = "SHARDGATE_REDIS")]
+    redis: Option<String>,
+    /// Prefix of every Redis key and channel.
+    #[arg(long, env = "SHARDGATE_REDIS_PREFIX")]
+    redis_prefix: Option<String>,
+    /// This process's cluster id (default: random per process).
+    #[arg(long, env = "SHARDGATE_SERVER_ID")]
+    server_id: Option<String>,
+    /// Lifetime of the node's liveness key in Redis, in milliseconds.
+    #[arg(long, env = "SHARDGATE_LIVENESS_TTL_MS")]
+    liveness_ttl_ms: Option<u64>,
 }
 
 #[derive(Args)]
@@ -119,9 +127,7 @@ fn main() -> anyhow::Result<()> {
             let claims = Claims {
                 sub: args.sub,
                 tenant_id: args.tenant,
-                permissions: args
-                    .permissions
-                    .map(|p| p.split(',').map(|s| s.trim().to_string()).collect()),
+                permissions: args.permissions.map(|p| p.split(',').map(|s| s.trim().to_string()).collect()),
                 exp,
             };
             let secret = args.jwt_secret.unwrap_or_else(|| DEV_SECRET.to_string());
@@ -177,6 +183,14 @@ fn load(args: &ServeArgs) -> anyhow::Result<Config> {
     if args.no_pin {
         cfg.pin = false;
     }
+    if args.redis.is_some() {
+        cfg.cluster.redis = args.redis.clone();
+    }
+    set!(cfg.cluster.prefix, args.redis_prefix);
+    if args.server_id.is_some() {
+        cfg.cluster.server_id = args.server_id.clone();
+    }
+    set!(cfg.cluster.liveness_ttl_ms, args.liveness_ttl_ms);
     cfg.validate().map_err(anyhow::Error::msg)?;
     Ok(cfg)
 }
@@ -194,20 +208,14 @@ fn build_verifier(cfg: &Config) -> anyhow::Result<Verifier> {
 
 /// Raises RLIMIT_NOFILE's soft limit to the hard limit; returns the new limit.
 fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: plain syscalls on a local struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return 0;
         }
         if lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
+            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
                 lim.rlim_cur = lim.rlim_max;
             }
@@ -249,19 +257,58 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         capacity.min(cfg.runtime.max_connections as u64)
     );
     let sigs = block_signals();
+    let server_id: std::sync::Arc<str> = cfg
+        .cluster
+        .server_id
+        .clone()
+        .unwrap_or_else(|| format!("{:016x}", ulid::Ulid::new().random() as u64))
+        .into();
+    let bridge_inbox = match &cfg.cluster.redis {
+        Some(_) => {
+            let (inbox, bell) = shardgate_shard::mesh::Inbox::new(usize::MAX)?;
+            Some((std::sync::Arc::new(inbox), bell))
+        }
+        None => None,
+    };
     let opts = StartOptions {
         listen: cfg.listen,
         shards: cfg.shard_count(),
         cpus: cfg.placement(),
         config: cfg.runtime.clone(),
         static_metrics,
+        bridge: bridge_inbox.as_ref().map(|(i, _)| i.clone()),
+        server_id: server_id.clone(),
+        extra_metric_blocks: 1,
     };
     let shards = opts.shards;
-    let handle = shardgate_shard::start(opts, verifier)
-        .with_context(|| format!("starting on {}", cfg.listen))?;
+    let handle =
+        shardgate_shard::start(opts, verifier).with_context(|| format!("starting on {}", cfg.listen))?;
     let addr = handle.local_addr();
+    let mut bridge_thread = None;
+    if let (Some(url), Some((inbox, bell))) = (&cfg.cluster.redis, bridge_inbox) {
+        let bcfg = bridge::BridgeConfig {
+            redis: bridge::RedisUrl::parse(url).map_err(anyhow::Error::msg)?,
+            prefix: cfg.cluster.prefix.clone(),
+            server_id: server_id.clone(),
+            liveness_ttl_ms: cfg.cluster.liveness_ttl_ms,
+            presence_ttl_secs: cfg.cluster.presence_ttl_secs,
+            presence_retention_secs: cfg.runtime.presence_retention_secs,
+            offline_queue_len: cfg.runtime.offline_queue_len,
+            offline_ttl_secs: cfg.runtime.offline_ttl_secs,
+            typing_ttl_ms: cfg.runtime.typing_ttl_ms,
+        };
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cpu = cfg.pin.then_some(cores - 1);
+        bridge_thread = Some(bridge::start(bcfg, handle.shared.clone(), inbox, bell, cpu)?);
+    }
+    let cluster = match &cfg.cluster.redis {
+        Some(url) => {
+            format!("cluster on: server id {server_id}, redis {}", url.split('@').next_back().unwrap_or(url))
+        }
+        None => "cluster off: no --redis".to_string(),
+    };
     info!(
-        "shardgate listening on http://{addr} ({shards} shards, capacity {} connections, persistence off: no --kafka, cluster off: no --redis)",
+        "shardgate listening on http://{addr} ({shards} shards, capacity {} connections, persistence off: no --kafka, {cluster})",
         capacity.min(cfg.runtime.max_connections as u64)
     );
     // The actual address on stdout, for scripts and tests that pass port 0.
@@ -278,6 +325,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     info!("signal {sig}: shutting down");
     handle.shutdown();
     handle.join();
+    if let Some(b) = bridge_thread {
+        let _ = b.join();
+    }
     info!("stopped");
     Ok(())
 }

@@ -52,13 +52,8 @@ fn bad_tokens_are_refused_with_a_reason_then_closed() {
         let (code, reason) = c.expect_closed();
         assert_eq!((code, reason.as_str()), (1008, "auth_failed"));
     }
-    srv.wait_for("auth failures counted", |s| {
-        s.metric("shardgate_auth_failures_total") == 5
-    });
-    assert_eq!(
-        srv.metric("shardgate_connections_closed_total{reason=\"auth_failed\"}"),
-        5
-    );
+    srv.wait_for("auth failures counted", |s| s.metric("shardgate_auth_failures_total") == 5);
+    assert_eq!(srv.metric("shardgate_connections_closed_total{reason=\"auth_failed\"}"), 5);
 }
 
 #[test]
@@ -95,23 +90,17 @@ fn unknown_namespace_gets_connect_error() {
 #[test]
 fn room_messages_reach_every_member_once_across_shards() {
     let srv = Server::start(&["--shards", "3"]);
-    let mut members: Vec<Client> = (0..9)
-        .map(|i| Client::connect(srv.addr, &token(&format!("u{i}"), "t1")))
-        .collect();
+    let mut members: Vec<Client> =
+        (0..9).map(|i| Client::connect(srv.addr, &token(&format!("u{i}"), "t1"))).collect();
     let shards: std::collections::HashSet<usize> = members.iter().map(Client::shard).collect();
-    assert!(
-        shards.len() >= 2,
-        "members should spread over shards: {shards:?}"
-    );
+    assert!(shards.len() >= 2, "members should spread over shards: {shards:?}");
     for m in members.iter_mut() {
         let ack = m.emit_ack("join_room", json!("lobby"));
         assert_eq!(ack, json!({ "ok": true, "room": "lobby" }));
         assert_eq!(m.expect_event("room_joined"), json!({ "room": "lobby" }));
     }
-    let ack = members[0].emit_ack(
-        "message:send",
-        json!({ "room": "lobby", "content": "hello", "clientMsgId": "m1" }),
-    );
+    let ack = members[0]
+        .emit_ack("message:send", json!({ "room": "lobby", "content": "hello", "clientMsgId": "m1" }));
     assert_eq!(ack["status"], "sent");
     assert_eq!(ack["clientMsgId"], "m1");
     let id = ack["id"].as_str().unwrap().to_string();
@@ -119,18 +108,8 @@ fn room_messages_reach_every_member_once_across_shards() {
     for m in members.iter_mut().skip(1) {
         let msg = m.expect_event("message:new");
         assert_eq!(
-            (
-                msg["id"].as_str(),
-                &msg["room"],
-                &msg["from"],
-                &msg["content"]
-            ),
-            (
-                Some(id.as_str()),
-                &json!("lobby"),
-                &json!("u0"),
-                &json!("hello")
-            )
+            (msg["id"].as_str(), &msg["room"], &msg["from"], &msg["content"]),
+            (Some(id.as_str()), &json!("lobby"), &json!("u0"), &json!("hello"))
         );
         m.expect_no_event("message:new", Duration::from_millis(100));
     }
@@ -141,10 +120,7 @@ fn room_messages_reach_every_member_once_across_shards() {
     assert_eq!(ack["ok"], true);
     let ack = members[1].emit_ack("message:send", json!({ "room": "lobby", "content": "x" }));
     assert_eq!(ack["code"], "not_in_room");
-    members[2].emit_ack(
-        "message:send",
-        json!({ "room": "lobby", "content": "again" }),
-    );
+    members[2].emit_ack("message:send", json!({ "room": "lobby", "content": "again" }));
     members[1].expect_no_event("message:new", Duration::from_millis(300));
     assert_eq!(members[3].expect_event("message:new")["content"], "again");
 }
@@ -160,10 +136,8 @@ fn direct_messages_cross_shards_with_acks_and_reach_every_device() {
         bobs.push(Client::connect(srv.addr, &token("bob", "t1")));
     }
     let mut alice = alice;
-    let ack = alice.emit_ack(
-        "message:send",
-        json!({ "to": "bob", "content": { "text": "hi" }, "clientMsgId": 7 }),
-    );
+    let ack =
+        alice.emit_ack("message:send", json!({ "to": "bob", "content": { "text": "hi" }, "clientMsgId": 7 }));
     assert_eq!(ack["status"], "delivered");
     assert_eq!(ack["clientMsgId"], 7);
     let sent = alice.expect_event("message:sent");
@@ -200,15 +174,9 @@ fn offline_messages_are_queued_and_drained_in_order() {
 fn presence_is_multi_device_aware() {
     let srv = Server::start(&["--shards", "2"]);
     let mut watcher = Client::connect(srv.addr, &token("watcher", "t1"));
-    assert_eq!(
-        watcher.emit_ack("presence:subscribe", json!(["erin"]))["ok"],
-        true
-    );
+    assert_eq!(watcher.emit_ack("presence:subscribe", json!(["erin"]))["ok"], true);
     let p = watcher.expect_event("presence");
-    assert_eq!(
-        (&p["userId"], &p["status"]),
-        (&json!("erin"), &json!("offline"))
-    );
+    assert_eq!((&p["userId"], &p["status"]), (&json!("erin"), &json!("offline")));
 
     let e1 = Client::connect(srv.addr, &token("erin", "t1"));
     let p = watcher.expect_event("presence");
@@ -219,33 +187,23 @@ fn presence_is_multi_device_aware() {
     drop(e2);
     let p = watcher.expect_event("presence");
     assert_eq!(p["status"], "offline");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
     let last_seen = p["lastSeen"].as_u64().unwrap();
     assert!(now - last_seen < 5_000, "lastSeen {last_seen} vs now {now}");
 
-    assert_eq!(
-        watcher.emit_ack("presence:unsubscribe", json!(["erin"]))["ok"],
-        true
-    );
+    assert_eq!(watcher.emit_ack("presence:unsubscribe", json!(["erin"]))["ok"], true);
     let _e3 = Client::connect(srv.addr, &token("erin", "t1"));
     watcher.expect_no_event("presence", Duration::from_millis(300));
 }
 
 #[test]
 fn typing_indicators_broadcast_and_expire() {
-    let srv =
-        Server::start_with_config(&["--shards", "2"], Some("[runtime]\ntyping_ttl_ms = 300\n"));
+    let srv = Server::start_with_config(&["--shards", "2"], Some("[runtime]\ntyping_ttl_ms = 300\n"));
     let mut a = Client::connect(srv.addr, &token("a", "t1"));
     let mut b = Client::connect(srv.addr, &token("b", "t1"));
     a.emit_ack("join_room", json!("r"));
     b.emit_ack("join_room", json!("r"));
-    assert_eq!(
-        a.emit_ack("typing:start", json!({ "room": "r" }))["ok"],
-        true
-    );
+    assert_eq!(a.emit_ack("typing:start", json!({ "room": "r" }))["ok"], true);
     let t = b.expect_event("typing");
     assert_eq!(t, json!({ "room": "r", "userId": "a", "typing": true }));
     // Expires on its own.
@@ -267,10 +225,7 @@ fn tenants_never_see_each_other() {
     for c in [&mut a1, &mut a2, &mut b2] {
         c.emit_ack("join_room", json!("shared-name"));
     }
-    a1.emit_ack(
-        "message:send",
-        json!({ "room": "shared-name", "content": "t1 only" }),
-    );
+    a1.emit_ack("message:send", json!({ "room": "shared-name", "content": "t1 only" }));
     b2.expect_no_event("message:new", Duration::from_millis(300));
     // "bob" of t1 does not exist: t2's bob must not get it, it is queued for t1's bob.
     let ack = a1.emit_ack("message:send", json!({ "to": "bob", "content": "t1 bob" }));
@@ -301,10 +256,7 @@ fn binary_attachments_are_forwarded() {
 #[test]
 fn permissions_claim_limits_events() {
     let srv = Server::start(&[]);
-    let mut c = Client::connect(
-        srv.addr,
-        &token_with("ro", "t1", 3600, Some(&["room:join"])),
-    );
+    let mut c = Client::connect(srv.addr, &token_with("ro", "t1", 3600, Some(&["room:join"])));
     assert_eq!(c.emit_ack("join_room", json!("r"))["ok"], true);
     let ack = c.emit_ack("message:send", json!({ "room": "r", "content": "x" }));
     assert_eq!(ack["code"], "forbidden");
@@ -317,31 +269,13 @@ fn invalid_arguments_get_specific_errors() {
     let srv = Server::start(&[]);
     let mut c = Client::connect(srv.addr, &token("a", "t1"));
     assert_eq!(c.emit_ack("join_room", json!(""))["code"], "invalid_room");
+    assert_eq!(c.emit_ack("join_room", json!("x".repeat(200)))["code"], "invalid_room");
+    assert_eq!(c.emit_ack("message:send", json!({ "content": "x" }))["code"], "invalid_message");
+    assert_eq!(c.emit_ack("message:send", json!({ "to": "b" }))["code"], "invalid_message");
     assert_eq!(
-        c.emit_ack("join_room", json!("x".repeat(200)))["code"],
-        "invalid_room"
-    );
-    assert_eq!(
-        c.emit_ack("message:send", json!({ "content": "x" }))["code"],
+        c.emit_ack("message:send", json!({ "to": "b", "room": "r", "content": 1 }))["code"],
         "invalid_message"
     );
-    assert_eq!(
-        c.emit_ack("message:send", json!({ "to": "b" }))["code"],
-        "invalid_message"
-    );
-    assert_eq!(
-        c.emit_ack(
-            "message:send",
-            json!({ "to": "b", "room": "r", "content": 1 })
-        )["code"],
-        "invalid_message"
-    );
-    assert_eq!(
-        c.emit_ack("no:such:event", json!(1))["code"],
-        "unknown_event"
-    );
-    assert_eq!(
-        c.emit_ack("presence:subscribe", json!(42))["code"],
-        "invalid_users"
-    );
+    assert_eq!(c.emit_ack("no:such:event", json!(1))["code"], "unknown_event");
+    assert_eq!(c.emit_ack("presence:subscribe", json!(42))["code"], "invalid_users");
 }

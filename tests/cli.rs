@@ -17,17 +17,8 @@ fn keys() -> std::path::PathBuf {
 }
 
 fn claims(sub: &str) -> Claims {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    Claims {
-        sub: sub.into(),
-        tenant_id: "t1".into(),
-        permissions: None,
-        exp,
-    }
+    let exp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 600;
+    Claims { sub: sub.into(), tenant_id: "t1".into(), permissions: None, exp }
 }
 
 fn start_with_key(public: &str) -> Server {
@@ -54,16 +45,11 @@ fn rs256_and_es256_public_keys_verify_and_refuse_algorithm_confusion() {
 
         // HS256 "signed" with the public key bytes: the classic confusion attack.
         let public_bytes = std::fs::read(keys().join(public)).unwrap();
-        let forged = encode(
-            &Header::new(Algorithm::HS256),
-            &claims("x"),
-            &EncodingKey::from_secret(&public_bytes),
-        )
-        .unwrap();
+        let forged =
+            encode(&Header::new(Algorithm::HS256), &claims("x"), &EncodingKey::from_secret(&public_bytes))
+                .unwrap();
         let mut bad = Client::upgrade(srv.addr, "", "");
-        let err = bad
-            .sio_connect(Some(json!({ "token": forged })))
-            .unwrap_err();
+        let err = bad.sio_connect(Some(json!({ "token": forged }))).unwrap_err();
         assert_eq!(err["message"], "token algorithm not accepted");
     }
 }
@@ -71,15 +57,7 @@ fn rs256_and_es256_public_keys_verify_and_refuse_algorithm_confusion() {
 #[test]
 fn token_command_mints_tokens_the_dev_node_accepts() {
     let out = Command::new(BIN)
-        .args([
-            "token",
-            "--sub",
-            "alice",
-            "--tenant",
-            "demo",
-            "--jwt-secret",
-            support::SECRET,
-        ])
+        .args(["token", "--sub", "alice", "--tenant", "demo", "--jwt-secret", support::SECRET])
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -93,50 +71,27 @@ fn token_command_mints_tokens_the_dev_node_accepts() {
 fn check_config_accepts_good_files_and_names_the_bad_field() {
     let dir = std::env::temp_dir();
     let good = dir.join(format!("sg-good-{}.toml", std::process::id()));
-    std::fs::write(
-        &good,
-        "listen = \"127.0.0.1:4000\"\n[runtime]\nping_interval_ms = 1000\n",
-    )
-    .unwrap();
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    std::fs::write(&good, "listen = \"127.0.0.1:4000\"\n[runtime]\nping_interval_ms = 1000\n").unwrap();
+    let out = Command::new(BIN).arg("check-config").arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
 
     let bad = dir.join(format!("sg-bad-{}.toml", std::process::id()));
     std::fs::write(&bad, "[runtime]\nping_interval_ms = 0\n").unwrap();
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).arg("check-config").arg(&bad).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("runtime.ping_interval_ms"));
 
     std::fs::write(&bad, "listen = \"0.0.0.0:4000\"\n").unwrap();
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("required when listening beyond loopback")
-    );
+    let out = Command::new(BIN).arg("check-config").arg(&bad).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("required when listening beyond loopback"));
 }
 
 #[test]
 fn sigterm_closes_clients_with_going_away_and_exits() {
     let mut srv = Server::start(&["--shards", "2"]);
-    let mut clients: Vec<Client> = (0..4)
-        .map(|i| Client::connect(srv.addr, &support::token(&format!("u{i}"), "t")))
-        .collect();
+    let mut clients: Vec<Client> =
+        (0..4).map(|i| Client::connect(srv.addr, &support::token(&format!("u{i}"), "t"))).collect();
     let started = Instant::now();
     srv.signal(libc::SIGTERM);
     for c in clients.iter_mut() {

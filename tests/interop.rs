@@ -25,10 +25,6 @@ fn official_socket_io_client_interop() {
         .expect("node must be installed");
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        out.status.success(),
-        "interop suite failed:\n{stdout}\nserver log:\n{}",
-        srv.log()
-    );
+    assert!(out.status.success(), "interop suite failed:\n{stdout}\nserver log:\n{}", srv.log());
     assert!(stdout.contains("# fail 0"), "{stdout}");
 }

@@ -20,19 +20,13 @@ fn http_surface() {
     let (status, body) = srv.get("/socket.io/?EIO=4&transport=polling");
     assert_eq!(status, 400);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(
-        (v["code"].as_u64(), v["message"].as_str()),
-        (Some(0), Some("Transport unknown"))
-    );
+    assert_eq!((v["code"].as_u64(), v["message"].as_str()), (Some(0), Some("Transport unknown")));
     assert!(v["detail"].as_str().unwrap().contains("websocket"));
     let (status, body) = srv.get("/socket.io/?EIO=3&transport=websocket");
     assert_eq!(status, 400);
     assert!(body.contains("Unsupported protocol version"));
     let (status, body) = srv.get("/socket.io/?EIO=4&transport=websocket");
-    assert_eq!(
-        status, 400,
-        "a websocket request without upgrade headers: {body}"
-    );
+    assert_eq!(status, 400, "a websocket request without upgrade headers: {body}");
     assert_eq!(srv.get("/nope").0, 404);
     let (status, metrics) = srv.get("/metrics");
     assert_eq!(status, 200);
@@ -46,10 +40,7 @@ fn ping_timeout_closes_silent_clients_only() {
     let mut quiet = Client::connect(srv.addr, &token("quiet", "t"));
     quiet.auto_pong = false;
     let mut live = Client::connect(srv.addr, &token("live", "t"));
-    assert_eq!(
-        (quiet.open.ping_interval, quiet.open.ping_timeout),
-        (200, 300)
-    );
+    assert_eq!((quiet.open.ping_interval, quiet.open.ping_timeout), (200, 300));
     // The ponging client outlives several ping rounds.
     let live = std::thread::spawn(move || {
         live.expect_no_event("nothing", Duration::from_millis(1500));
@@ -86,10 +77,7 @@ fn oversized_payload_is_refused_with_1009() {
     let mut c = Client::connect(srv.addr, &token("a", "t"));
     let mut other = Client::connect(srv.addr, &token("b", "t"));
     assert_eq!(c.open.max_payload, 1000);
-    c.emit(
-        "message:send",
-        json!({ "to": "b", "content": "x".repeat(5000) }),
-    );
+    c.emit("message:send", json!({ "to": "b", "content": "x".repeat(5000) }));
     assert_eq!(c.expect_closed(), (1009, "payload_too_large".to_string()));
     assert_eq!(other.emit_ack("join_room", json!("r"))["ok"], true);
 }
@@ -101,36 +89,15 @@ fn malformed_packets_close_with_a_reason_and_spare_neighbours() {
     bystander.emit_ack("join_room", json!("r"));
     type Case = (&'static str, Box<dyn Fn(&mut Client)>, &'static str);
     let cases: Vec<Case> = vec![
-        (
-            "unknown engine.io type",
-            Box::new(|c: &mut Client| c.send_text("9")),
-            "malformed_packet",
-        ),
-        (
-            "unknown socket.io type",
-            Box::new(|c: &mut Client| c.send_text("49[]")),
-            "malformed_packet",
-        ),
-        (
-            "broken json",
-            Box::new(|c: &mut Client| c.send_text("42[\"message:send\",{")),
-            "malformed_packet",
-        ),
-        (
-            "event not an array",
-            Box::new(|c: &mut Client| c.send_text("42{\"a\":1}")),
-            "malformed_packet",
-        ),
+        ("unknown engine.io type", Box::new(|c: &mut Client| c.send_text("9")), "malformed_packet"),
+        ("unknown socket.io type", Box::new(|c: &mut Client| c.send_text("49[]")), "malformed_packet"),
+        ("broken json", Box::new(|c: &mut Client| c.send_text("42[\"message:send\",{")), "malformed_packet"),
+        ("event not an array", Box::new(|c: &mut Client| c.send_text("42{\"a\":1}")), "malformed_packet"),
         (
             "invalid utf-8",
             Box::new(|c: &mut Client| {
                 let mut f = Vec::new();
-                ws::encode_masked_frame(
-                    OpKind::Text,
-                    &[b'4', b'2', 0xff, 0xfe],
-                    [1, 1, 1, 1],
-                    &mut f,
-                );
+                ws::encode_masked_frame(OpKind::Text, &[b'4', b'2', 0xff, 0xfe], [1, 1, 1, 1], &mut f);
                 c.send_raw(&f);
             }),
             "malformed_packet",
@@ -165,10 +132,7 @@ fn malformed_packets_close_with_a_reason_and_spare_neighbours() {
         let (_, got) = c.expect_closed();
         assert_eq!(got, reason, "{what}");
     }
-    let ack = bystander.emit_ack(
-        "message:send",
-        json!({ "room": "r", "content": "still here" }),
-    );
+    let ack = bystander.emit_ack("message:send", json!({ "room": "r", "content": "still here" }));
     assert_eq!(ack["status"], "sent");
 }
 
@@ -182,11 +146,7 @@ fn fragmented_messages_and_websocket_pings_work() {
     for (i, part) in [&text[..4], &text[4..10], &text[10..]].iter().enumerate() {
         let start = raw.len();
         ws::encode_masked_frame(
-            if i == 0 {
-                OpKind::Text
-            } else {
-                OpKind::Continuation
-            },
+            if i == 0 { OpKind::Text } else { OpKind::Continuation },
             part,
             [5, 6, 7, 8],
             &mut raw,
@@ -204,19 +164,13 @@ fn fragmented_messages_and_websocket_pings_work() {
 
 #[test]
 fn slow_consumers_are_disconnected_and_counted() {
-    let srv = Server::start(&[
-        "--outbound-queue-bytes",
-        "65536",
-        "--events-per-second",
-        "100000",
-    ]);
+    let srv = Server::start(&["--outbound-queue-bytes", "65536", "--events-per-second", "100000"]);
     // A raw client that upgrades, connects, joins and then never reads again.
     let mut slow = TcpStream::connect(srv.addr).unwrap();
     let mut hello = "GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".as_bytes().to_vec();
-    for text in [
-        format!("40{{\"token\":\"{}\"}}", token("slow", "t")),
-        "42[\"join_room\",\"flood\"]".to_string(),
-    ] {
+    for text in
+        [format!("40{{\"token\":\"{}\"}}", token("slow", "t")), "42[\"join_room\",\"flood\"]".to_string()]
+    {
         ws::encode_masked_frame(OpKind::Text, text.as_bytes(), [1, 2, 3, 4], &mut hello);
     }
     slow.write_all(&hello).unwrap();

@@ -48,10 +48,7 @@ pub struct Request {
 impl Request {
     /// First value of query parameter `name`.
     pub fn query_param(&self, name: &str) -> Option<&str> {
-        self.query
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     /// The request asks for a WebSocket upgrade (RFC 6455 4.2.1).
@@ -70,11 +67,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> 
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
-            return if buf.len() >= MAX_HEAD {
-                Err(HttpError::TooLarge)
-            } else {
-                Ok(None)
-            };
+            return if buf.len() >= MAX_HEAD { Err(HttpError::TooLarge) } else { Ok(None) };
         }
         Err(e) => return Err(HttpError::Malformed(e.to_string())),
     };
@@ -97,9 +90,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> 
         if h.name.eq_ignore_ascii_case("upgrade") {
             out.upgrade_websocket |= value.eq_ignore_ascii_case("websocket");
         } else if h.name.eq_ignore_ascii_case("connection") {
-            out.connection_upgrade |= value
-                .split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+            out.connection_upgrade |= value.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
         } else if h.name.eq_ignore_ascii_case("sec-websocket-key") {
             out.ws_key = Some(value.to_string());
         } else if h.name.eq_ignore_ascii_case("sec-websocket-version") {
@@ -238,10 +229,7 @@ mod tests {
 
     #[test]
     fn garbage_is_malformed() {
-        assert!(matches!(
-            parse_request(b"\x16\x03\x01 hello\r\n\r\n"),
-            Err(HttpError::Malformed(_))
-        ));
+        assert!(matches!(parse_request(b"\x16\x03\x01 hello\r\n\r\n"), Err(HttpError::Malformed(_))));
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!
 //! The data path reads top-down through the modules:
 //! [`http`] (request head, upgrade, plain responses) -> [`ws`] (WebSocket frames) ->
-//! [`engineio`] (Engine.IO v4 packets) -> [`socketio`] (Socket.IO v5 packets).
+//! [`engineio`] (Engine.IO v4 packets) -> [`socketio`] (Socket.IO v5 packets); [`resp`]
+//! (RESP2) is the bridge's side: Redis commands and replies.
 //!
 //! Bytes from the network never reach `unwrap`, indexing or `panic!` here: every parser
 //! returns a typed error that names what was wrong, and each has a fuzz target.
@@ -14,5 +15,6 @@
 
 pub mod engineio;
 pub mod http;
+pub mod resp;
 pub mod socketio;
 pub mod ws;

@@ -189,20 +189,10 @@ pub fn decode(s: &str) -> Result<Packet, SioError> {
         Some(serde_json::from_str::<Value>(rest).map_err(|e| SioError::BadJson(e.to_string()))?)
     };
     check_shape(kind, ack_id, &data)?;
-    Ok(Packet {
-        kind,
-        nsp: nsp.to_string(),
-        ack_id,
-        attachments,
-        data,
-    })
+    Ok(Packet { kind, nsp: nsp.to_string(), ack_id, attachments, data })
 }
 
-fn check_shape(
-    kind: PacketType,
-    ack_id: Option<u64>,
-    data: &Option<Value>,
-) -> Result<(), SioError> {
+fn check_shape(kind: PacketType, ack_id: Option<u64>, data: &Option<Value>) -> Result<(), SioError> {
     let bad = |why| Err(SioError::BadShape(kind, why));
     match kind {
         PacketType::Connect => match data {
@@ -326,49 +316,24 @@ mod tests {
         assert!(matches!(decode("3[]"), Err(SioError::BadShape(..))));
         assert_eq!(decode("5[\"x\"]"), Err(SioError::BadAttachments));
         assert_eq!(decode("599-[\"x\"]"), Err(SioError::BadAttachments));
-        assert_eq!(
-            decode("21234567890123456789[\"x\"]"),
-            Err(SioError::BadAckId)
-        );
+        assert_eq!(decode("21234567890123456789[\"x\"]"), Err(SioError::BadAckId));
         assert!(matches!(decode("0[]"), Err(SioError::BadShape(..))));
     }
 
     #[test]
     fn encodes_like_the_reference() {
         let mut s = String::from("4");
-        encode(
-            PacketType::Ack,
-            "/",
-            Some(12),
-            0,
-            Some("[{\"ok\":true}]"),
-            &mut s,
-        );
+        encode(PacketType::Ack, "/", Some(12), 0, Some("[{\"ok\":true}]"), &mut s);
         assert_eq!(s, "4312[{\"ok\":true}]");
         let mut s = String::new();
-        encode(
-            PacketType::BinaryEvent,
-            "/chat",
-            None,
-            2,
-            Some("[\"a\"]"),
-            &mut s,
-        );
+        encode(PacketType::BinaryEvent, "/chat", None, 2, Some("[\"a\"]"), &mut s);
         assert_eq!(s, "52-/chat,[\"a\"]");
         let mut s = String::new();
-        encode(
-            PacketType::ConnectError,
-            "/x",
-            None,
-            0,
-            Some("{\"message\":\"m\"}"),
-            &mut s,
-        );
+        encode(PacketType::ConnectError, "/x", None, 0, Some("{\"message\":\"m\"}"), &mut s);
         assert_eq!(s, "4/x,{\"message\":\"m\"}");
     }
 
-    fn arb_packet() -> impl Strategy<Value = (PacketType, String, Option<u64>, usize, Option<Value>)>
-    {
+    fn arb_packet() -> impl Strategy<Value = (PacketType, String, Option<u64>, usize, Option<Value>)> {
         let kind = prop_oneof![
             Just(PacketType::Connect),
             Just(PacketType::Disconnect),
@@ -398,9 +363,7 @@ mod tests {
                     PacketType::Ack | PacketType::BinaryAck => {
                         (Some(ack.unwrap_or(1)), Some(serde_json::json!([num])))
                     }
-                    PacketType::ConnectError => {
-                        (None, Some(serde_json::json!({ "message": name })))
-                    }
+                    PacketType::ConnectError => (None, Some(serde_json::json!({ "message": name }))),
                 };
                 (kind, nsp, ack, att, data)
             })

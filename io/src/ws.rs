@@ -142,9 +142,7 @@ pub fn decode_frame(
         _ => return Err(WsError::Protocol("reserved opcode")),
     };
     if header.rsv1 || header.rsv2 || header.rsv3 {
-        return Err(WsError::Protocol(
-            "reserved bits set without a negotiated extension",
-        ));
+        return Err(WsError::Protocol("reserved bits set without a negotiated extension"));
     }
     match (role, header.mask.is_some()) {
         (Role::Server, false) => return Err(WsError::Protocol("client frame is not masked")),
@@ -155,10 +153,7 @@ pub fn decode_frame(
         return Err(WsError::Protocol("control frame too long or fragmented"));
     }
     if len > max_payload as u64 {
-        return Err(WsError::TooBig {
-            len,
-            max: max_payload,
-        });
+        return Err(WsError::TooBig { len, max: max_payload });
     }
     let len = len as usize;
     let total = header_len + len;
@@ -168,14 +163,7 @@ pub fn decode_frame(
     if let Some(mask) = header.mask {
         unmask(&mut buf[header_len..total], mask);
     }
-    Ok(Some((
-        Frame {
-            fin: header.is_final,
-            op,
-            payload: header_len..total,
-        },
-        total,
-    )))
+    Ok(Some((Frame { fin: header.is_final, op, payload: header_len..total }, total)))
 }
 
 /// XORs `data` with the 4-byte masking key (RFC 6455 section 5.3).
@@ -194,11 +182,7 @@ pub fn unmask(data: &mut [u8], mask: [u8; 4]) {
 
 /// Appends an unmasked (server) frame with a single fragment to `out`.
 pub fn encode_frame(op: OpKind, payload: &[u8], out: &mut Vec<u8>) {
-    let header = FrameHeader {
-        is_final: true,
-        opcode: op.opcode(),
-        ..FrameHeader::default()
-    };
+    let header = FrameHeader { is_final: true, opcode: op.opcode(), ..FrameHeader::default() };
     out.reserve(header.len(payload.len() as u64) + payload.len());
     // Writing into a Vec cannot fail.
     let _ = header.format(payload.len() as u64, out);
@@ -207,12 +191,8 @@ pub fn encode_frame(op: OpKind, payload: &[u8], out: &mut Vec<u8>) {
 
 /// Appends a masked (client) frame to `out`.
 pub fn encode_masked_frame(op: OpKind, payload: &[u8], mask: [u8; 4], out: &mut Vec<u8>) {
-    let header = FrameHeader {
-        is_final: true,
-        opcode: op.opcode(),
-        mask: Some(mask),
-        ..FrameHeader::default()
-    };
+    let header =
+        FrameHeader { is_final: true, opcode: op.opcode(), mask: Some(mask), ..FrameHeader::default() };
     let _ = header.format(payload.len() as u64, out);
     let start = out.len();
     out.extend_from_slice(payload);
@@ -275,9 +255,7 @@ impl Assembler {
                 return Err(WsError::Protocol("continuation frame without a message"))
             }
             (OpKind::Text | OpKind::Binary, Some(_)) => {
-                return Err(WsError::Protocol(
-                    "new message before the fragmented one ended",
-                ))
+                return Err(WsError::Protocol("new message before the fragmented one ended"))
             }
             _ => return Err(WsError::Protocol("control frame given to the assembler")),
         };
@@ -288,10 +266,7 @@ impl Assembler {
         if total > max_payload {
             self.kind = None;
             self.buf = Vec::new();
-            return Err(WsError::TooBig {
-                len: total as u64,
-                max: max_payload,
-            });
+            return Err(WsError::TooBig { len: total as u64, max: max_payload });
         }
         self.kind = Some(kind);
         self.buf.extend_from_slice(payload);
@@ -351,10 +326,7 @@ mod tests {
         buf.truncate(20);
         assert!(matches!(
             decode_frame(&mut buf, 1000, Role::Server),
-            Err(WsError::TooBig {
-                len: 2000,
-                max: 1000
-            })
+            Err(WsError::TooBig { len: 2000, max: 1000 })
         ));
     }
 
@@ -389,17 +361,11 @@ mod tests {
     fn assembler_joins_fragments_and_enforces_limit() {
         let mut a = Assembler::default();
         assert_eq!(a.push(OpKind::Text, false, b"ab", 5).unwrap(), None);
-        let (k, m) = a
-            .push(OpKind::Continuation, true, b"cd", 5)
-            .unwrap()
-            .unwrap();
+        let (k, m) = a.push(OpKind::Continuation, true, b"cd", 5).unwrap().unwrap();
         assert_eq!((k, &*m), (DataKind::Text, &b"abcd"[..]));
         assert!(!a.in_progress());
         assert_eq!(a.push(OpKind::Binary, false, b"abc", 5).unwrap(), None);
-        assert!(matches!(
-            a.push(OpKind::Continuation, true, b"def", 5),
-            Err(WsError::TooBig { .. })
-        ));
+        assert!(matches!(a.push(OpKind::Continuation, true, b"def", 5), Err(WsError::TooBig { .. })));
         assert!(a.push(OpKind::Continuation, true, b"x", 5).is_err());
     }
 

@@ -112,28 +112,17 @@ impl std::fmt::Debug for Verifier {
 impl Verifier {
     /// Verifies HS256 tokens signed with `secret`.
     pub fn hs256(secret: &[u8], leeway_secs: u64, max_id_len: usize) -> Verifier {
-        Verifier::with(
-            DecodingKey::from_secret(secret),
-            Algorithm::HS256,
-            leeway_secs,
-            max_id_len,
-        )
+        Verifier::with(DecodingKey::from_secret(secret), Algorithm::HS256, leeway_secs, max_id_len)
     }
 
     /// Verifies RS256 (RSA key) or ES256 (P-256 key) tokens with a PEM public key.
-    pub fn public_key_pem(
-        pem: &[u8],
-        leeway_secs: u64,
-        max_id_len: usize,
-    ) -> Result<Verifier, String> {
+    pub fn public_key_pem(pem: &[u8], leeway_secs: u64, max_id_len: usize) -> Result<Verifier, String> {
         if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
             return Ok(Verifier::with(k, Algorithm::RS256, leeway_secs, max_id_len));
         }
         match DecodingKey::from_ec_pem(pem) {
             Ok(k) => Ok(Verifier::with(k, Algorithm::ES256, leeway_secs, max_id_len)),
-            Err(e) => Err(format!(
-                "public key is neither an RSA nor an EC PEM key: {e}"
-            )),
+            Err(e) => Err(format!("public key is neither an RSA nor an EC PEM key: {e}")),
         }
     }
 
@@ -142,11 +131,7 @@ impl Verifier {
         validation.leeway = leeway;
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.validate_aud = false;
-        Verifier {
-            key,
-            validation,
-            max_id_len,
-        }
+        Verifier { key, validation, max_id_len }
     }
 
     /// The algorithm this verifier accepts.
@@ -161,40 +146,28 @@ impl Verifier {
         // to parse there, before any claim is read.
         if let Err(e) = jsonwebtoken::decode_header(token) {
             return Err(match e.kind() {
-                ErrorKind::Json(j) if j.to_string().contains("unknown variant") => {
-                    AuthError::Algorithm
-                }
+                ErrorKind::Json(j) if j.to_string().contains("unknown variant") => AuthError::Algorithm,
                 _ => AuthError::Malformed,
             });
         }
-        let data =
-            decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::InvalidSignature => AuthError::BadSignature,
-                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                    AuthError::Algorithm
-                }
-                ErrorKind::MissingRequiredClaim(c) => AuthError::Claims(format!("missing {c}")),
-                ErrorKind::Json(e) => AuthError::Claims(e.to_string()),
-                _ => AuthError::Malformed,
-            })?;
+        let data = decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::InvalidSignature => AuthError::BadSignature,
+            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => AuthError::Algorithm,
+            ErrorKind::MissingRequiredClaim(c) => AuthError::Claims(format!("missing {c}")),
+            ErrorKind::Json(e) => AuthError::Claims(e.to_string()),
+            _ => AuthError::Malformed,
+        })?;
         let c = data.claims;
         for (name, v) in [("sub", &c.sub), ("tenantId", &c.tenant_id)] {
             if v.is_empty() || v.len() > self.max_id_len || v.contains('\x1f') {
-                return Err(AuthError::Claims(format!(
-                    "{name} must be 1..={} bytes",
-                    self.max_id_len
-                )));
+                return Err(AuthError::Claims(format!("{name} must be 1..={} bytes", self.max_id_len)));
             }
         }
         Ok(Identity {
             tenant: c.tenant_id.into(),
             user: c.sub.into(),
-            perms: c
-                .permissions
-                .as_deref()
-                .map(Perms::from_claim)
-                .unwrap_or(Perms::ALL),
+            perms: c.permissions.as_deref().map(Perms::from_claim).unwrap_or(Perms::ALL),
         })
     }
 }
@@ -202,12 +175,7 @@ impl Verifier {
 /// Mints an HS256 token (development tokens, tests, the load generator).
 pub fn mint_hs256(secret: &[u8], claims: &Claims) -> String {
     // Encoding a plain struct with an HMAC key cannot fail.
-    encode(
-        &Header::new(Algorithm::HS256),
-        claims,
-        &EncodingKey::from_secret(secret),
-    )
-    .unwrap_or_default()
+    encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(secret)).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -215,39 +183,20 @@ mod tests {
     use super::*;
 
     fn now() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
     }
 
     fn claims(exp: u64) -> Claims {
-        Claims {
-            sub: "alice".into(),
-            tenant_id: "t1".into(),
-            permissions: None,
-            exp,
-        }
+        Claims { sub: "alice".into(), tenant_id: "t1".into(), permissions: None, exp }
     }
 
     #[test]
     fn accepts_valid_and_refuses_forged_expired_none() {
         let v = Verifier::hs256(b"secret", 0, 128);
-        let id = v
-            .verify(&mint_hs256(b"secret", &claims(now() + 60)))
-            .unwrap();
-        assert_eq!(
-            (&*id.tenant, &*id.user, id.perms),
-            ("t1", "alice", Perms::ALL)
-        );
-        assert_eq!(
-            v.verify(&mint_hs256(b"other", &claims(now() + 60))),
-            Err(AuthError::BadSignature)
-        );
-        assert_eq!(
-            v.verify(&mint_hs256(b"secret", &claims(now() - 60))),
-            Err(AuthError::Expired)
-        );
+        let id = v.verify(&mint_hs256(b"secret", &claims(now() + 60))).unwrap();
+        assert_eq!((&*id.tenant, &*id.user, id.perms), ("t1", "alice", Perms::ALL));
+        assert_eq!(v.verify(&mint_hs256(b"other", &claims(now() + 60))), Err(AuthError::BadSignature));
+        assert_eq!(v.verify(&mint_hs256(b"secret", &claims(now() - 60))), Err(AuthError::Expired));
         // {"alg":"none","typ":"JWT"} . claims . empty signature
         let body = mint_hs256(b"secret", &claims(now() + 60));
         let payload = body.split('.').nth(1).unwrap();

@@ -84,10 +84,7 @@ impl RuntimeConfig {
             ("max_rooms_per_socket", self.max_rooms_per_socket as u64),
             ("max_id_len", self.max_id_len as u64),
             ("typing_ttl_ms", self.typing_ttl_ms),
-            (
-                "delivery_report_timeout_ms",
-                self.delivery_report_timeout_ms,
-            ),
+            ("delivery_report_timeout_ms", self.delivery_report_timeout_ms),
             ("max_connections", self.max_connections as u64),
         ];
         for (name, v) in positive {
@@ -96,9 +93,7 @@ impl RuntimeConfig {
             }
         }
         if self.outbound_queue_bytes < self.max_payload.min(64 * 1024) {
-            return Err(
-                "runtime.outbound_queue_bytes must be at least 64 KiB or max_payload".into(),
-            );
+            return Err("runtime.outbound_queue_bytes must be at least 64 KiB or max_payload".into());
         }
         if self.max_payload > 64 << 20 {
             return Err("runtime.max_payload must be at most 64 MiB".into());

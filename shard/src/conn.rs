@@ -105,10 +105,7 @@ async fn handshake(shard: &Shard, mut stream: TcpStream, full: bool) -> Option<C
         stream,
         rbuf: rest,
         assembler: Assembler::default(),
-        upgrade_token: req
-            .bearer
-            .clone()
-            .or_else(|| req.query_param("token").map(str::to_string)),
+        upgrade_token: req.bearer.clone().or_else(|| req.query_param("token").map(str::to_string)),
         binary: None,
     };
     if write_all(&mut io.stream, &hello).await.is_err() {
@@ -156,19 +153,9 @@ async fn read_head(
             }
             Ok(None) => continue,
             Err(http::HttpError::TooLarge) => {
-                return Err(HeadError::Bad(http::response(
-                    431,
-                    "text/plain",
-                    "request head too large\n",
-                )))
+                return Err(HeadError::Bad(http::response(431, "text/plain", "request head too large\n")))
             }
-            Err(e) => {
-                return Err(HeadError::Bad(http::response(
-                    400,
-                    "text/plain",
-                    &format!("{e}\n"),
-                )))
-            }
+            Err(e) => return Err(HeadError::Bad(http::response(400, "text/plain", &format!("{e}\n")))),
         }
     }
 }
@@ -187,7 +174,7 @@ fn plain_response(shard: &Shard, req: &Request, full: bool) -> Option<Vec<u8>> {
         }
         "/metrics" => {
             let mut body = String::with_capacity(8192);
-            crate::metrics::render(&shared.metrics, &mut body);
+            crate::metrics::render(&shared.metrics, shared.mesh.len(), &mut body);
             body.push_str(&shared.static_metrics);
             return Some(http::response(200, "text/plain; version=0.0.4", &body));
         }
@@ -203,7 +190,11 @@ fn plain_response(shard: &Shard, req: &Request, full: bool) -> Option<Vec<u8>> {
         );
     }
     if req.query_param("transport") != Some("websocket") {
-        return refuse(0, "Transport unknown", "shardgate serves the websocket transport only: set transports: [\"websocket\"] in the client");
+        return refuse(
+            0,
+            "Transport unknown",
+            "shardgate serves the websocket transport only: set transports: [\"websocket\"] in the client",
+        );
     }
     if req.method != "GET" || !req.is_websocket_upgrade() {
         return refuse(
@@ -213,11 +204,7 @@ fn plain_response(shard: &Shard, req: &Request, full: bool) -> Option<Vec<u8>> {
         );
     }
     if req.ws_version.as_deref() != Some("13") {
-        return refuse(
-            3,
-            "Bad request",
-            "unsupported Sec-WebSocket-Version: only 13 is served",
-        );
+        return refuse(3, "Bad request", "unsupported Sec-WebSocket-Version: only 13 is served");
     }
     if req.has_body {
         return refuse(3, "Bad request", "an upgrade request carries no body");
@@ -369,12 +356,7 @@ fn process(shard: &Shard, io: &mut ConnIo, data: &mut [u8]) -> Result<(), CloseR
     Ok(())
 }
 
-fn decode_all(
-    shard: &Shard,
-    io: &mut ConnIo,
-    buf: &mut [u8],
-    max: usize,
-) -> Result<usize, CloseReason> {
+fn decode_all(shard: &Shard, io: &mut ConnIo, buf: &mut [u8], max: usize) -> Result<usize, CloseReason> {
     let mut pos = 0;
     // Engine.IO's maxPayload counts the packet; allow the frame the type prefix.
     while let Some((frame, used)) =
@@ -390,10 +372,7 @@ fn decode_all(
             OpKind::Pong => {}
             OpKind::Close => return Err(CloseReason::ClientClosed),
             op => {
-                let msg = io
-                    .assembler
-                    .push(op, frame.fin, payload, max + 16)
-                    .map_err(ws_reason)?;
+                let msg = io.assembler.push(op, frame.fin, payload, max + 16).map_err(ws_reason)?;
                 if let Some((kind, bytes)) = msg {
                     on_message(shard, io, kind, &bytes)?;
                 }
@@ -412,12 +391,7 @@ fn ws_reason(e: WsError) -> CloseReason {
 }
 
 /// One whole WebSocket message: an Engine.IO packet (text) or a binary attachment.
-fn on_message(
-    shard: &Shard,
-    io: &mut ConnIo,
-    kind: DataKind,
-    bytes: &[u8],
-) -> Result<(), CloseReason> {
+fn on_message(shard: &Shard, io: &mut ConnIo, kind: DataKind, bytes: &[u8]) -> Result<(), CloseReason> {
     let now = shard.shared.now();
     if kind == DataKind::Binary {
         let Some(pending) = io.binary.as_mut() else {
@@ -467,21 +441,11 @@ fn on_message(
                     socketio::check_placeholders(data, packet.attachments)
                         .map_err(|_| CloseReason::MalformedPacket)?;
                 }
-                io.binary = Some(Box::new(PendingBinary {
-                    packet,
-                    attachments: Vec::new(),
-                }));
+                io.binary = Some(Box::new(PendingBinary { packet, attachments: Vec::new() }));
                 return Ok(());
             }
             let mut st = shard.state.borrow_mut();
-            crate::session::on_packet(
-                &mut st,
-                io.id,
-                &mut io.upgrade_token,
-                packet,
-                Vec::new(),
-                now,
-            )?;
+            crate::session::on_packet(&mut st, io.id, &mut io.upgrade_token, packet, Vec::new(), now)?;
         }
         engineio::Packet::Upgrade | engineio::Packet::Noop => {}
         engineio::Packet::Open(_) => return Err(CloseReason::MalformedPacket),
@@ -525,17 +489,9 @@ async fn finish(shard: &Shard, mut io: ConnIo, reason: CloseReason) {
     m.closed(reason);
     match reason {
         CloseReason::ClientClosed | CloseReason::ClientDisconnect | CloseReason::ServerShutdown => {
-            debug!(
-                shard = shard.id,
-                reason = reason.as_str(),
-                "connection closed"
-            )
+            debug!(shard = shard.id, reason = reason.as_str(), "connection closed")
         }
-        _ => info!(
-            shard = shard.id,
-            reason = reason.as_str(),
-            "connection closed"
-        ),
+        _ => info!(shard = shard.id, reason = reason.as_str(), "connection closed"),
     }
     if reason == CloseReason::TransportError {
         return;
@@ -570,6 +526,8 @@ mod tests {
                     epoch: std::time::Instant::now(),
                     listen: addr,
                     static_metrics: String::new(),
+                    bridge: None,
+                    server_id: "test".into(),
                 });
                 let shard = std::rc::Rc::new(crate::runtime::Shard {
                     id: 0,

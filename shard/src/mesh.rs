@@ -21,25 +21,77 @@ use crate::msg::ShardMsg;
 /// Index of a shard inside one process.
 pub type ShardId = usize;
 
-/// The inbox of one shard.
-struct Inbox {
-    queue: SegQueue<ShardMsg>,
+/// A lock-free MPSC inbox with a doorbell; `T` is what it carries.
+pub struct Inbox<T> {
+    queue: SegQueue<T>,
     rung: AtomicBool,
     bell: UnixStream,
     rings: AtomicU64,
 }
 
-/// All inboxes of the process; cloned (`Arc`) into every shard.
-pub struct Mesh {
-    inboxes: Box<[Inbox]>,
-}
-
-/// The read end of a shard's doorbell, handed once to the shard that owns the inbox.
+/// The read end of an inbox's doorbell, handed once to the task that owns the inbox.
 pub struct Doorbell {
-    /// Shard this doorbell wakes.
+    /// Shard this doorbell wakes (the bridge's is `usize::MAX`).
     pub shard: ShardId,
     /// Non-blocking read end of the socket pair.
     pub fd: OwnedFd,
+}
+
+impl<T> Inbox<T> {
+    /// A new inbox and the doorbell its owner waits on.
+    pub fn new(owner: ShardId) -> std::io::Result<(Inbox<T>, Doorbell)> {
+        let (tx, rx) = UnixStream::pair()?;
+        tx.set_nonblocking(true)?;
+        rx.set_nonblocking(true)?;
+        let inbox = Inbox {
+            queue: SegQueue::new(),
+            rung: AtomicBool::new(false),
+            bell: tx,
+            rings: AtomicU64::new(0),
+        };
+        Ok((inbox, Doorbell { shard: owner, fd: rx.into() }))
+    }
+
+    /// Queues `msg` and wakes the owner if it may be asleep.
+    pub fn send(&self, msg: T) {
+        self.queue.push(msg);
+        if !self.rung.swap(true, Ordering::AcqRel) {
+            self.rings.fetch_add(1, Ordering::Relaxed);
+            // A full socket buffer means a wake-up is already pending: nothing is lost.
+            let _ = (&self.bell).write(&[1]);
+        }
+    }
+
+    /// Re-arms the doorbell and takes up to `max` messages. Owner only, after it consumed
+    /// the doorbell bytes.
+    pub fn drain(&self, max: usize, out: &mut Vec<T>) {
+        self.rung.swap(false, Ordering::AcqRel);
+        while out.len() < max {
+            match self.queue.pop() {
+                Some(m) => out.push(m),
+                None => break,
+            }
+        }
+        if !self.queue.is_empty() {
+            // More than one batch waits: keep the bell rung so the owner comes back.
+            self.rung.store(true, Ordering::Release);
+        }
+    }
+
+    /// Messages waiting (approximate).
+    pub fn backlog(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Doorbell writes so far (wake-ups).
+    pub fn rings(&self) -> u64 {
+        self.rings.load(Ordering::Relaxed)
+    }
+}
+
+/// All shard inboxes of the process; cloned (`Arc`) into every shard and the bridge.
+pub struct Mesh {
+    inboxes: Box<[Inbox<ShardMsg>]>,
 }
 
 impl Mesh {
@@ -48,26 +100,11 @@ impl Mesh {
         let mut inboxes = Vec::with_capacity(n);
         let mut bells = Vec::with_capacity(n);
         for shard in 0..n {
-            let (tx, rx) = UnixStream::pair()?;
-            tx.set_nonblocking(true)?;
-            rx.set_nonblocking(true)?;
-            inboxes.push(Inbox {
-                queue: SegQueue::new(),
-                rung: AtomicBool::new(false),
-                bell: tx,
-                rings: AtomicU64::new(0),
-            });
-            bells.push(Doorbell {
-                shard,
-                fd: rx.into(),
-            });
+            let (inbox, bell) = Inbox::new(shard)?;
+            inboxes.push(inbox);
+            bells.push(bell);
         }
-        Ok((
-            Arc::new(Mesh {
-                inboxes: inboxes.into_boxed_slice(),
-            }),
-            bells,
-        ))
+        Ok((Arc::new(Mesh { inboxes: inboxes.into_boxed_slice() }), bells))
     }
 
     /// Number of shards.
@@ -82,47 +119,33 @@ impl Mesh {
 
     /// Queues `msg` for shard `to` and wakes it if it may be asleep.
     pub fn send(&self, to: ShardId, msg: ShardMsg) {
-        let Some(inbox) = self.inboxes.get(to) else {
-            return;
-        };
-        inbox.queue.push(msg);
-        if !inbox.rung.swap(true, Ordering::AcqRel) {
-            inbox.rings.fetch_add(1, Ordering::Relaxed);
-            // A full socket buffer means a wake-up is already pending: nothing is lost.
-            let _ = (&inbox.bell).write(&[1]);
+        if let Some(inbox) = self.inboxes.get(to) {
+            inbox.send(msg);
         }
     }
 
-    /// Re-arms shard `me`'s doorbell and takes everything queued so far, up to `max`.
-    /// Called by the owning shard only, after it consumed the doorbell bytes.
-    pub fn drain(&self, me: ShardId, max: usize, out: &mut Vec<ShardMsg>) {
-        let Some(inbox) = self.inboxes.get(me) else {
-            return;
-        };
-        inbox.rung.swap(false, Ordering::AcqRel);
-        while out.len() < max {
-            match inbox.queue.pop() {
-                Some(m) => out.push(m),
-                None => break,
-            }
+    /// Sends a copy of `make(shard)` to every shard.
+    pub fn broadcast(&self, mut make: impl FnMut() -> ShardMsg) {
+        for inbox in self.inboxes.iter() {
+            inbox.send(make());
         }
-        if !inbox.queue.is_empty() {
-            // More than one batch waits: keep the bell rung so the shard comes back.
-            inbox.rung.store(true, Ordering::Release);
+    }
+
+    /// Drains shard `me`'s inbox (see [`Inbox::drain`]).
+    pub fn drain(&self, me: ShardId, max: usize, out: &mut Vec<ShardMsg>) {
+        if let Some(inbox) = self.inboxes.get(me) {
+            inbox.drain(max, out);
         }
     }
 
     /// Messages waiting for shard `me` (approximate, for metrics).
     pub fn backlog(&self, me: ShardId) -> usize {
-        self.inboxes.get(me).map(|i| i.queue.len()).unwrap_or(0)
+        self.inboxes.get(me).map(Inbox::backlog).unwrap_or(0)
     }
 
     /// Doorbell writes made for shard `me` so far (wake-ups, for metrics).
     pub fn rings(&self, me: ShardId) -> u64 {
-        self.inboxes
-            .get(me)
-            .map(|i| i.rings.load(Ordering::Relaxed))
-            .unwrap_or(0)
+        self.inboxes.get(me).map(Inbox::rings).unwrap_or(0)
     }
 }
 
@@ -170,9 +193,8 @@ mod tests {
     fn home_shard_is_stable_and_spread() {
         let a = home_shard("t1\x1falice", 4);
         assert_eq!(a, home_shard("t1\x1falice", 4));
-        let spread: std::collections::HashSet<_> = (0..100)
-            .map(|i| home_shard(&format!("t\x1fu{i}"), 4))
-            .collect();
+        let spread: std::collections::HashSet<_> =
+            (0..100).map(|i| home_shard(&format!("t\x1fu{i}"), 4)).collect();
         assert_eq!(spread.len(), 4);
     }
 }

@@ -92,6 +92,18 @@ labels! {
         BytesOut => "bytes_out_total",
         /// Bytes read from client sockets.
         BytesIn => "bytes_in_total",
+        /// Redis commands sent by the bridge.
+        RedisCommands => "redis_commands_total",
+        /// Pipelined batches (one write, one read of all replies).
+        RedisBatches => "redis_batches_total",
+        /// Redis (re)connections established.
+        RedisConnects => "redis_connects_total",
+        /// The bridge is connected to Redis (gauge, 0 or 1).
+        RedisUp => "redis_up",
+        /// Cluster messages that could not be routed because Redis was down.
+        Unroutable => "cluster_unroutable_total",
+        /// Registry entries of dead nodes removed by sweeps.
+        SweptSockets => "cluster_swept_sockets_total",
     }
 }
 
@@ -148,38 +160,22 @@ impl ShardMetrics {
     }
 }
 
-/// Renders all shards' counters as Prometheus text, summed, plus per-shard open gauges.
-pub fn render(shards: &[ShardMetrics], out: &mut String) {
+/// Renders all counter blocks as Prometheus text, summed, plus per-shard open gauges for
+/// the first `shard_count` blocks (the rest belong to the bridge).
+pub fn render(shards: &[ShardMetrics], shard_count: usize, out: &mut String) {
     for &c in Counter::ALL {
         let total: u64 = shards.iter().map(|s| s.get(c)).sum();
-        let kind = if c.as_str().ends_with("_total") {
-            "counter"
-        } else {
-            "gauge"
-        };
-        let _ = writeln!(
-            out,
-            "# TYPE shardgate_{} {kind}\nshardgate_{} {total}",
-            c.as_str(),
-            c.as_str()
-        );
+        let kind = if c.as_str().ends_with("_total") { "counter" } else { "gauge" };
+        let _ = writeln!(out, "# TYPE shardgate_{} {kind}\nshardgate_{} {total}", c.as_str(), c.as_str());
     }
     let _ = writeln!(out, "# TYPE shardgate_connections_closed_total counter");
     for &r in CloseReason::ALL {
         let total: u64 = shards.iter().map(|s| s.closes(r)).sum();
-        let _ = writeln!(
-            out,
-            "shardgate_connections_closed_total{{reason=\"{}\"}} {total}",
-            r.as_str()
-        );
+        let _ = writeln!(out, "shardgate_connections_closed_total{{reason=\"{}\"}} {total}", r.as_str());
     }
     let _ = writeln!(out, "# TYPE shardgate_shard_connections_open gauge");
-    for (i, s) in shards.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "shardgate_shard_connections_open{{shard=\"{i}\"}} {}",
-            s.get(Counter::Open)
-        );
+    for (i, s) in shards.iter().take(shard_count).enumerate() {
+        let _ = writeln!(out, "shardgate_shard_connections_open{{shard=\"{i}\"}} {}", s.get(Counter::Open));
     }
 }
 
@@ -197,7 +193,7 @@ mod tests {
         shards[1].dec(Counter::Open);
         shards[2].closed(CloseReason::SlowConsumer);
         let mut s = String::new();
-        render(&shards, &mut s);
+        render(&shards, 3, &mut s);
         assert!(s.contains("shardgate_connections_accepted_total 5\n"));
         assert!(s.contains("shardgate_connections_open 1\n"));
         assert!(s.contains("shardgate_connections_closed_total{reason=\"slow_consumer\"} 1\n"));

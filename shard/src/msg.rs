@@ -39,6 +39,117 @@ pub struct SocketRef {
     pub conn: ConnId,
 }
 
+/// The sender of a 1:1 message: a socket in this process (`server: None`) or in another
+/// cluster member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// Server id of another process, or `None` for this one.
+    pub server: Option<Arc<str>>,
+    /// Shard of the sender inside its process.
+    pub shard: ShardId,
+    /// Connection of the sender.
+    pub conn: ConnId,
+}
+
+impl From<SocketRef> for Origin {
+    fn from(s: SocketRef) -> Origin {
+        Origin { server: None, shard: s.shard, conn: s.conn }
+    }
+}
+
+/// What shards (and the bridge's own tasks) ask the bridge to do in cluster mode.
+#[derive(Debug)]
+pub enum BridgeMsg {
+    /// An authenticated socket came up: register it, mark the user online, drain the
+    /// user's offline queue to it.
+    SocketUp {
+        /// User key.
+        user: Key,
+        /// Socket id (`sid`).
+        sid: String,
+        /// Where it lives.
+        socket: SocketRef,
+    },
+    /// A socket closed: unregister it, mark the user offline if it was the last.
+    SocketDown {
+        /// User key.
+        user: Key,
+        /// Socket id.
+        sid: String,
+        /// Shard it lived on.
+        shard: ShardId,
+    },
+    /// A socket joined a room.
+    RoomJoin {
+        /// Room key.
+        room: Key,
+        /// Socket id.
+        sid: String,
+    },
+    /// A socket left a room.
+    RoomLeave {
+        /// Room key.
+        room: Key,
+        /// Socket id.
+        sid: String,
+    },
+    /// Publish a room frame to the other cluster members.
+    RoomPublish {
+        /// Room key.
+        room: Key,
+        /// Encoded event.
+        frame: Frame,
+    },
+    /// Route a 1:1 message through the registry.
+    ToUser {
+        /// Recipient key.
+        user: Key,
+        /// Encoded `message:new`.
+        frame: Frame,
+        /// Message id.
+        msg_id: u128,
+        /// Sender.
+        origin: SocketRef,
+    },
+    /// Tell a remote origin the outcome of its message.
+    Ack {
+        /// The remote sender.
+        origin: Origin,
+        /// Message id.
+        msg_id: u128,
+        /// Outcome.
+        status: DeliveryStatus,
+    },
+    /// A delivery found no local socket (closed meanwhile): queue it if the user is
+    /// offline everywhere, and tell the origin.
+    Bounce {
+        /// Recipient key.
+        user: Key,
+        /// Encoded `message:new`.
+        frame: Frame,
+        /// Message id.
+        msg_id: u128,
+        /// Sender.
+        origin: Origin,
+    },
+    /// A socket subscribes to `user`'s presence: answer the current state.
+    Watch {
+        /// Watched user key.
+        user: Key,
+        /// Subscriber.
+        socket: SocketRef,
+    },
+    /// A typing indicator started or stopped (`typing:{room}` key).
+    Typing {
+        /// Room key.
+        room: Key,
+        /// User id (without tenant).
+        user: Arc<str>,
+        /// Started (true) or stopped.
+        on: bool,
+    },
+}
+
 /// Outcome of a 1:1 message, reported to the sender as `message:sent`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeliveryStatus {
@@ -104,8 +215,8 @@ pub enum ShardMsg {
         frame: Frame,
         /// Message id.
         msg_id: u128,
-        /// Sender socket.
-        origin: SocketRef,
+        /// Sender, in this process or another.
+        origin: Origin,
     },
     /// To the home shard: a `DeliverUser` found no socket (it closed meanwhile).
     Bounce {
@@ -115,8 +226,8 @@ pub enum ShardMsg {
         frame: Frame,
         /// Message id.
         msg_id: u128,
-        /// Sender socket.
-        origin: SocketRef,
+        /// Sender.
+        origin: Origin,
     },
     /// To the sender's shard: the outcome of message `msg_id`.
     Status {
@@ -132,6 +243,15 @@ pub enum ShardMsg {
         /// The socket.
         conn: ConnId,
         /// Queued `message:new` frames, oldest first.
+        frames: Vec<Frame>,
+    },
+    /// From the bridge: socket `conn` is registered cluster-wide. The shard answers the
+    /// client's CONNECT only now, so a connected client is reachable from every node;
+    /// `frames` is the user's offline queue, oldest first.
+    Registered {
+        /// The socket.
+        conn: ConnId,
+        /// Queued `message:new` frames.
         frames: Vec<Frame>,
     },
     /// To the user's home shard: `socket` subscribes to `user`'s presence.

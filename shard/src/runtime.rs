@@ -25,9 +25,9 @@ use tracing::{debug, info, warn};
 
 use crate::auth::Verifier;
 use crate::config::RuntimeConfig;
-use crate::mesh::{Doorbell, Mesh, ShardId};
+use crate::mesh::{Doorbell, Inbox, Mesh, ShardId};
 use crate::metrics::{Counter, ShardMetrics};
-use crate::msg::ShardMsg;
+use crate::msg::{BridgeMsg, ShardMsg};
 use crate::state::State;
 
 /// Read-only state of the whole process, shared by every shard.
@@ -50,6 +50,10 @@ pub struct Shared {
     pub listen: SocketAddr,
     /// Extra Prometheus text appended to `/metrics` (process-level facts).
     pub static_metrics: String,
+    /// The bridge's inbox in cluster mode; `None` runs the embedded bus.
+    pub bridge: Option<Arc<Inbox<BridgeMsg>>>,
+    /// This process's cluster-unique server id.
+    pub server_id: Arc<str>,
 }
 
 impl Shared {
@@ -62,10 +66,14 @@ impl Shared {
     pub fn open_connections(&self) -> u64 {
         self.metrics.iter().map(|m| m.get(Counter::Open)).sum()
     }
+
+    /// Counters of shard `id` (or of the bridge, at index `mesh.len()`).
+    pub fn metrics_of(&self, id: usize) -> &ShardMetrics {
+        &self.metrics[id.min(self.metrics.len() - 1)]
+    }
 }
 
 /// How to start the shards.
-#[derive(Debug, Clone)]
 pub struct StartOptions {
     /// Listen address (port 0 picks a free port).
     pub listen: SocketAddr,
@@ -77,6 +85,12 @@ pub struct StartOptions {
     pub config: RuntimeConfig,
     /// Extra process-level Prometheus text.
     pub static_metrics: String,
+    /// The bridge's inbox (cluster mode).
+    pub bridge: Option<Arc<Inbox<BridgeMsg>>>,
+    /// This process's server id.
+    pub server_id: Arc<str>,
+    /// Counter blocks beyond the shards' (the bridge's).
+    pub extra_metric_blocks: usize,
 }
 
 /// Running shards.
@@ -139,12 +153,14 @@ pub fn start(opts: StartOptions, verifier: Verifier) -> std::io::Result<ShardsHa
         config: opts.config,
         verifier,
         mesh,
-        metrics: (0..n).map(|_| ShardMetrics::default()).collect(),
+        metrics: (0..n + opts.extra_metric_blocks).map(|_| ShardMetrics::default()).collect(),
         ready: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
         epoch: Instant::now(),
         listen,
         static_metrics: opts.static_metrics,
+        bridge: opts.bridge,
+        server_id: opts.server_id,
     });
     let mut handles = Vec::with_capacity(n);
     for ((id, sock), bell) in sockets.into_iter().enumerate().zip(bells) {

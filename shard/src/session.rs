@@ -9,7 +9,7 @@ use shardgate_io::socketio::{Packet, PacketType};
 
 use crate::auth::Perms;
 use crate::metrics::{CloseReason, Counter};
-use crate::msg::{key, DeliveryStatus, Key, ShardMsg, SocketRef};
+use crate::msg::{key, DeliveryStatus, Key, SocketRef};
 use crate::slab::ConnId;
 use crate::state::{
     ack_frame, binary_event_frame, event_frame, text_frame, wall_ms, Pending, Session, State,
@@ -27,11 +27,7 @@ pub(crate) fn on_packet(
     attachments: Vec<Vec<u8>>,
     now: u64,
 ) -> Result<(), CloseReason> {
-    let connected = st
-        .conns
-        .get(id)
-        .map(|c| c.session.is_some())
-        .unwrap_or(false);
+    let connected = st.conns.get(id).map(|c| c.session.is_some()).unwrap_or(false);
     match p.kind {
         PacketType::Connect => on_connect(st, id, upgrade_token, p, connected, now),
         PacketType::Disconnect if p.nsp == "/" => Err(CloseReason::ClientDisconnect),
@@ -62,10 +58,7 @@ fn on_connect(
     now: u64,
 ) -> Result<(), CloseReason> {
     if p.nsp != "/" {
-        st.push(
-            id,
-            &connect_error(&p.nsp, "Invalid namespace", "invalid_namespace"),
-        );
+        st.push(id, &connect_error(&p.nsp, "Invalid namespace", "invalid_namespace"));
         st.close(id, CloseReason::InvalidNamespace, false, now);
         return Ok(());
     }
@@ -111,20 +104,13 @@ fn on_connect(
         }));
     }
     st.metrics().inc(Counter::Sessions);
-    st.push(id, &text_frame(&format!("40{{\"sid\":\"{sid}\"}}")));
+    if st.shared.bridge.is_none() {
+        // Cluster mode answers once the bridge registered the socket (`Registered`).
+        st.push(id, &text_frame(&format!("40{{\"sid\":\"{sid}\"}}")));
+    }
     st.users.entry(user_key.clone()).or_default().push(id);
-    let home = st.home(&user_key);
-    let socket = SocketRef {
-        shard: st.shard,
-        conn: id,
-    };
-    st.send(
-        home,
-        ShardMsg::UserUp {
-            user: user_key,
-            socket,
-        },
-    );
+    let socket = SocketRef { shard: st.shard, conn: id };
+    st.user_up(user_key, socket, sid);
     Ok(())
 }
 
@@ -174,24 +160,13 @@ fn on_event(
     let name = p.event_name().unwrap_or_default().to_string();
     if !admit(st, id, now)? {
         st.metrics().inc(Counter::RateLimited);
-        refuse(
-            st,
-            id,
-            p.ack_id,
-            &name,
-            "rate_limited",
-            "too many events; slow down",
-        );
+        refuse(st, id, p.ack_id, &name, "rate_limited", "too many events; slow down");
         return Ok(());
     }
     let args = p.event_args();
     let ack = p.ack_id;
-    let perms = st
-        .conns
-        .get(id)
-        .and_then(|c| c.session.as_ref())
-        .map(|s| s.identity.perms)
-        .unwrap_or(Perms(0));
+    let perms =
+        st.conns.get(id).and_then(|c| c.session.as_ref()).map(|s| s.identity.perms).unwrap_or(Perms(0));
     let need = match name.as_str() {
         "message:send" => Perms::SEND,
         "join_room" => Perms::JOIN,
@@ -199,26 +174,12 @@ fn on_event(
         "typing:start" | "typing:stop" => Perms::TYPING,
         "leave_room" | "presence:unsubscribe" => Perms(0),
         _ => {
-            refuse(
-                st,
-                id,
-                ack,
-                &name,
-                "unknown_event",
-                "this server does not handle that event",
-            );
+            refuse(st, id, ack, &name, "unknown_event", "this server does not handle that event");
             return Ok(());
         }
     };
     if !perms.allows(need) {
-        refuse(
-            st,
-            id,
-            ack,
-            &name,
-            "forbidden",
-            "the token's permissions do not allow this event",
-        );
+        refuse(st, id, ack, &name, "forbidden", "the token's permissions do not allow this event");
         return Ok(());
     }
     match name.as_str() {
@@ -243,10 +204,7 @@ fn valid_id(s: &str, max: usize) -> bool {
 fn room_arg(args: &[Value]) -> Option<&str> {
     match args.first()? {
         Value::String(s) => Some(s),
-        Value::Object(o) => o
-            .get("room")
-            .or_else(|| o.get("roomId"))
-            .and_then(Value::as_str),
+        Value::Object(o) => o.get("room").or_else(|| o.get("roomId")).and_then(Value::as_str),
         _ => None,
     }
 }
@@ -258,10 +216,7 @@ fn session_of(st: &State, id: ConnId) -> Option<&Session> {
 fn join_room(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value]) {
     let max_id = st.shared.config.max_id_len;
     let max_rooms = st.shared.config.max_rooms_per_socket;
-    let Some(room) = room_arg(args)
-        .filter(|r| valid_id(r, max_id))
-        .map(str::to_string)
-    else {
+    let Some(room) = room_arg(args).filter(|r| valid_id(r, max_id)).map(str::to_string) else {
         return refuse(
             st,
             id,
@@ -288,7 +243,8 @@ fn join_room(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value]) {
         if let Some(s) = st.conns.get_mut(id).and_then(|c| c.session.as_mut()) {
             s.rooms.push(k.clone());
         }
-        st.rooms.entry(k).or_default().push(id);
+        st.rooms.entry(k.clone()).or_default().push(id);
+        st.room_membership(&k, crate::conn::sid(st.shard, id), true);
     }
     let body = json!({ "room": room });
     st.push(id, &event_frame("room_joined", &body));
@@ -297,26 +253,12 @@ fn join_room(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value]) {
 
 fn leave_room(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value]) {
     let Some(room) = room_arg(args).map(str::to_string) else {
-        return refuse(
-            st,
-            id,
-            ack,
-            "leave_room",
-            "invalid_room",
-            "room id must be a string",
-        );
+        return refuse(st, id, ack, "leave_room", "invalid_room", "room id must be a string");
     };
     let Some(s) = session_of(st, id) else { return };
     let k = key(&s.identity.tenant, &room);
     if !s.rooms.contains(&k) {
-        return refuse(
-            st,
-            id,
-            ack,
-            "leave_room",
-            "not_in_room",
-            "this socket is not in that room",
-        );
+        return refuse(st, id, ack, "leave_room", "not_in_room", "this socket is not in that room");
     }
     stop_typing(st, id, &k);
     if let Some(s) = st.conns.get_mut(id).and_then(|c| c.session.as_mut()) {
@@ -324,6 +266,7 @@ fn leave_room(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value]) {
     }
     remove_member(st, &k, id);
     st.push(id, &event_frame("room_left", &json!({ "room": room })));
+    st.room_membership(&k, crate::conn::sid(st.shard, id), false);
     reply(st, id, ack, &json!({ "ok": true, "room": room }));
 }
 
@@ -349,21 +292,12 @@ fn send_message(
     const EV: &str = "message:send";
     let max_id = st.shared.config.max_id_len;
     let Some(Value::Object(body)) = args.first() else {
-        return refuse(
-            st,
-            id,
-            ack,
-            EV,
-            "invalid_message",
-            "expected {to | room, content, clientMsgId?}",
-        );
+        return refuse(st, id, ack, EV, "invalid_message", "expected {to | room, content, clientMsgId?}");
     };
     let to = body.get("to").and_then(Value::as_str);
     let room = body.get("room").and_then(Value::as_str);
     let content = match body.get("content") {
-        None | Some(Value::Null) => {
-            return refuse(st, id, ack, EV, "invalid_message", "content is required")
-        }
+        None | Some(Value::Null) => return refuse(st, id, ack, EV, "invalid_message", "content is required"),
         Some(c) => c.clone(),
     };
     let client_msg_id = body.get("clientMsgId").cloned();
@@ -376,64 +310,27 @@ fn send_message(
     let ts = wall_ms();
     match (to, room) {
         (Some(to), None) if valid_id(to, max_id) => {
-            let payload = json!({ "id": msg_id.to_string(), "from": &*from, "to": to, "content": content, "ts": ts });
+            let payload =
+                json!({ "id": msg_id.to_string(), "from": &*from, "to": to, "content": content, "ts": ts });
             let frame = binary_event_frame("message:new", &payload, &attachments);
             st.metrics().inc(Counter::DirectMessages);
             let deadline = now + st.shared.config.delivery_report_timeout_ms;
-            st.pending.insert(
-                msg_id.0,
-                Pending {
-                    conn: id,
-                    ack_id: ack,
-                    client_msg_id,
-                    deadline,
-                },
-            );
+            st.pending.insert(msg_id.0, Pending { conn: id, ack_id: ack, client_msg_id, deadline });
             let user = key(&tenant, to);
-            let home = st.home(&user);
-            let origin = SocketRef {
-                shard: st.shard,
-                conn: id,
-            };
-            st.send(
-                home,
-                ShardMsg::ToUser {
-                    user,
-                    frame,
-                    msg_id: msg_id.0,
-                    origin,
-                },
-            );
+            let origin = SocketRef { shard: st.shard, conn: id };
+            st.route_direct(user, frame, msg_id.0, origin);
         }
         (None, Some(room)) if valid_id(room, max_id) => {
             let k = key(&tenant, room);
-            if !session_of(st, id)
-                .map(|s| s.rooms.contains(&k))
-                .unwrap_or(false)
-            {
-                return refuse(
-                    st,
-                    id,
-                    ack,
-                    EV,
-                    "not_in_room",
-                    "join the room before sending to it",
-                );
+            if !session_of(st, id).map(|s| s.rooms.contains(&k)).unwrap_or(false) {
+                return refuse(st, id, ack, EV, "not_in_room", "join the room before sending to it");
             }
             let payload = json!({ "id": msg_id.to_string(), "from": &*from, "room": room, "content": content, "ts": ts });
             let frame = binary_event_frame("message:new", &payload, &attachments);
             st.metrics().inc(Counter::RoomMessages);
             st.deliver_room(&k, &frame, Some(id));
             st.broadcast_room(&k, &frame);
-            st.pending.insert(
-                msg_id.0,
-                Pending {
-                    conn: id,
-                    ack_id: ack,
-                    client_msg_id,
-                    deadline: now,
-                },
-            );
+            st.pending.insert(msg_id.0, Pending { conn: id, ack_id: ack, client_msg_id, deadline: now });
             st.resolve(msg_id.0, DeliveryStatus::Sent);
         }
         _ => refuse(
@@ -448,10 +345,7 @@ fn send_message(
 }
 
 fn typing_frame(room: &str, user: &str, on: bool) -> crate::msg::Frame {
-    event_frame(
-        "typing",
-        &json!({ "room": room, "userId": user, "typing": on }),
-    )
+    event_frame("typing", &json!({ "room": room, "userId": user, "typing": on }))
 }
 
 fn typing(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value], on: bool, now: u64) {
@@ -480,6 +374,7 @@ fn typing(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value], on: bool
             let frame = typing_frame(&room, &user, true);
             st.deliver_room(&k, &frame, Some(id));
             st.broadcast_room(&k, &frame);
+            st.typing_key(&k, user, true);
         }
     }
     reply(st, id, ack, &json!({ "ok": true }));
@@ -498,60 +393,31 @@ fn stop_typing(st: &mut State, id: ConnId, k: &Key) {
     let frame = typing_frame(crate::msg::key_id(k), &user, false);
     st.deliver_room(k, &frame, Some(id));
     st.broadcast_room(k, &frame);
+    st.typing_key(k, user, false);
 }
 
 fn presence(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value], on: bool) {
-    let ev = if on {
-        "presence:subscribe"
-    } else {
-        "presence:unsubscribe"
-    };
+    let ev = if on { "presence:subscribe" } else { "presence:unsubscribe" };
     let max_id = st.shared.config.max_id_len;
     let ids: Vec<String> = match args.first() {
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_str)
-            .map(str::to_string)
-            .collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(str::to_string).collect(),
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Object(o)) => o
             .get("userIds")
             .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_string)
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
             .unwrap_or_default(),
         _ => Vec::new(),
     };
     if ids.is_empty() || ids.iter().any(|u| !valid_id(u, max_id)) {
-        return refuse(
-            st,
-            id,
-            ack,
-            ev,
-            "invalid_users",
-            "expected a non-empty array of user ids",
-        );
+        return refuse(st, id, ack, ev, "invalid_users", "expected a non-empty array of user ids");
     }
     let Some(s) = session_of(st, id) else { return };
     let tenant = s.identity.tenant.clone();
     if on && s.watching.len() + ids.len() > MAX_WATCHED {
-        return refuse(
-            st,
-            id,
-            ack,
-            ev,
-            "too_many_subscriptions",
-            "a socket may watch at most 1000 users",
-        );
+        return refuse(st, id, ack, ev, "too_many_subscriptions", "a socket may watch at most 1000 users");
     }
-    let socket = SocketRef {
-        shard: st.shard,
-        conn: id,
-    };
+    let socket = SocketRef { shard: st.shard, conn: id };
     for u in &ids {
         let k = key(&tenant, u);
         let Some(s) = st.conns.get_mut(id).and_then(|c| c.session.as_mut()) else {
@@ -561,8 +427,7 @@ fn presence(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value], on: bo
         if on && !watching {
             s.watching.push(k.clone());
             st.watchers.entry(k.clone()).or_default().push(id);
-            let home = st.home(&k);
-            st.send(home, ShardMsg::Watch { user: k, socket });
+            st.watch(k, socket);
         } else if !on && watching {
             s.watching.retain(|w| *w != k);
             unwatch(st, &k, id);
@@ -578,14 +443,7 @@ fn unwatch(st: &mut State, k: &Key, id: ConnId) {
             st.watchers.remove(k);
         }
     }
-    let home = st.home(k);
-    st.send(
-        home,
-        ShardMsg::Unwatch {
-            user: k.clone(),
-            shard: st.shard,
-        },
-    );
+    st.unwatch_home(k.clone());
 }
 
 /// Undoes everything a closed session registered.
@@ -595,9 +453,12 @@ pub(crate) fn teardown(st: &mut State, id: ConnId, s: Session, _now: u64) {
         let frame = typing_frame(crate::msg::key_id(room), &s.identity.user, false);
         st.deliver_room(room, &frame, Some(id));
         st.broadcast_room(room, &frame);
+        st.typing_key(room, s.identity.user.clone(), false);
     }
+    let sid = crate::conn::sid(st.shard, id);
     for room in &s.rooms {
         remove_member(st, room, id);
+        st.room_membership(room, sid.clone(), false);
     }
     for k in &s.watching {
         unwatch(st, k, id);
@@ -608,23 +469,13 @@ pub(crate) fn teardown(st: &mut State, id: ConnId, s: Session, _now: u64) {
             st.users.remove(&s.user_key);
         }
     }
-    let home = st.home(&s.user_key);
-    st.send(
-        home,
-        ShardMsg::UserDown {
-            user: s.user_key,
-            shard: st.shard,
-        },
-    );
+    st.user_down(s.user_key, sid);
 }
 
 /// The shard's timer scan: pings, pong and connect timeouts, forced closes, typing
 /// expiry and delivery-report expiry.
 pub(crate) fn tick(st: &mut State, now: u64) {
-    let (interval, timeout) = (
-        st.shared.config.ping_interval_ms,
-        st.shared.config.ping_timeout_ms,
-    );
+    let (interval, timeout) = (st.shared.config.ping_interval_ms, st.shared.config.ping_timeout_ms);
     let ping = st.ping.clone();
     let mut closes = Vec::new();
     let mut typing_expired = Vec::new();
@@ -669,12 +520,7 @@ pub(crate) fn tick(st: &mut State, now: u64) {
     for (id, room) in typing_expired {
         stop_typing(st, id, &room);
     }
-    let expired: Vec<u128> = st
-        .pending
-        .iter()
-        .filter(|(_, p)| now >= p.deadline)
-        .map(|(k, _)| *k)
-        .collect();
+    let expired: Vec<u128> = st.pending.iter().filter(|(_, p)| now >= p.deadline).map(|(k, _)| *k).collect();
     for msg_id in expired {
         st.metrics().inc(Counter::ReportTimeouts);
         st.resolve(msg_id, DeliveryStatus::Sent);

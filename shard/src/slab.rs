@@ -16,6 +16,11 @@ impl ConnId {
     pub fn as_u64(self) -> u64 {
         (self.gen as u64) << 32 | self.idx as u64
     }
+
+    /// Unpacks [`ConnId::as_u64`].
+    pub fn from_u64(v: u64) -> ConnId {
+        ConnId { idx: v as u32, gen: (v >> 32) as u32 }
+    }
 }
 
 struct Slot<T> {
@@ -32,11 +37,7 @@ pub struct Slab<T> {
 
 impl<T> Default for Slab<T> {
     fn default() -> Self {
-        Slab {
-            slots: Vec::new(),
-            free: Vec::new(),
-            len: 0,
-        }
+        Slab { slots: Vec::new(), free: Vec::new(), len: 0 }
     }
 }
 
@@ -50,14 +51,8 @@ impl<T> Slab<T> {
             slot.val = Some(val);
             ConnId { idx, gen: slot.gen }
         } else {
-            self.slots.push(Slot {
-                gen: 0,
-                val: Some(val),
-            });
-            ConnId {
-                idx: (self.slots.len() - 1) as u32,
-                gen: 0,
-            }
+            self.slots.push(Slot { gen: 0, val: Some(val) });
+            ConnId { idx: (self.slots.len() - 1) as u32, gen: 0 }
         }
     }
 
@@ -75,18 +70,12 @@ impl<T> Slab<T> {
 
     /// The value of `id`, if still present.
     pub fn get(&self, id: ConnId) -> Option<&T> {
-        self.slots
-            .get(id.idx as usize)
-            .filter(|s| s.gen == id.gen)
-            .and_then(|s| s.val.as_ref())
+        self.slots.get(id.idx as usize).filter(|s| s.gen == id.gen).and_then(|s| s.val.as_ref())
     }
 
     /// The value of `id`, if still present.
     pub fn get_mut(&mut self, id: ConnId) -> Option<&mut T> {
-        self.slots
-            .get_mut(id.idx as usize)
-            .filter(|s| s.gen == id.gen)
-            .and_then(|s| s.val.as_mut())
+        self.slots.get_mut(id.idx as usize).filter(|s| s.gen == id.gen).and_then(|s| s.val.as_mut())
     }
 
     /// Number of live values.

@@ -22,7 +22,7 @@ use shardgate_io::ws::{self, OpKind};
 use crate::auth::Identity;
 use crate::mesh::{home_shard, ShardId};
 use crate::metrics::{CloseReason, Counter, ShardMetrics};
-use crate::msg::{key_id, DeliveryStatus, Frame, Key, ShardMsg, SocketRef};
+use crate::msg::{key_id, BridgeMsg, DeliveryStatus, Frame, Key, Origin, ShardMsg, SocketRef};
 use crate::runtime::Shared;
 use crate::slab::{ConnId, Slab};
 
@@ -215,14 +215,11 @@ impl State {
     pub fn broadcast_room(&mut self, room: &Key, frame: &Frame) {
         for s in 0..self.shared.mesh.len() {
             if s != self.shard {
-                self.shared.mesh.send(
-                    s,
-                    ShardMsg::RoomDeliver {
-                        room: room.clone(),
-                        frame: frame.clone(),
-                    },
-                );
+                self.shared.mesh.send(s, ShardMsg::RoomDeliver { room: room.clone(), frame: frame.clone() });
             }
+        }
+        if let Some(b) = &self.shared.bridge {
+            b.send(BridgeMsg::RoomPublish { room: room.clone(), frame: frame.clone() });
         }
     }
 
@@ -247,48 +244,31 @@ impl State {
             ShardMsg::RoomDeliver { room, frame } => {
                 self.deliver_room(&room, &frame, None);
             }
-            ShardMsg::DeliverUser {
-                user,
-                frame,
-                msg_id,
-                origin,
-            } => {
+            ShardMsg::DeliverUser { user, frame, msg_id, origin } => {
                 let delivered = self.deliver_user(&user, &frame);
                 if delivered > 0 {
-                    let status = DeliveryStatus::Delivered;
-                    self.send(
-                        origin.shard,
-                        ShardMsg::Status {
-                            conn: origin.conn,
-                            msg_id,
-                            status,
-                        },
-                    );
+                    self.status_to(origin, msg_id, DeliveryStatus::Delivered);
+                } else if let Some(bridge) = &self.shared.bridge {
+                    bridge.send(BridgeMsg::Bounce { user, frame, msg_id, origin });
                 } else {
                     let home = self.home(&user);
-                    self.send(
-                        home,
-                        ShardMsg::Bounce {
-                            user,
-                            frame,
-                            msg_id,
-                            origin,
-                        },
-                    );
+                    self.send(home, ShardMsg::Bounce { user, frame, msg_id, origin });
                 }
             }
             ShardMsg::Status { msg_id, status, .. } => self.resolve(msg_id, status),
+            ShardMsg::Registered { conn, frames } => {
+                let hello = text_frame(&format!("40{{\"sid\":\"{}\"}}", crate::conn::sid(self.shard, conn)));
+                self.push(conn, &hello);
+                for f in &frames {
+                    self.push(conn, f);
+                }
+            }
             ShardMsg::OfflineDrain { conn, frames } => {
                 for f in &frames {
                     self.push(conn, f);
                 }
             }
-            ShardMsg::Presence {
-                user,
-                conn,
-                online,
-                last_seen,
-            } => {
+            ShardMsg::Presence { user, conn, online, last_seen } => {
                 let body = json!({
                     "userId": key_id(&user),
                     "status": if online { "online" } else { "offline" },
@@ -309,28 +289,17 @@ impl State {
             }
             ShardMsg::UserUp { user, socket } => self.dir_user_up(user, socket, now),
             ShardMsg::UserDown { user, shard } => self.dir_user_down(user, shard),
-            ShardMsg::ToUser {
-                user,
-                frame,
-                msg_id,
-                origin,
-            } => self.dir_route(user, frame, msg_id, origin, now, false),
-            ShardMsg::Bounce {
-                user,
-                frame,
-                msg_id,
-                origin,
-            } => self.dir_route(user, frame, msg_id, origin, now, true),
+            ShardMsg::ToUser { user, frame, msg_id, origin } => {
+                self.dir_route(user, frame, msg_id, origin.into(), now, false)
+            }
+            ShardMsg::Bounce { user, frame, msg_id, origin } => {
+                self.dir_route(user, frame, msg_id, origin, now, true)
+            }
             ShardMsg::Watch { user, socket } => {
                 let dir = self.directory.entry(user.clone()).or_default();
                 bump(&mut dir.watchers, socket.shard, true);
                 let (online, last_seen) = (dir.online(), dir.last_seen);
-                let reply = ShardMsg::Presence {
-                    user,
-                    conn: Some(socket.conn),
-                    online,
-                    last_seen,
-                };
+                let reply = ShardMsg::Presence { user, conn: Some(socket.conn), online, last_seen };
                 self.send(socket.shard, reply);
             }
             ShardMsg::Unwatch { user, shard } => {
@@ -350,10 +319,7 @@ impl State {
         let Some(socks) = self.users.get(user) else {
             return 0;
         };
-        socks
-            .iter()
-            .filter(|&&id| push_to(&mut self.conns, m, limit, id, frame))
-            .count()
+        socks.iter().filter(|&&id| push_to(&mut self.conns, m, limit, id, frame)).count()
     }
 
     fn dir_user_up(&mut self, user: Key, socket: SocketRef, now: u64) {
@@ -377,22 +343,11 @@ impl State {
         let last_seen = dir.last_seen;
         self.metrics().add(Counter::OfflineDropped, expired);
         if !frames.is_empty() {
-            self.send(
-                socket.shard,
-                ShardMsg::OfflineDrain {
-                    conn: socket.conn,
-                    frames,
-                },
-            );
+            self.send(socket.shard, ShardMsg::OfflineDrain { conn: socket.conn, frames });
         }
         if !was_online {
             for s in watchers {
-                let msg = ShardMsg::Presence {
-                    user: user.clone(),
-                    conn: None,
-                    online: true,
-                    last_seen,
-                };
+                let msg = ShardMsg::Presence { user: user.clone(), conn: None, online: true, last_seen };
                 self.send(s, msg);
             }
         }
@@ -409,12 +364,7 @@ impl State {
             let last_seen = dir.last_seen;
             let watchers: Vec<ShardId> = dir.watchers.iter().map(|&(s, _)| s).collect();
             for s in watchers {
-                let msg = ShardMsg::Presence {
-                    user: user.clone(),
-                    conn: None,
-                    online: false,
-                    last_seen,
-                };
+                let msg = ShardMsg::Presence { user: user.clone(), conn: None, online: false, last_seen };
                 self.send(s, msg);
             }
         }
@@ -422,15 +372,7 @@ impl State {
 
     /// Routes a 1:1 message at the recipient's home shard. A bounce (the socket closed
     /// between lookup and delivery) is queued only if the user is now fully offline.
-    fn dir_route(
-        &mut self,
-        user: Key,
-        frame: Frame,
-        msg_id: u128,
-        origin: SocketRef,
-        now: u64,
-        bounced: bool,
-    ) {
+    fn dir_route(&mut self, user: Key, frame: Frame, msg_id: u128, origin: Origin, now: u64, bounced: bool) {
         let cap = self.shared.config.offline_queue_len;
         let dir = self.directory.entry(user.clone()).or_default();
         if dir.online() {
@@ -443,7 +385,7 @@ impl State {
                     user: user.clone(),
                     frame: frame.clone(),
                     msg_id,
-                    origin,
+                    origin: origin.clone(),
                 };
                 self.send(s, msg);
             }
@@ -458,23 +400,97 @@ impl State {
         if queued {
             dir.offline.push_back((now, frame));
         }
-        self.metrics()
-            .add(Counter::OfflineDropped, dropped + u64::from(!queued));
-        self.metrics()
-            .add(Counter::OfflineQueued, u64::from(queued));
-        let status = if queued {
-            DeliveryStatus::Queued
-        } else {
-            DeliveryStatus::Sent
-        };
-        self.send(
-            origin.shard,
-            ShardMsg::Status {
-                conn: origin.conn,
-                msg_id,
-                status,
-            },
-        );
+        self.metrics().add(Counter::OfflineDropped, dropped + u64::from(!queued));
+        self.metrics().add(Counter::OfflineQueued, u64::from(queued));
+        let status = if queued { DeliveryStatus::Queued } else { DeliveryStatus::Sent };
+        self.status_to(origin, msg_id, status);
+    }
+
+    /// Reports the outcome of message `msg_id` to its sender, here or on another node.
+    pub fn status_to(&mut self, origin: Origin, msg_id: u128, status: DeliveryStatus) {
+        match (&origin.server, &self.shared.bridge) {
+            (Some(_), Some(bridge)) => bridge.send(BridgeMsg::Ack { origin, msg_id, status }),
+            (Some(_), None) => {}
+            (None, _) => {
+                let msg = ShardMsg::Status { conn: origin.conn, msg_id, status };
+                self.send(origin.shard, msg)
+            }
+        }
+    }
+
+    // ---- routing: the embedded bus (home shards) or the bridge (cluster mode) ----
+
+    /// A socket of `user` authenticated.
+    pub fn user_up(&mut self, user: Key, socket: SocketRef, sid: String) {
+        match &self.shared.bridge {
+            Some(b) => b.send(BridgeMsg::SocketUp { user, sid, socket }),
+            None => {
+                let home = self.home(&user);
+                self.send(home, ShardMsg::UserUp { user, socket });
+            }
+        }
+    }
+
+    /// A socket of `user` closed.
+    pub fn user_down(&mut self, user: Key, sid: String) {
+        let shard = self.shard;
+        match &self.shared.bridge {
+            Some(b) => b.send(BridgeMsg::SocketDown { user, sid, shard }),
+            None => {
+                let home = self.home(&user);
+                self.send(home, ShardMsg::UserDown { user, shard });
+            }
+        }
+    }
+
+    /// Routes a 1:1 message.
+    pub fn route_direct(&mut self, user: Key, frame: Frame, msg_id: u128, origin: SocketRef) {
+        match &self.shared.bridge {
+            Some(b) => b.send(BridgeMsg::ToUser { user, frame, msg_id, origin }),
+            None => {
+                let home = self.home(&user);
+                self.send(home, ShardMsg::ToUser { user, frame, msg_id, origin });
+            }
+        }
+    }
+
+    /// Room membership of socket `sid` changed (cluster registry only).
+    pub fn room_membership(&mut self, room: &Key, sid: String, joined: bool) {
+        if let Some(b) = &self.shared.bridge {
+            let room = room.clone();
+            b.send(if joined {
+                BridgeMsg::RoomJoin { room, sid }
+            } else {
+                BridgeMsg::RoomLeave { room, sid }
+            });
+        }
+    }
+
+    /// Subscribes `socket` to `user`'s presence.
+    pub fn watch(&mut self, user: Key, socket: SocketRef) {
+        match &self.shared.bridge {
+            Some(b) => b.send(BridgeMsg::Watch { user, socket }),
+            None => {
+                let home = self.home(&user);
+                self.send(home, ShardMsg::Watch { user, socket });
+            }
+        }
+    }
+
+    /// Ends one presence subscription from this shard (the embedded bus counts them).
+    pub fn unwatch_home(&mut self, user: Key) {
+        if self.shared.bridge.is_none() {
+            let home = self.home(&user);
+            let shard = self.shard;
+            self.send(home, ShardMsg::Unwatch { user, shard });
+        }
+    }
+
+    /// Records a typing indicator in the cluster registry.
+    pub fn typing_key(&mut self, room: &Key, user: Arc<str>, on: bool) {
+        if let Some(b) = &self.shared.bridge {
+            b.send(BridgeMsg::Typing { room: room.clone(), user, on });
+        }
     }
 
     /// Periodic upkeep of the directory: expired offline messages and forgotten users.
@@ -496,13 +512,7 @@ impl State {
     }
 }
 
-fn push_to(
-    conns: &mut Slab<ConnEntry>,
-    m: &ShardMetrics,
-    limit: usize,
-    id: ConnId,
-    frame: &Frame,
-) -> bool {
+fn push_to(conns: &mut Slab<ConnEntry>, m: &ShardMetrics, limit: usize, id: ConnId, frame: &Frame) -> bool {
     let Some(c) = conns.get_mut(id) else {
         return false;
     };
@@ -558,14 +568,7 @@ pub(crate) fn binary_event_frame(name: &str, payload: &Value, attachments: &[Vec
     }
     let data = json!([name, payload]).to_string();
     let mut s = String::from("4");
-    socketio::encode(
-        PacketType::BinaryEvent,
-        "/",
-        None,
-        attachments.len(),
-        Some(&data),
-        &mut s,
-    );
+    socketio::encode(PacketType::BinaryEvent, "/", None, attachments.len(), Some(&data), &mut s);
     let mut out = Vec::new();
     ws::encode_frame(OpKind::Text, s.as_bytes(), &mut out);
     for a in attachments {

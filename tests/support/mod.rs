@@ -4,6 +4,8 @@
 //! Every wait is bounded; nothing sleeps where it can poll.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -36,24 +38,17 @@ impl Server {
     /// Like [`Server::start`], with a TOML config file holding `toml`.
     pub fn start_with_config(args: &[&str], toml: Option<&str>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardgate"));
-        cmd.arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--no-pin"]);
+        cmd.arg("serve").args(["--listen", "127.0.0.1:0", "--no-pin"]);
         if !args.contains(&"--jwt-public-key") {
             cmd.args(["--jwt-secret", SECRET]);
         }
         if let Some(t) = toml {
-            let path = std::env::temp_dir().join(format!(
-                "shardgate-test-{}-{}.toml",
-                std::process::id(),
-                nanos()
-            ));
+            let path =
+                std::env::temp_dir().join(format!("shardgate-test-{}-{}.toml", std::process::id(), nanos()));
             std::fs::write(&path, t).unwrap();
             cmd.arg("--config").arg(path);
         }
-        cmd.args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args(args).env("RUST_LOG", "info").stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn shardgate");
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
@@ -95,10 +90,7 @@ impl Server {
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
         (status, body)
     }
 
@@ -106,11 +98,7 @@ impl Server {
     pub fn metric(&self, name: &str) -> u64 {
         let (_, body) = self.get("/metrics");
         body.lines()
-            .find_map(|l| {
-                l.strip_prefix(name)
-                    .and_then(|r| r.strip_prefix(' '))
-                    .and_then(|v| v.parse().ok())
-            })
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.parse().ok()))
             .unwrap_or(0)
     }
 
@@ -155,10 +143,7 @@ impl Drop for Server {
 }
 
 fn nanos() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()
 }
 
 /// A token for `sub` in `tenant`, valid for an hour.
@@ -168,10 +153,7 @@ pub fn token(sub: &str, tenant: &str) -> String {
 
 /// A token with a chosen lifetime (negative: expired) and permissions.
 pub fn token_with(sub: &str, tenant: &str, ttl: i64, perms: Option<&[&str]>) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
     let claims = Claims {
         sub: sub.into(),
         tenant_id: tenant.into(),
@@ -215,9 +197,7 @@ impl Client {
     /// Connects and completes the WebSocket upgrade and Engine.IO open.
     pub fn upgrade(addr: SocketAddr, query: &str, headers: &str) -> Client {
         let mut stream = TcpStream::connect(addr).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
+        stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
         write!(
             stream,
             "GET /socket.io/?EIO=4&transport=websocket{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
@@ -325,14 +305,7 @@ impl Client {
     pub fn emit_binary(&mut self, event: &str, arg: Value, attachments: &[&[u8]]) {
         let data = json!([event, arg]).to_string();
         let mut s = String::from("4");
-        socketio::encode(
-            PacketType::BinaryEvent,
-            "/",
-            None,
-            attachments.len(),
-            Some(&data),
-            &mut s,
-        );
+        socketio::encode(PacketType::BinaryEvent, "/", None, attachments.len(), Some(&data), &mut s);
         self.send_text(&s);
         for a in attachments {
             let mut out = Vec::new();
@@ -420,13 +393,8 @@ impl Client {
             match self.next_frame() {
                 Some((OpKind::Close, p)) => {
                     self.closed = true;
-                    let code = if p.len() >= 2 {
-                        u16::from_be_bytes([p[0], p[1]])
-                    } else {
-                        0
-                    };
-                    let reason =
-                        String::from_utf8_lossy(p.get(2..).unwrap_or_default()).to_string();
+                    let code = if p.len() >= 2 { u16::from_be_bytes([p[0], p[1]]) } else { 0 };
+                    let reason = String::from_utf8_lossy(p.get(2..).unwrap_or_default()).to_string();
                     return Some(Incoming::Closed(code, reason));
                 }
                 Some((OpKind::Binary, p)) => {
@@ -448,11 +416,7 @@ impl Client {
                             match p.kind {
                                 PacketType::Event => {
                                     let name = p.event_name().unwrap().to_string();
-                                    return Some(Incoming::Event(
-                                        name,
-                                        p.event_args().to_vec(),
-                                        vec![],
-                                    ));
+                                    return Some(Incoming::Event(name, p.event_args().to_vec(), vec![]));
                                 }
                                 PacketType::BinaryEvent => self.pending_binary = Some((p, vec![])),
                                 PacketType::Ack => {

@@ -1,0 +1,152 @@
+//! One Redis connection over a glommio (io_uring) socket, speaking RESP2 through the
+//! `shardgate-io` codec: connect with AUTH and SELECT, pipelined batches, and single
+//! replies or pub/sub pushes read one at a time.
+
+use std::net::ToSocketAddrs;
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use shardgate_io::resp::{self, Reply};
+
+/// Where Redis is: `redis://[user[:password]@]host[:port][/db]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisUrl {
+    /// Host name or address.
+    pub host: String,
+    /// Port (6379 by default).
+    pub port: u16,
+    /// ACL user name (Redis 6+), if any.
+    pub username: Option<String>,
+    /// Password, if any.
+    pub password: Option<String>,
+    /// Database index.
+    pub db: u32,
+}
+
+impl RedisUrl {
+    /// Parses a `redis://` URL.
+    pub fn parse(url: &str) -> Result<RedisUrl, String> {
+        let rest = url
+            .strip_prefix("redis://")
+            .ok_or_else(|| format!("{url}: expected redis://host[:port][/db]"))?;
+        let (auth, hostpart) = match rest.rsplit_once('@') {
+            Some((a, h)) => (Some(a), h),
+            None => (None, rest),
+        };
+        let (hostport, db) = match hostpart.split_once('/') {
+            Some((h, d)) if !d.is_empty() => {
+                (h, d.parse().map_err(|_| format!("{url}: database must be a number"))?)
+            }
+            Some((h, _)) => (h, 0),
+            None => (hostpart, 0),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse().map_err(|_| format!("{url}: port must be a number"))?),
+            None => (hostport, 6379),
+        };
+        if host.is_empty() {
+            return Err(format!("{url}: missing host"));
+        }
+        let (username, password) = match auth {
+            None => (None, None),
+            Some(a) => match a.split_once(':') {
+                Some((u, p)) => ((!u.is_empty()).then(|| u.to_string()), Some(p.to_string())),
+                None => (None, Some(a.to_string())),
+            },
+        };
+        Ok(RedisUrl { host: host.to_string(), port, username, password, db })
+    }
+}
+
+/// A connected Redis socket with its read buffer.
+pub struct RedisConn {
+    stream: TcpStream,
+    rbuf: Vec<u8>,
+}
+
+fn other(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl RedisConn {
+    /// Connects (bounded by `timeout`), authenticates and selects the database.
+    pub async fn connect(url: &RedisUrl, timeout: Duration) -> std::io::Result<RedisConn> {
+        let addr = (url.host.as_str(), url.port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| other(format!("cannot resolve {}", url.host)))?;
+        let stream = glommio::timer::timeout(timeout, async { TcpStream::connect(addr).await })
+            .await
+            .map_err(|e| other(format!("connect {addr}: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let mut conn = RedisConn { stream, rbuf: Vec::with_capacity(16 * 1024) };
+        if let Some(pass) = &url.password {
+            let reply = match &url.username {
+                Some(user) => conn.call(&["AUTH", user, pass]).await?,
+                None => conn.call(&["AUTH", pass]).await?,
+            };
+            if let Reply::Error(e) = reply {
+                return Err(other(format!("AUTH refused: {e}")));
+            }
+        }
+        if url.db != 0 {
+            if let Reply::Error(e) = conn.call(&["SELECT", &url.db.to_string()]).await? {
+                return Err(other(format!("SELECT {} refused: {e}", url.db)));
+            }
+        }
+        Ok(conn)
+    }
+
+    /// Sends one command and reads its reply.
+    pub async fn call<A: AsRef<[u8]>>(&mut self, args: &[A]) -> std::io::Result<Reply> {
+        let mut out = Vec::new();
+        resp::encode_command(args, &mut out);
+        self.stream.write_all(&out).await?;
+        self.read_reply().await
+    }
+
+    /// Writes `batch` (already encoded commands).
+    pub async fn write(&mut self, batch: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(batch).await
+    }
+
+    /// Reads the next reply or push.
+    pub async fn read_reply(&mut self) -> std::io::Result<Reply> {
+        loop {
+            if let Some((reply, used)) = resp::decode_reply(&self.rbuf).map_err(other)? {
+                self.rbuf.drain(..used);
+                return Ok(reply);
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let n = self.stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "redis closed the connection",
+                ));
+            }
+            self.rbuf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls() {
+        let u = RedisUrl::parse("redis://127.0.0.1:6380/2").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.db, u.password), ("127.0.0.1", 6380, 2, None));
+        let u = RedisUrl::parse("redis://app:s3cret@redis.local").unwrap();
+        assert_eq!(
+            (u.username.as_deref(), u.password.as_deref(), u.port),
+            (Some("app"), Some("s3cret"), 6379)
+        );
+        let u = RedisUrl::parse("redis://:pw@h:1/").unwrap();
+        assert_eq!((u.username, u.password.as_deref()), (None, Some("pw")));
+        assert!(RedisUrl::parse("http://x").is_err());
+        assert!(RedisUrl::parse("redis://h:port").is_err());
+    }
+}

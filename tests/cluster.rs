@@ -1,0 +1,155 @@
+//! Cluster mode: three shardgate processes on different ports sharing one real
+//! redis-server started by the test.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::redis::RedisServer;
+use support::{token, Client, Server};
+
+fn node(redis: &RedisServer, extra: &[&str]) -> Server {
+    let url = redis.url();
+    let mut args = vec!["--shards", "2", "--redis", url.as_str(), "--liveness-ttl-ms", "600"];
+    args.extend_from_slice(extra);
+    let s = Server::start(&args);
+    s.wait_for("bridge connected to redis", |s| s.metric("shardgate_redis_up") == 1);
+    s
+}
+
+#[test]
+fn direct_messages_rooms_offline_and_presence_across_nodes() {
+    let redis = RedisServer::start();
+    let nodes: Vec<Server> = (0..3).map(|_| node(&redis, &[])).collect();
+
+    // 1:1 across nodes with a delivered ack.
+    let mut alice = Client::connect(nodes[0].addr, &token("alice", "t1"));
+    let mut bob = Client::connect(nodes[1].addr, &token("bob", "t1"));
+    let mut bob_phone = Client::connect(nodes[2].addr, &token("bob", "t1"));
+    let ack = alice.emit_ack("message:send", json!({ "to": "bob", "content": "hi", "clientMsgId": "c1" }));
+    assert_eq!(ack["status"], "delivered", "{ack}");
+    for b in [&mut bob, &mut bob_phone] {
+        let m = b.expect_event("message:new");
+        assert_eq!((&m["from"], &m["content"], &m["id"]), (&json!("alice"), &json!("hi"), &ack["id"]));
+        b.expect_no_event("message:new", Duration::from_millis(150));
+    }
+
+    // A room with members on all three nodes: each other member exactly once.
+    let mut members: Vec<Client> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Client::connect(n.addr, &token(&format!("m{i}"), "t1")))
+        .collect();
+    for m in members.iter_mut() {
+        assert_eq!(m.emit_ack("join_room", json!("global"))["ok"], true);
+    }
+    // Every node subscribed to the room channel before anyone publishes.
+    nodes[0].wait_for("room subscriptions", |_| {
+        matches!(redis.cmd(&["PUBSUB", "NUMSUB", "room:t1:global"]), shardgate_io::resp::Reply::Array(a) if a.get(1) == Some(&shardgate_io::resp::Reply::Integer(3)))
+    });
+    let ack = members[0].emit_ack("message:send", json!({ "room": "global", "content": "all" }));
+    assert_eq!(ack["status"], "sent");
+    for m in members.iter_mut().skip(1) {
+        assert_eq!(m.expect_event("message:new")["content"], "all");
+        m.expect_no_event("message:new", Duration::from_millis(200));
+    }
+    members[0].expect_no_event("message:new", Duration::from_millis(100));
+
+    // Offline: queued in Redis, drained in order on another node.
+    for i in 0..3 {
+        let ack = alice.emit_ack("message:send", json!({ "to": "carol", "content": i }));
+        assert_eq!(ack["status"], "queued", "{ack}");
+    }
+    let mut carol = Client::connect(nodes[2].addr, &token("carol", "t1"));
+    for i in 0..3 {
+        assert_eq!(carol.expect_event("message:new")["content"], i);
+    }
+
+    // Presence across nodes, multi-device aware.
+    let mut watcher = Client::connect(nodes[0].addr, &token("watcher", "t1"));
+    watcher.emit_ack("presence:subscribe", json!(["dave"]));
+    assert_eq!(watcher.expect_event("presence")["status"], "offline");
+    let d1 = Client::connect(nodes[1].addr, &token("dave", "t1"));
+    assert_eq!(watcher.expect_event("presence")["status"], "online");
+    let d2 = Client::connect(nodes[2].addr, &token("dave", "t1"));
+    drop(d1);
+    watcher.expect_no_event("presence", Duration::from_millis(300));
+    drop(d2);
+    let p = watcher.expect_event("presence");
+    assert_eq!((&p["userId"], &p["status"]), (&json!("dave"), &json!("offline")));
+
+    // Tenant isolation across nodes.
+    let mut other = Client::connect(nodes[1].addr, &token("bob", "t2"));
+    let ack = alice.emit_ack("message:send", json!({ "to": "bob", "content": "t1 only" }));
+    assert_eq!(ack["status"], "delivered");
+    other.expect_no_event("message:new", Duration::from_millis(300));
+
+    // Registry keys as documented.
+    let sockets = redis.members("user:t1:bob:sockets");
+    assert_eq!(sockets.len(), 2, "{sockets:?}");
+    assert!(redis.members("nodes").len() >= 3);
+}
+
+fn expect_presence(c: &mut Client, status: &str) {
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < end {
+        if c.expect_event("presence")["status"] == status {
+            return;
+        }
+    }
+    panic!("no presence {status}");
+}
+
+#[test]
+fn crashed_node_users_go_offline_and_redis_restart_recovers() {
+    let mut redis = RedisServer::start();
+    let a = node(&redis, &[]);
+    let mut b = node(&redis, &[]);
+    let mut watcher = Client::connect(a.addr, &token("w", "t1"));
+    let _victim = Client::connect(b.addr, &token("victim", "t1"));
+    watcher.emit_ack("presence:subscribe", json!(["victim"]));
+    // The victim's registration may land just after the subscription's answer.
+    expect_presence(&mut watcher, "online");
+
+    b.signal(libc::SIGKILL);
+    b.wait_exit(Duration::from_secs(5)).expect("killed");
+    // Liveness TTL 600 ms: the survivor sweeps the dead node's registry. (An "online"
+    // may be seen twice first: the subscription's answer and the earlier publish.)
+    expect_presence(&mut watcher, "offline");
+    assert!(redis.members("user:t1:victim:sockets").is_empty());
+    a.wait_for("sweep counted", |s| s.metric("shardgate_cluster_swept_sockets_total") >= 1);
+
+    // Redis restarts with nothing: nodes reconnect, re-register and route again.
+    let c = node(&redis, &[]);
+    let mut bob = Client::connect(c.addr, &token("bob", "t1"));
+    redis.restart();
+    a.wait_for("node a reconnected", |s| s.metric("shardgate_redis_connects_total") >= 2);
+    c.wait_for("node c reconnected", |s| s.metric("shardgate_redis_connects_total") >= 2);
+    a.wait_for("bob re-registered", |_| redis.members("user:t1:bob:sockets").len() == 1);
+    let ack = watcher.emit_ack("message:send", json!({ "to": "bob", "content": "after restart" }));
+    assert_eq!(ack["status"], "delivered", "{ack}");
+    assert_eq!(bob.expect_event("message:new")["content"], "after restart");
+}
+
+#[test]
+fn official_client_across_nodes() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop");
+    assert!(dir.join("node_modules/socket.io-client").exists(), "run `npm ci --prefix tests/interop`");
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis, &[]), node(&redis, &[]));
+    let out = std::process::Command::new("node")
+        .args(["--test", "--test-timeout=20000", "cluster.test.mjs"])
+        .current_dir(&dir)
+        .env("SHARDGATE_URL_A", format!("http://{}", a.addr))
+        .env("SHARDGATE_URL_B", format!("http://{}", b.addr))
+        .env("SHARDGATE_SECRET", support::SECRET)
+        .output()
+        .expect("node must be installed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("# fail 0"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,54 @@
+// Cluster interop: the official socket.io-client on two shardgate nodes that share one
+// Redis. Started by tests/cluster.rs with SHARDGATE_URL_A, SHARDGATE_URL_B and
+// SHARDGATE_SECRET.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { createHmac } from "node:crypto";
+import { io } from "socket.io-client";
+
+const [A, B, SECRET] = [process.env.SHARDGATE_URL_A, process.env.SHARDGATE_URL_B, process.env.SHARDGATE_SECRET];
+assert.ok(A && B && SECRET, "SHARDGATE_URL_A, SHARDGATE_URL_B and SHARDGATE_SECRET must be set");
+
+const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+function token(sub) {
+  const head = b64({ alg: "HS256", typ: "JWT" });
+  const body = b64({ sub, tenantId: "js", exp: Math.floor(Date.now() / 1000) + 3600 });
+  return `${head}.${body}.${createHmac("sha256", SECRET).update(`${head}.${body}`).digest("base64url")}`;
+}
+function connect(url, sub) {
+  const s = io(url, { transports: ["websocket"], reconnection: false, forceNew: true, auth: { token: token(sub) } });
+  return new Promise((resolve, reject) => {
+    s.once("connect", () => resolve(s));
+    s.once("connect_error", reject);
+  });
+}
+const next = (s, ev) => new Promise((resolve, reject) => {
+  const t = setTimeout(() => reject(new Error(`no ${ev}`)), 5000);
+  s.once(ev, (m) => { clearTimeout(t); resolve(m); });
+});
+
+test("1:1 from node A to node B is delivered with an ack", async () => {
+  const alice = await connect(A, "alice");
+  const bob = await connect(B, "bob");
+  const got = next(bob, "message:new");
+  const ack = await alice.emitWithAck("message:send", { to: "bob", content: "across", clientMsgId: "k" });
+  assert.equal(ack.status, "delivered");
+  assert.deepEqual([(await got).content, (await got).id], ["across", ack.id]);
+  alice.close();
+  bob.close();
+});
+
+test("a room spanning both nodes: each other member once", async () => {
+  const [a, b1, b2] = await Promise.all([connect(A, "ra"), connect(B, "rb1"), connect(B, "rb2")]);
+  for (const s of [a, b1, b2]) await s.emitWithAck("join_room", "span");
+  // Room channel subscriptions are asynchronous: give them a moment.
+  await new Promise((r) => setTimeout(r, 500));
+  const got = [];
+  for (const s of [a, b1, b2]) s.on("message:new", (m) => got.push([s, m.content]));
+  const ack = await a.emitWithAck("message:send", { room: "span", content: "hello all" });
+  assert.equal(ack.status, "sent");
+  await new Promise((r) => setTimeout(r, 400));
+  assert.equal(got.length, 2);
+  assert.ok(got.every(([s, c]) => s !== a && c === "hello all"));
+  for (const s of [a, b1, b2]) s.close();
+});
