@@ -258,15 +258,7 @@ fn offline(b: &Bridge, msg: BridgeMsg) {
                 b.m().inc(Counter::Unroutable);
                 b.status(origin, msg_id, DeliveryStatus::Sent);
             }
-            for s in shards {
-                let msg = ShardMsg::DeliverUser {
-                    user: user.clone(),
-                    frame: frame.clone(),
-                    msg_id,
-                    origin: origin.into(),
-                };
-                b.shared.mesh.send(s, msg);
-            }
+            deliver(b, &shards, &user, &frame, msg_id, origin.into());
         }
         BridgeMsg::Watch { user, socket } => {
             let online = !b.mirror.borrow().shards_of(&user).is_empty();
@@ -287,6 +279,19 @@ fn offline(b: &Bridge, msg: BridgeMsg) {
             b.shared.mesh.send(socket.shard, ShardMsg::Registered { conn: socket.conn, frames: Vec::new() });
         }
         other => record(b, &other),
+    }
+}
+
+/// Hands a 1:1 frame to the local shards holding sockets of `user`.
+fn deliver(b: &Bridge, shards: &[ShardId], user: &Key, frame: &Frame, msg_id: u128, origin: Origin) {
+    for &s in shards {
+        let msg = ShardMsg::DeliverUser {
+            user: user.clone(),
+            frame: frame.clone(),
+            msg_id,
+            origin: origin.clone(),
+        };
+        b.shared.mesh.send(s, msg);
     }
 }
 
@@ -565,15 +570,7 @@ fn apply(b: &Bridge, then: Then, reply: Reply, followups: &mut Batch) {
                     .collect();
                 shards.sort_unstable();
                 shards.dedup();
-                for s in shards {
-                    let msg = ShardMsg::DeliverUser {
-                        user: user.clone(),
-                        frame: frame.clone(),
-                        msg_id,
-                        origin: origin.into(),
-                    };
-                    b.shared.mesh.send(s, msg);
-                }
+                deliver(b, &shards, &user, &frame, msg_id, origin.into());
             }
             _ => b.status(origin, msg_id, DeliveryStatus::Sent),
         },
@@ -814,15 +811,7 @@ fn on_push(b: &Bridge, channel: &[u8], payload: &[u8]) {
                     b.inbox.send(BridgeMsg::Bounce { user, frame, msg_id, origin });
                     return;
                 }
-                for s in shards {
-                    let msg = ShardMsg::DeliverUser {
-                        user: user.clone(),
-                        frame: frame.clone(),
-                        msg_id,
-                        origin: origin.clone(),
-                    };
-                    b.shared.mesh.send(s, msg);
-                }
+                deliver(b, &shards, &user, &frame, msg_id, origin);
             }
             Some(b"A") => {
                 let parsed =
@@ -866,7 +855,7 @@ mod tests {
             (Some("t:bob"), Some(42), Some("srv"), Some(3), Some(conn.as_u64()))
         );
         assert_eq!(r.0, b"frame");
-        let mut short = envelope::Reader(&d[..10]);
+        let mut short = envelope::Reader(&d[..5]);
         short.take(1);
         assert_eq!(short.str(), None);
     }
