@@ -4,9 +4,6 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-mod bridge;
-mod config;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -17,7 +14,8 @@ use shardgate_shard::auth::{mint_hs256, Claims, Verifier};
 use shardgate_shard::runtime::StartOptions;
 use tracing::{info, warn};
 
-use config::{Config, DEV_SECRET};
+use shardgate::bridge;
+use shardgate::config::{Config, DEV_SECRET};
 
 /// Thread-per-core Socket.IO v4 WebSocket edge server for real-time chat.
 #[derive(Parser)]

@@ -153,3 +153,51 @@ fn official_client_across_nodes() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn processes_sharing_one_port_are_distinct_members() {
+    let redis = RedisServer::start();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let (a, b) = (node(&redis, &["--listen", &listen]), node(&redis, &["--listen", &listen]));
+    assert_eq!(a.addr, b.addr);
+    // SO_REUSEPORT spreads connections over both processes; each registers under its id.
+    let mut clients = Vec::new();
+    let servers = || {
+        redis.members("nodes").iter().filter(|s| matches!(redis.cmd(&["HLEN", &format!("connections:{s}")]), shardgate_io::resp::Reply::Integer(n) if n > 0)).count()
+    };
+    while servers() < 2 {
+        assert!(clients.len() < 64, "connections never reached the second process");
+        clients.push(Client::connect(a.addr, &token(&format!("u{}", clients.len()), "t1")));
+    }
+    // Every client can reach every other, whichever process holds it.
+    let mut first = clients.remove(0);
+    for (i, c) in clients.iter_mut().enumerate() {
+        let ack = first.emit_ack("message:send", json!({ "to": format!("u{}", i + 1), "content": i }));
+        assert_eq!(ack["status"], "delivered");
+        assert_eq!(c.expect_event("message:new")["content"], i);
+    }
+}
+
+#[test]
+fn redis_password_and_database_index_are_honoured() {
+    let redis = RedisServer::start();
+    redis.cmd(&["CONFIG", "SET", "requirepass", "s3cret-pass"]);
+    let url = format!("redis://:s3cret-pass@127.0.0.1:{}/3", redis.port);
+    let s = Server::start(&["--redis", &url, "--liveness-ttl-ms", "600"]);
+    s.wait_for("bridge connected", |s| s.metric("shardgate_redis_up") == 1);
+    let _c = Client::connect(s.addr, &token("zed", "t1"));
+    assert_eq!(
+        redis.cmd_authed("s3cret-pass", 3, &["SCARD", "user:t1:zed:sockets"]),
+        shardgate_io::resp::Reply::Integer(1)
+    );
+    assert_eq!(
+        redis.cmd_authed("s3cret-pass", 0, &["SCARD", "user:t1:zed:sockets"]),
+        shardgate_io::resp::Reply::Integer(0)
+    );
+
+    let bad = format!("redis://:wrong@127.0.0.1:{}/3", redis.port);
+    let s = Server::start(&["--redis", &bad]);
+    s.wait_for("auth failure logged", |s| s.log().contains("AUTH refused"));
+    assert_eq!(s.metric("shardgate_redis_up"), 0);
+}

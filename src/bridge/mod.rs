@@ -11,8 +11,8 @@
 //! local 1:1 delivery while Redis is down, and reference-count room subscriptions.
 //! Redis down never stops a shard: messages that needed Redis are counted as unroutable.
 
-mod redis;
-mod scripts;
+pub mod redis;
+pub mod scripts;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -36,8 +36,7 @@ use shardgate_shard::msg::{key, BridgeMsg, DeliveryStatus, Frame, Key, Origin, S
 use shardgate_shard::{ConnId, Shared};
 use tracing::{info, warn};
 
-use redis::RedisConn;
-pub use redis::RedisUrl;
+pub use redis::{RedisConn, RedisUrl};
 
 /// Cluster settings.
 #[derive(Debug, Clone)]

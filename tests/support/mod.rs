@@ -38,7 +38,10 @@ impl Server {
     /// Like [`Server::start`], with a TOML config file holding `toml`.
     pub fn start_with_config(args: &[&str], toml: Option<&str>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardgate"));
-        cmd.arg("serve").args(["--listen", "127.0.0.1:0", "--no-pin"]);
+        cmd.args(["serve", "--no-pin"]);
+        if !args.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
         if !args.contains(&"--jwt-public-key") {
             cmd.args(["--jwt-secret", SECRET]);
         }

@@ -73,17 +73,36 @@ impl RedisServer {
         self.try_cmd(args).expect("redis command")
     }
 
+    /// Runs one command after AUTH and SELECT on a fresh connection.
+    pub fn cmd_authed(&self, password: &str, db: u32, args: &[&str]) -> Reply {
+        let db = db.to_string();
+        let cmds: [&[&str]; 3] = [&["AUTH", password], &["SELECT", &db], args];
+        self.session(&cmds).expect("redis command")
+    }
+
     fn try_cmd(&self, args: &[&str]) -> Option<Reply> {
+        self.session(&[args])
+    }
+
+    /// Runs commands on one connection; returns the last reply.
+    fn session(&self, cmds: &[&[&str]]) -> Option<Reply> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
         let mut out = Vec::new();
-        resp::encode_command(args, &mut out);
+        for args in cmds {
+            resp::encode_command(args, &mut out);
+        }
         s.write_all(&out).ok()?;
         let mut buf = Vec::new();
+        let mut left = cmds.len();
         let mut chunk = [0u8; 4096];
         loop {
-            if let Ok(Some((r, _))) = resp::decode_reply(&buf) {
-                return Some(r);
+            while let Ok(Some((r, used))) = resp::decode_reply(&buf) {
+                buf.drain(..used);
+                left -= 1;
+                if left == 0 {
+                    return Some(r);
+                }
             }
             let n = s.read(&mut chunk).ok()?;
             if n == 0 {
