@@ -116,6 +116,12 @@ impl Config {
         }
         if let Some(url) = &self.cluster.redis {
             crate::bridge::RedisUrl::parse(url).map_err(|e| format!("cluster.redis: {e}"))?;
+            if let Some(id) = &self.cluster.server_id {
+                let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+                if id.is_empty() || id.len() > 64 || !id.chars().all(ok) {
+                    return Err("cluster.server_id: 1..=64 characters of A-Z a-z 0-9 - _ .".into());
+                }
+            }
             if self.cluster.liveness_ttl_ms < 300 || self.cluster.presence_ttl_secs < 2 {
                 return Err("cluster.liveness_ttl_ms must be >= 300 and presence_ttl_secs >= 2".into());
             }

@@ -201,3 +201,50 @@ fn redis_password_and_database_index_are_honoured() {
     s.wait_for("auth failure logged", |s| s.log().contains("AUTH refused"));
     assert_eq!(s.metric("shardgate_redis_up"), 0);
 }
+
+#[test]
+fn route_cache_serves_repeat_messages_and_follows_registry_changes() {
+    let redis = RedisServer::start();
+    let (a, b, c) = (node(&redis, &[]), node(&redis, &[]), node(&redis, &[]));
+    let mut alice = Client::connect(a.addr, &token("alice", "t1"));
+    let mut bob = Client::connect(b.addr, &token("bob", "t1"));
+    let send = |alice: &mut Client, content: i32| {
+        alice.emit_ack("message:send", json!({ "to": "bob", "content": content }))
+    };
+    assert_eq!(send(&mut alice, 1)["status"], "delivered");
+    assert_eq!(send(&mut alice, 2)["status"], "delivered");
+    assert!(a.metric("shardgate_cluster_route_cache_hits_total") >= 1);
+    assert_eq!(bob.expect_event("message:new")["content"], 1);
+    assert_eq!(bob.expect_event("message:new")["content"], 2);
+
+    // A new device on a third node invalidates the cached route: it gets the next one.
+    let mut phone = Client::connect(c.addr, &token("bob", "t1"));
+    assert_eq!(send(&mut alice, 3)["status"], "delivered");
+    assert_eq!(bob.expect_event("message:new")["content"], 3);
+    assert_eq!(phone.expect_event("message:new")["content"], 3);
+
+    // Bob's desktop closes; the phone's node dies before anyone sweeps it: the cached
+    // PUBLISH reaches nobody, the registry is asked again, and the message is queued.
+    drop(bob);
+    b.wait_for("bob's desktop unregistered", |_| redis.members("user:t1:bob:sockets").len() == 1);
+    let mut c = c;
+    c.signal(libc::SIGKILL);
+    c.wait_exit(Duration::from_secs(5)).expect("killed");
+    assert_eq!(send(&mut alice, 4)["status"], "queued");
+    let mut back = Client::connect(a.addr, &token("bob", "t1"));
+    assert_eq!(back.expect_event("message:new")["content"], 4);
+
+    // Both on one node: after the first lookup no Redis command is needed at all.
+    let mut carol = Client::connect(a.addr, &token("carol", "t1"));
+    let to_carol =
+        |alice: &mut Client| alice.emit_ack("message:send", json!({ "to": "carol", "content": "x" }));
+    assert_eq!(to_carol(&mut alice)["status"], "delivered");
+    let before = a.metric("shardgate_cluster_route_cache_hits_total");
+    for _ in 0..5 {
+        assert_eq!(to_carol(&mut alice)["status"], "delivered");
+    }
+    assert_eq!(a.metric("shardgate_cluster_route_cache_hits_total"), before + 5);
+    for _ in 0..6 {
+        carol.expect_event("message:new");
+    }
+}

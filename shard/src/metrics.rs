@@ -104,6 +104,8 @@ labels! {
         Unroutable => "cluster_unroutable_total",
         /// Registry entries of dead nodes removed by sweeps.
         SweptSockets => "cluster_swept_sockets_total",
+        /// 1:1 messages routed from the bridge's route cache (no registry lookup).
+        RouteCacheHits => "cluster_route_cache_hits_total",
     }
 }
 

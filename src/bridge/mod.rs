@@ -23,7 +23,7 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncRead, FutureExt};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
@@ -84,12 +84,24 @@ enum Then {
     Ignore,
     /// UP script: the offline queue to drain to the socket; `first` answers its CONNECT.
     Drain(SocketRef, bool),
-    /// ROUTE script.
+    /// ROUTE script; `epoch` is the route cache epoch when it was sent.
     Route {
         user: Key,
         frame: Frame,
         msg_id: u128,
         origin: SocketRef,
+        epoch: u64,
+    },
+    /// PUBLISH to a cached server; `tally` counts (replies pending, receivers) over all
+    /// of the message's PUBLISHes; when none reached anybody and nothing was delivered
+    /// locally, the message is routed again through the registry.
+    Cached {
+        user: Key,
+        frame: Frame,
+        msg_id: u128,
+        origin: SocketRef,
+        tally: Tally,
+        local: bool,
     },
     /// QUEUE_IF_OFFLINE for a bounce.
     Bounced {
@@ -107,6 +119,9 @@ enum Then {
     Swept,
 }
 
+/// Replies pending and receivers counted over the PUBLISHes of one cached route.
+type Tally = Rc<std::cell::Cell<(usize, i64)>>;
+
 struct Bridge {
     cfg: BridgeConfig,
     shared: Arc<Shared>,
@@ -114,6 +129,71 @@ struct Bridge {
     mirror: RefCell<Mirror>,
     /// Pub/sub (un)subscriptions waiting for the pub/sub task.
     subs: RefCell<Option<LocalSender<Vec<u8>>>>,
+    /// Route cache: user -> other servers holding their sockets (see [`RouteCache`]).
+    routes: RefCell<RouteCache>,
+}
+
+/// Which other servers hold sockets of a user, learnt from ROUTE replies, so that later
+/// messages to that user skip the registry lookup: a direct PUBLISH to each server (or
+/// no Redis command at all when every socket is local, delivered from the mirror).
+///
+/// How it stays correct: every change of a user's socket set (UP, DOWN, SWEEP scripts)
+/// publishes the user on `registry:changes`, and every node drops that user's entry when
+/// it hears it. A ROUTE reply is cached only if no change at all arrived between sending
+/// the ROUTE and reading its reply (the `epoch` check), so a reply that raced a change is
+/// never cached. Entries live at most [`ROUTE_TTL`]; the cache is emptied whenever the
+/// pub/sub connection is (re)established, since changes may have been missed. A cached
+/// server that no longer listens (PUBLISH reaches nobody) drops the entry, and a message
+/// that reached nobody is routed again through the registry. What remains is the pub/sub
+/// propagation window: a socket registered on another node becomes visible here when
+/// its `registry:changes` push arrives (typically well under a millisecond on a LAN).
+#[derive(Default)]
+struct RouteCache {
+    /// user -> (other servers, when learnt).
+    entries: HashMap<Key, CachedRoute>,
+    /// Bumped by every `registry:changes` push.
+    epoch: u64,
+}
+
+/// Other servers holding a user's sockets, and when that was learnt.
+type CachedRoute = (Rc<[Arc<str>]>, Instant);
+
+/// Longest life of a route cache entry.
+const ROUTE_TTL: Duration = Duration::from_secs(30);
+/// Most users cached; past it the cache starts over.
+const ROUTE_CACHE_MAX: usize = 100_000;
+
+impl RouteCache {
+    fn get(&mut self, user: &str) -> Option<Rc<[Arc<str>]>> {
+        match self.entries.get(user) {
+            Some((servers, at)) if at.elapsed() < ROUTE_TTL => Some(servers.clone()),
+            Some(_) => {
+                self.entries.remove(user);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn put(&mut self, user: Key, servers: Rc<[Arc<str>]>, epoch: u64) {
+        if epoch != self.epoch {
+            return;
+        }
+        if self.entries.len() >= ROUTE_CACHE_MAX {
+            self.entries.clear();
+        }
+        self.entries.insert(user, (servers, Instant::now()));
+    }
+
+    fn invalidate(&mut self, user: &str) {
+        self.epoch += 1;
+        self.entries.remove(user);
+    }
+
+    fn clear(&mut self) {
+        self.epoch += 1;
+        self.entries.clear();
+    }
 }
 
 impl Bridge {
@@ -180,8 +260,14 @@ pub fn start(
         .spawn(move || async move {
             // SAFETY: the doorbell's read end belongs to the bridge alone.
             let bell = unsafe { UnixStream::from_raw_fd(bell.fd.into_raw_fd()) };
-            let bridge =
-                Rc::new(Bridge { cfg, shared, inbox, mirror: Default::default(), subs: RefCell::new(None) });
+            let bridge = Rc::new(Bridge {
+                cfg,
+                shared,
+                inbox,
+                mirror: Default::default(),
+                subs: RefCell::new(None),
+                routes: Default::default(),
+            });
             run(bridge, bell).await
         })
         .map_err(|e| std::io::Error::other(format!("cannot start the bridge: {e}")))
@@ -404,6 +490,30 @@ fn plan(b: &Bridge, msg: BridgeMsg, batch: &mut Batch) {
             );
         }
         BridgeMsg::ToUser { user, frame, msg_id, origin } => {
+            let cached = b.routes.borrow_mut().get(&user);
+            if let Some(servers) = cached {
+                let local = b.mirror.borrow().shards_of(&user);
+                if !(servers.is_empty() && local.is_empty()) {
+                    b.m().inc(Counter::RouteCacheHits);
+                    deliver(b, &local, &user, &frame, msg_id, origin.into());
+                    let env = envelope::deliver(&user, msg_id, me, origin.shard, origin.conn, &frame);
+                    let tally = Rc::new(std::cell::Cell::new((servers.len(), 0)));
+                    for server in servers.iter() {
+                        let then = Then::Cached {
+                            user: user.clone(),
+                            frame: frame.clone(),
+                            msg_id,
+                            origin,
+                            tally: tally.clone(),
+                            local: !local.is_empty(),
+                        };
+                        batch.cmd(&[b"PUBLISH".as_slice(), b.k(&["server:", server]).as_bytes(), &env], then);
+                    }
+                    return;
+                }
+                b.routes.borrow_mut().invalidate(&user);
+            }
+            let epoch = b.routes.borrow().epoch;
             let f = frame.clone();
             let env = envelope::deliver(&user, msg_id, me, origin.shard, origin.conn, &frame);
             let (cap, ttl) = (c.offline_queue_len.max(1).to_string(), c.offline_ttl_secs.to_string());
@@ -420,7 +530,7 @@ fn plan(b: &Bridge, msg: BridgeMsg, batch: &mut Batch) {
                 ttl.as_bytes(),
                 &f,
             ];
-            batch.cmd(&args, Then::Route { user, frame, msg_id, origin });
+            batch.cmd(&args, Then::Route { user, frame, msg_id, origin, epoch });
         }
         BridgeMsg::Ack { origin, msg_id, status } => {
             let Some(server) = origin.server.as_deref() else { return };
@@ -550,7 +660,19 @@ fn apply(b: &Bridge, then: Then, reply: Reply, followups: &mut Batch) {
                 b.shared.mesh.send(socket.shard, ShardMsg::OfflineDrain { conn, frames });
             }
         }
-        Then::Route { user, frame, msg_id, origin } => match reply {
+        Then::Cached { user, frame, msg_id, origin, tally, local } => {
+            let (pending, reached) = tally.get();
+            let got = if let Reply::Integer(n) = reply { n } else { 0 };
+            if got == 0 {
+                b.routes.borrow_mut().invalidate(&user);
+            }
+            tally.set((pending.saturating_sub(1), reached + got));
+            if pending == 1 && reached + got == 0 && !local {
+                // Every cached server was gone: ask the registry.
+                plan(b, BridgeMsg::ToUser { user, frame, msg_id, origin }, followups);
+            }
+        }
+        Then::Route { user, frame, msg_id, origin, epoch } => match reply {
             Reply::Array(items) => {
                 let reached = match items.first() {
                     Some(Reply::Integer(n)) => *n,
@@ -561,7 +683,17 @@ fn apply(b: &Bridge, then: Then, reply: Reply, followups: &mut Batch) {
                     b.status(origin, msg_id, DeliveryStatus::Queued);
                     return;
                 }
-                let mut shards: Vec<ShardId> = items[1..]
+                let servers: Rc<[Arc<str>]> = items
+                    .get(1)
+                    .and_then(resp::as_bytes)
+                    .and_then(|b| std::str::from_utf8(b).ok())
+                    .map(|csv| csv.split(',').filter(|s| !s.is_empty()).map(Arc::from).collect())
+                    .unwrap_or_default();
+                let sids = items.get(2..).unwrap_or_default();
+                if reached > 0 || !sids.is_empty() {
+                    b.routes.borrow_mut().put(user.clone(), servers, epoch);
+                }
+                let mut shards: Vec<ShardId> = sids
                     .iter()
                     .filter_map(resp::as_bytes)
                     .filter_map(|sid| std::str::from_utf8(sid.get(..2)?).ok())
@@ -627,7 +759,9 @@ async fn session(
         let m = b.mirror.borrow();
         (m.sockets.clone(), m.rooms.clone())
     };
-    let mut channels = vec![b.k(&["server:", &me]), b.k(&["presence:updates"])];
+    // Changes may have been missed while disconnected: start the route cache over.
+    b.routes.borrow_mut().clear();
+    let mut channels = vec![b.k(&["registry:changes"]), b.k(&["server:", &me]), b.k(&["presence:updates"])];
     for (sid, (user, shard)) in sockets {
         let ttl = b.cfg.presence_ttl_secs.to_string();
         batch.cmd(
@@ -785,6 +919,10 @@ fn on_push(b: &Bridge, channel: &[u8], payload: &[u8]) {
         }
         let (Some(room), frame) = (from_redis_id(room), Frame::from(r.0)) else { return };
         b.shared.mesh.broadcast(|| ShardMsg::RoomDeliver { room: room.clone(), frame: frame.clone() });
+    } else if name == "registry:changes" {
+        if let Some(user) = std::str::from_utf8(payload).ok().and_then(from_redis_id) {
+            b.routes.borrow_mut().invalidate(&user);
+        }
     } else if name == "presence:updates" {
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else { return };
         let Some(user) = v["user"].as_str().and_then(from_redis_id) else { return };

@@ -17,6 +17,7 @@ redis.call('SET', p..'presence:'..u, 'online|'..now, 'EX', ARGV[6])
 if redis.call('SCARD', k) == 1 then
   redis.call('PUBLISH', p..'presence:updates', cjson.encode({user=u, status='online', lastSeen=tonumber(now)}))
 end
+redis.call('PUBLISH', p..'registry:changes', u)
 local q = redis.call('LRANGE', p..'offline:'..u, 0, -1)
 if #q > 0 then redis.call('DEL', p..'offline:'..u) end
 return q
@@ -30,6 +31,7 @@ local p, me, sid, u, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 redis.call('HDEL', p..'connections:'..me, sid)
 local k = p..'user:'..u..':sockets'
 redis.call('SREM', k, me..'|'..sid)
+redis.call('PUBLISH', p..'registry:changes', u)
 if redis.call('SCARD', k) == 0 then
   redis.call('SET', p..'presence:'..u, 'offline|'..now, 'EX', ARGV[6])
   redis.call('PUBLISH', p..'presence:updates', cjson.encode({user=u, status='offline', lastSeen=tonumber(now)}))
@@ -39,20 +41,22 @@ return 0
 "#;
 
 /// Route a 1:1 message: publish envelope ARGV[4] to every other server holding a socket
-/// of user ARGV[3]; return {receivers, local sids...}, or {-1} after queueing frame
-/// ARGV[7] when no socket is reachable. ARGV: prefix, server, user, envelope, cap,
+/// of user ARGV[3]; return {receivers, "server,server,...", local sids...}, or {-1}
+/// after queueing frame ARGV[7] when no socket is reachable. ARGV: prefix, server, user, envelope, cap,
 /// offline_ttl_secs, frame.
 pub const ROUTE: &str = r#"
 local p, me, u = ARGV[1], ARGV[2], ARGV[3]
-local servers, out = {}, {0}
+local servers, names, out = {}, {}, {0, ''}
 for _, m in ipairs(redis.call('SMEMBERS', p..'user:'..u..':sockets')) do
   local s, sid = string.match(m, '^(.-)|(.*)$')
   if s == me then table.insert(out, sid) elseif s then servers[s] = true end
 end
 for s, _ in pairs(servers) do
   out[1] = out[1] + redis.call('PUBLISH', p..'server:'..s, ARGV[4])
+  table.insert(names, s)
 end
-if out[1] == 0 and #out == 1 then
+out[2] = table.concat(names, ',')
+if out[1] == 0 and #out == 2 then
   local q = p..'offline:'..u
   redis.call('RPUSH', q, ARGV[7])
   redis.call('LTRIM', q, -tonumber(ARGV[5]), -1)
@@ -86,6 +90,7 @@ for i = 1, #conns, 2 do
   local sid, u = conns[i], conns[i + 1]
   local k = p..'user:'..u..':sockets'
   redis.call('SREM', k, id..'|'..sid)
+  redis.call('PUBLISH', p..'registry:changes', u)
   if redis.call('SCARD', k) == 0 then
     redis.call('SET', p..'presence:'..u, 'offline|'..now, 'EX', ARGV[4])
     redis.call('PUBLISH', p..'presence:updates', cjson.encode({user=u, status='offline', lastSeen=tonumber(now)}))
