@@ -796,7 +796,7 @@ async fn session(
     let mut next_sweep = std::time::Instant::now();
     loop {
         if b.shared.stopping.load(Ordering::Relaxed) {
-            return Ok(());
+            return leave(b, &mut cmd, bell).await;
         }
         if !alive.get() {
             drop(pubsub);
@@ -839,6 +839,35 @@ async fn session(
             exec(b, &mut cmd, batch).await?;
         }
     }
+}
+
+/// Graceful exit: let the shards close their clients (their unregistrations arrive
+/// here and are applied), then take this node out of the registry at once instead of
+/// waiting for its liveness key to expire.
+async fn leave(b: &Bridge, cmd: &mut RedisConn, bell: &mut UnixStream) -> std::io::Result<()> {
+    let until = Instant::now() + Duration::from_secs(4);
+    loop {
+        let mut batch = Batch::default();
+        let mut msgs = Vec::new();
+        b.inbox.drain(4096, &mut msgs);
+        for msg in msgs {
+            plan(b, msg, &mut batch);
+        }
+        exec(b, cmd, batch).await?;
+        if (b.shared.open_connections() == 0 && b.inbox.backlog() == 0) || Instant::now() >= until {
+            break;
+        }
+        wait_inbox(b, bell, Duration::from_millis(20)).await;
+    }
+    let me = &*b.cfg.server_id;
+    let (now, keep) = (now_ms(), b.cfg.presence_retention_secs.to_string());
+    let mut batch = Batch::default();
+    batch.cmd(&["EVAL", scripts::SWEEP, "0", &b.cfg.prefix, me, &now, &keep, "force"], Then::Swept);
+    batch.cmd(&["DEL", &b.k(&["node:", me])], Then::Ignore);
+    batch.cmd(&["SREM", &b.k(&["nodes"]), me], Then::Ignore);
+    exec(b, cmd, batch).await?;
+    info!(server = me, "left the cluster");
+    Ok(())
 }
 
 fn conn_of(sid: &str) -> ConnId {
