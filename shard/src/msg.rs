@@ -85,6 +85,10 @@ pub enum BridgeMsg {
         room: Key,
         /// Socket id.
         sid: String,
+        /// The joining socket, answered with `RoomReady` once the node receives the room.
+        socket: SocketRef,
+        /// Ack id of the client's `join_room`.
+        ack: Option<u64>,
     },
     /// A socket left a room.
     RoomLeave {
@@ -253,6 +257,16 @@ pub enum ShardMsg {
         conn: ConnId,
         /// Queued `message:new` frames.
         frames: Vec<Frame>,
+    },
+    /// From the bridge: the node receives room `room` from the cluster now; answer the
+    /// socket's `join_room`.
+    RoomReady {
+        /// The joining socket.
+        conn: ConnId,
+        /// Room key.
+        room: Key,
+        /// Ack id of the client's `join_room`.
+        ack: Option<u64>,
     },
     /// To the user's home shard: `socket` subscribes to `user`'s presence.
     Watch {

@@ -104,10 +104,8 @@ fn on_connect(
         }));
     }
     st.metrics().inc(Counter::Sessions);
-    if st.shared.bridge.is_none() {
-        // Cluster mode answers once the bridge registered the socket (`Registered`).
-        st.push(id, &text_frame(&format!("40{{\"sid\":\"{sid}\"}}")));
-    }
+    // The CONNECT is answered when the user's directory (home shard, or the cluster
+    // registry) has the socket: `ShardMsg::Registered`. A connected client is reachable.
     st.users.entry(user_key.clone()).or_default().push(id);
     let socket = SocketRef { shard: st.shard, conn: id };
     st.user_up(user_key, socket, sid);
@@ -244,11 +242,9 @@ fn join_room(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value]) {
             s.rooms.push(k.clone());
         }
         st.rooms.entry(k.clone()).or_default().push(id);
-        st.room_membership(&k, crate::conn::sid(st.shard, id), true);
+        return st.room_joined(&k, id, ack);
     }
-    let body = json!({ "room": room });
-    st.push(id, &event_frame("room_joined", &body));
-    reply(st, id, ack, &json!({ "ok": true, "room": room }));
+    st.answer_join(id, &k, ack);
 }
 
 fn leave_room(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value]) {
@@ -266,7 +262,7 @@ fn leave_room(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value]) {
     }
     remove_member(st, &k, id);
     st.push(id, &event_frame("room_left", &json!({ "room": room })));
-    st.room_membership(&k, crate::conn::sid(st.shard, id), false);
+    st.room_left(&k, crate::conn::sid(st.shard, id));
     reply(st, id, ack, &json!({ "ok": true, "room": room }));
 }
 
@@ -458,7 +454,7 @@ pub(crate) fn teardown(st: &mut State, id: ConnId, s: Session, _now: u64) {
     let sid = crate::conn::sid(st.shard, id);
     for room in &s.rooms {
         remove_member(st, room, id);
-        st.room_membership(room, sid.clone(), false);
+        st.room_left(room, sid.clone());
     }
     for k in &s.watching {
         unwatch(st, k, id);

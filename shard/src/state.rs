@@ -263,6 +263,7 @@ impl State {
                     self.push(conn, f);
                 }
             }
+            ShardMsg::RoomReady { conn, room, ack } => self.answer_join(conn, &room, ack),
             ShardMsg::OfflineDrain { conn, frames } => {
                 for f in &frames {
                     self.push(conn, f);
@@ -342,9 +343,7 @@ impl State {
         let watchers: Vec<ShardId> = dir.watchers.iter().map(|&(s, _)| s).collect();
         let last_seen = dir.last_seen;
         self.metrics().add(Counter::OfflineDropped, expired);
-        if !frames.is_empty() {
-            self.send(socket.shard, ShardMsg::OfflineDrain { conn: socket.conn, frames });
-        }
+        self.send(socket.shard, ShardMsg::Registered { conn: socket.conn, frames });
         if !was_online {
             for s in watchers {
                 let msg = ShardMsg::Presence { user: user.clone(), conn: None, online: true, last_seen };
@@ -455,14 +454,33 @@ impl State {
     }
 
     /// Room membership of socket `sid` changed (cluster registry only).
-    pub fn room_membership(&mut self, room: &Key, sid: String, joined: bool) {
+    pub fn room_left(&mut self, room: &Key, sid: String) {
         if let Some(b) = &self.shared.bridge {
-            let room = room.clone();
-            b.send(if joined {
-                BridgeMsg::RoomJoin { room, sid }
-            } else {
-                BridgeMsg::RoomLeave { room, sid }
-            });
+            b.send(BridgeMsg::RoomLeave { room: room.clone(), sid });
+        }
+    }
+
+    /// Socket `id` joined `room`: answered now on the embedded bus; in cluster mode once
+    /// the bridge confirms this node receives the room's channel (`RoomReady`), so a
+    /// member never misses a message published after its `room_joined`.
+    pub fn room_joined(&mut self, room: &Key, id: ConnId, ack: Option<u64>) {
+        match &self.shared.bridge {
+            Some(b) => {
+                let sid = crate::conn::sid(self.shard, id);
+                let socket = SocketRef { shard: self.shard, conn: id };
+                b.send(BridgeMsg::RoomJoin { room: room.clone(), sid, socket, ack });
+            }
+            None => self.answer_join(id, room, ack),
+        }
+    }
+
+    /// Emits `room_joined` and the ack of a `join_room`.
+    pub fn answer_join(&mut self, id: ConnId, room: &str, ack: Option<u64>) {
+        let room = key_id(room);
+        self.push(id, &event_frame("room_joined", &serde_json::json!({ "room": room })));
+        if let Some(a) = ack {
+            let frame = ack_frame(a, &serde_json::json!({ "ok": true, "room": room }));
+            self.push(id, &frame);
         }
     }
 

@@ -6,6 +6,10 @@
 //! of rooms with local members. Shards talk to the bridge only through its lock-free
 //! inbox ([`BridgeMsg`]); the bridge answers through the shards' mesh inboxes.
 //!
+//! One task runs a connected session: each round it applies every pub/sub push already
+//! received, writes pending (un)subscriptions, then turns everything in the inbox into
+//! one pipelined batch. Applying pushes first is what keeps the route cache honest.
+//!
 //! The bridge keeps a mirror of what this process registered (sockets, users per shard,
 //! room members) so that it can re-register everything after Redis comes back, serve
 //! local 1:1 delivery while Redis is down, and reference-count room subscriptions.
@@ -26,7 +30,6 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncRead, FutureExt};
-use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::UnixStream;
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use shardgate_io::resp::{self, Reply};
@@ -119,6 +122,9 @@ enum Then {
     Swept,
 }
 
+/// A `join_room` waiting for its room channel's subscription: socket, room, ack id.
+type JoinWaiter = (SocketRef, Key, Option<u64>);
+
 /// Replies pending and receivers counted over the PUBLISHes of one cached route.
 type Tally = Rc<std::cell::Cell<(usize, i64)>>;
 
@@ -128,9 +134,12 @@ struct Bridge {
     inbox: Arc<Inbox<BridgeMsg>>,
     mirror: RefCell<Mirror>,
     /// Pub/sub (un)subscriptions waiting for the pub/sub task.
-    subs: RefCell<Option<LocalSender<Vec<u8>>>>,
+    /// `Some` while connected: (un)subscribe commands for the pub/sub connection.
+    subs: RefCell<Option<Vec<u8>>>,
     /// Route cache: user -> other servers holding their sockets (see [`RouteCache`]).
     routes: RefCell<RouteCache>,
+    /// Room channels whose SUBSCRIBE is not confirmed yet, with the joins waiting on it.
+    pending_subs: RefCell<HashMap<String, Vec<JoinWaiter>>>,
 }
 
 /// Which other servers hold sockets of a user, learnt from ROUTE replies, so that later
@@ -214,10 +223,8 @@ impl Bridge {
     }
 
     fn subscribe(&self, verb: &str, channel: &str) {
-        if let Some(tx) = self.subs.borrow().as_ref() {
-            let mut cmd = Vec::new();
-            resp::encode_command(&[verb, channel], &mut cmd);
-            let _ = tx.try_send(cmd);
+        if let Some(out) = self.subs.borrow_mut().as_mut() {
+            resp::encode_command(&[verb, channel], out);
         }
     }
 }
@@ -267,6 +274,7 @@ pub fn start(
                 mirror: Default::default(),
                 subs: RefCell::new(None),
                 routes: Default::default(),
+                pending_subs: Default::default(),
             });
             run(bridge, bell).await
         })
@@ -297,6 +305,12 @@ async fn run(b: Rc<Bridge>, mut bell: UnixStream) {
                 }
                 b.m().dec(Counter::RedisUp);
                 *b.subs.borrow_mut() = None;
+                // Joins waiting for a subscription get their answer now; the channel is
+                // subscribed again on reconnect.
+                let channels: Vec<String> = b.pending_subs.borrow().keys().cloned().collect();
+                for ch in channels {
+                    release_joins(&b, &ch);
+                }
             }
             Err(e) => warn!(
                 "cannot reach redis {}:{}: {e}; retrying in {backoff:?}",
@@ -358,12 +372,28 @@ fn offline(b: &Bridge, msg: BridgeMsg) {
         }
         BridgeMsg::RoomPublish { .. } | BridgeMsg::Ack { .. } => b.m().inc(Counter::Unroutable),
         BridgeMsg::Typing { .. } => {}
+        BridgeMsg::RoomJoin { socket, ref room, ack, .. } => {
+            record(b, &msg);
+            // Not subscribed while Redis is down: the room works locally; the channel is
+            // subscribed on reconnect.
+            b.shared
+                .mesh
+                .send(socket.shard, ShardMsg::RoomReady { conn: socket.conn, room: room.clone(), ack });
+        }
         BridgeMsg::SocketUp { socket, .. } => {
             record(b, &msg);
             // Unregistered for now (re-registered on reconnect): answer the CONNECT.
             b.shared.mesh.send(socket.shard, ShardMsg::Registered { conn: socket.conn, frames: Vec::new() });
         }
         other => record(b, &other),
+    }
+}
+
+/// Answers the joins that waited for `channel`'s subscription.
+fn release_joins(b: &Bridge, channel: &str) {
+    let waiters = b.pending_subs.borrow_mut().remove(channel).unwrap_or_default();
+    for (socket, room, ack) in waiters {
+        b.shared.mesh.send(socket.shard, ShardMsg::RoomReady { conn: socket.conn, room, ack });
     }
 }
 
@@ -404,7 +434,7 @@ fn record(b: &Bridge, msg: &BridgeMsg) {
                 }
             }
         }
-        BridgeMsg::RoomJoin { room, sid } => {
+        BridgeMsg::RoomJoin { room, sid, .. } => {
             m.rooms.entry(room.clone()).or_default().insert(sid.clone());
         }
         BridgeMsg::RoomLeave { room, sid } => {
@@ -462,13 +492,20 @@ fn plan(b: &Bridge, msg: BridgeMsg, batch: &mut Batch) {
                 Then::Ignore,
             );
         }
-        BridgeMsg::RoomJoin { room, sid } => {
+        BridgeMsg::RoomJoin { room, sid, socket, ack } => {
             let r = redis_id(&room);
-            batch.cmd(&["SADD", &b.k(&["room:", &r]), &format!("{me}|{sid}")], Then::Ignore);
+            let channel = b.k(&["room:", &r]);
+            batch.cmd(&["SADD", &channel, &format!("{me}|{sid}")], Then::Ignore);
             let first = b.mirror.borrow().rooms.get(&room).map(|s| s.len() == 1).unwrap_or(false);
+            let mut pending = b.pending_subs.borrow_mut();
             if first {
                 batch.cmd(&["SADD", &b.k(&["rooms:", me]), &r], Then::Ignore);
-                b.subscribe("SUBSCRIBE", &b.k(&["room:", &r]));
+                b.subscribe("SUBSCRIBE", &channel);
+                pending.entry(channel).or_default().push((socket, room, ack));
+            } else if let Some(waiters) = pending.get_mut(&channel) {
+                waiters.push((socket, room, ack));
+            } else {
+                b.shared.mesh.send(socket.shard, ShardMsg::RoomReady { conn: socket.conn, room, ack });
             }
         }
         BridgeMsg::RoomLeave { room, sid } => {
@@ -746,7 +783,7 @@ fn apply(b: &Bridge, then: Then, reply: Reply, followups: &mut Batch) {
 async fn session(
     b: &Rc<Bridge>,
     mut cmd: RedisConn,
-    sub: RedisConn,
+    mut sub: RedisConn,
     bell: &mut UnixStream,
 ) -> std::io::Result<()> {
     let me = b.cfg.server_id.clone();
@@ -777,17 +814,19 @@ async fn session(
         }
         channels.push(b.k(&["room:", &r]));
     }
-    exec(b, &mut cmd, batch).await?;
-
-    let (tx, rx) = local_channel::new_unbounded();
+    // Subscribe first, and only then register: a socket must never be in the registry
+    // while its node is deaf to its server channel (messages to it would be queued).
+    let mut subscribe = Vec::new();
     for ch in &channels {
-        let mut c = Vec::new();
-        resp::encode_command(&["SUBSCRIBE", ch], &mut c);
-        let _ = tx.try_send(c);
+        resp::encode_command(&["SUBSCRIBE", ch], &mut subscribe);
     }
-    *b.subs.borrow_mut() = Some(tx);
-    let alive = Rc::new(std::cell::Cell::new(true));
-    let pubsub = glommio::spawn_local(pubsub_task(b.clone(), sub, rx, alive.clone()));
+    sub.write(&subscribe).await?;
+    for _ in &channels {
+        let reply = sub.read_reply().await?;
+        on_pubsub(b, reply);
+    }
+    *b.subs.borrow_mut() = Some(Vec::new());
+    exec(b, &mut cmd, batch).await?;
 
     let live_every = Duration::from_millis((b.cfg.liveness_ttl_ms / 3).max(50));
     let presence_every = Duration::from_secs((b.cfg.presence_ttl_secs / 2).max(1));
@@ -798,17 +837,20 @@ async fn session(
         if b.shared.stopping.load(Ordering::Relaxed) {
             return leave(b, &mut cmd, bell).await;
         }
-        if !alive.get() {
-            drop(pubsub);
-            return Err(std::io::Error::other("pub/sub connection closed"));
+        let pending_subs = b.subs.borrow_mut().as_mut().map(std::mem::take).unwrap_or_default();
+        if !pending_subs.is_empty() {
+            sub.write(&pending_subs).await?;
         }
         let wake = next_live.min(next_presence).min(next_sweep);
-        wait_inbox(
-            b,
-            bell,
-            wake.saturating_duration_since(std::time::Instant::now()).min(Duration::from_millis(200)),
-        )
-        .await;
+        let max = wake.saturating_duration_since(std::time::Instant::now()).min(Duration::from_millis(200));
+        wait_any(b, bell, &mut sub, max).await?;
+        // Barrier: every push already received (registry changes above all) is applied
+        // before anything in the inbox is routed.
+        let mut pushes = Vec::new();
+        sub.take_ready(&mut pushes)?;
+        for reply in pushes {
+            on_pubsub(b, reply);
+        }
         let mut batch = Batch::default();
         let now = std::time::Instant::now();
         if now >= next_live {
@@ -898,40 +940,43 @@ async fn exec(b: &Bridge, cmd: &mut RedisConn, mut batch: Batch) -> std::io::Res
     Ok(())
 }
 
-/// Reads pub/sub pushes and writes (un)subscriptions.
-async fn pubsub_task(
-    b: Rc<Bridge>,
-    sub: RedisConn,
-    rx: LocalReceiver<Vec<u8>>,
-    alive: Rc<std::cell::Cell<bool>>,
-) {
-    pubsub_loop(&b, sub, rx).await;
-    alive.set(false);
+/// Waits until the inbox has work, the pub/sub connection has data, or `max` passes.
+async fn wait_any(
+    b: &Bridge,
+    bell: &mut UnixStream,
+    sub: &mut RedisConn,
+    max: Duration,
+) -> std::io::Result<()> {
+    let mut ring = [0u8; 64];
+    let ready = poll_fn(|cx| {
+        if b.inbox.backlog() > 0 {
+            return Poll::Ready(Ok(()));
+        }
+        if let Poll::Ready(reply) = sub.poll_reply(cx) {
+            on_pubsub(b, reply?);
+            return Poll::Ready(Ok(()));
+        }
+        match Pin::new(&mut *bell).poll_read(cx, &mut ring) {
+            Poll::Ready(_) => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
+        }
+    });
+    let timer = async {
+        glommio::timer::sleep(max).await;
+        Ok(())
+    };
+    ready.or(timer).await
 }
 
-async fn pubsub_loop(b: &Bridge, mut sub: RedisConn, rx: LocalReceiver<Vec<u8>>) {
-    enum Ev {
-        Push(std::io::Result<Reply>),
-        Sub(Option<Vec<u8>>),
-    }
-    loop {
-        let ev = async { Ev::Push(sub.read_reply().await) }.or(async { Ev::Sub(rx.recv().await) }).await;
-        match ev {
-            Ev::Sub(Some(cmd)) => {
-                if let Err(e) = sub.write(&cmd).await {
-                    warn!("redis pub/sub write failed: {e}");
-                    return;
-                }
-            }
-            Ev::Sub(None) => return,
-            Ev::Push(Ok(reply)) => {
-                if let Some((channel, payload)) = resp::as_message(&reply) {
-                    on_push(b, channel, payload);
-                }
-            }
-            Ev::Push(Err(e)) => {
-                warn!("redis pub/sub read failed: {e}");
-                return;
+/// One reply or push from the pub/sub connection.
+fn on_pubsub(b: &Bridge, reply: Reply) {
+    if let Some((channel, payload)) = resp::as_message(&reply) {
+        on_push(b, channel, payload);
+    } else if let Reply::Array(a) = &reply {
+        // ["subscribe", channel, count]: the node now receives that channel.
+        if a.first().and_then(resp::as_bytes) == Some(b"subscribe".as_slice()) {
+            if let Some(channel) = a.get(1).and_then(resp::as_bytes).map(String::from_utf8_lossy) {
+                release_joins(b, &channel);
             }
         }
     }

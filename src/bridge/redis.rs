@@ -5,7 +5,7 @@
 use std::net::ToSocketAddrs;
 use std::time::Duration;
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use shardgate_io::resp::{self, Reply};
 
@@ -109,6 +109,70 @@ impl RedisConn {
     /// Writes `batch` (already encoded commands).
     pub async fn write(&mut self, batch: &[u8]) -> std::io::Result<()> {
         self.stream.write_all(batch).await
+    }
+
+    /// Every reply the kernel already holds for this socket, without waiting. Reads with
+    /// a plain non-blocking `recv`, because glommio only retries a receive after its
+    /// readiness poll completed, and the caller needs what has *already* arrived (the
+    /// bridge's barrier: apply every pub/sub push received before routing).
+    pub fn take_ready(&mut self, out: &mut Vec<Reply>) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let fd = self.stream.as_raw_fd();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            // SAFETY: recv into a live local buffer of the given length.
+            let n = unsafe { libc::recv(fd, chunk.as_mut_ptr().cast(), chunk.len(), libc::MSG_DONTWAIT) };
+            match n {
+                0 => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "redis closed the connection",
+                    ))
+                }
+                n if n > 0 => self.rbuf.extend_from_slice(&chunk[..n as usize]),
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() == std::io::ErrorKind::WouldBlock {
+                        break;
+                    }
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        while let Some((reply, used)) = resp::decode_reply(&self.rbuf).map_err(other)? {
+            self.rbuf.drain(..used);
+            out.push(reply);
+        }
+        Ok(())
+    }
+
+    /// A reply already received, if any, without waiting: `Pending` registers the task
+    /// for the socket's readiness.
+    pub fn poll_reply(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<Reply>> {
+        use std::task::Poll;
+        loop {
+            match resp::decode_reply(&self.rbuf) {
+                Ok(Some((reply, used))) => {
+                    self.rbuf.drain(..used);
+                    return Poll::Ready(Ok(reply));
+                }
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Err(other(e))),
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match std::pin::Pin::new(&mut self.stream).poll_read(cx, &mut chunk) {
+                Poll::Ready(Ok(0)) => {
+                    let eof =
+                        std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "redis closed the connection");
+                    return Poll::Ready(Err(eof));
+                }
+                Poll::Ready(Ok(n)) => self.rbuf.extend_from_slice(&chunk[..n]),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 
     /// Reads the next reply or push.
