@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine with the Rust toolchain:
-# installs what the tests need (redis-server and Node.js from Debian packages, the pinned
-# npm packages of the interop suite), then runs the gate: formatting, clippy with
-# warnings as errors, every test.
+# installs what the tests need (redis-server, Node.js and the C toolchain for librdkafka
+# from Debian packages, the tansu Kafka-protocol broker from crates.io, the pinned npm
+# packages of the interop suite), then runs the gate: formatting, clippy with warnings as
+# errors, every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,10 @@ apt_install() {
 missing=()
 command -v node >/dev/null && command -v npm >/dev/null || missing+=(nodejs npm)
 command -v redis-server >/dev/null || missing+=(redis-server)
+# librdkafka is built from source by rdkafka-sys: a C toolchain, make, zlib headers.
+command -v cc >/dev/null && command -v make >/dev/null || missing+=(build-essential)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing from Debian packages: ${missing[*]}"
   apt_install "${missing[@]}"
@@ -26,6 +31,13 @@ fi
 # The cluster tests start their own redis-server on free ports; a packaged instance
 # started by the install is not needed.
 if command -v systemctl >/dev/null; then systemctl stop redis-server >/dev/null 2>&1 || true; fi
+
+# The Kafka-protocol broker of the persistence tests (about 8 minutes to build once).
+if ! command -v tansu >/dev/null; then
+  log "installing tansu (Kafka-protocol broker) into ~/.cargo/bin"
+  cargo install tansu --features dynostore --locked
+fi
+export PATH="$HOME/.cargo/bin:$PATH"
 
 log "npm packages of the interop suite (tests/interop/package-lock.json)"
 npm ci --prefix tests/interop --no-audit --no-fund --loglevel=error

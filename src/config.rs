@@ -28,6 +28,45 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// Cluster mode (Redis); off unless `cluster.redis` is set.
     pub cluster: ClusterConfig,
+    /// Persistence (Kafka); off unless `kafka.brokers` is set.
+    pub kafka: KafkaSettings,
+}
+
+/// Kafka production settings (librdkafka names in parentheses).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// `host:port[,host:port...]`; unset turns persistence off.
+    pub brokers: Option<String>,
+    /// Milliseconds librdkafka waits to fill a batch (`linger.ms`).
+    pub linger_ms: u64,
+    /// Largest batch in bytes (`batch.size`).
+    pub batch_bytes: usize,
+    /// `none`, `gzip`, `snappy`, `lz4` or `zstd` (`compression.type`).
+    pub compression: String,
+    /// Records librdkafka holds (`queue.buffering.max.messages`).
+    pub producer_queue: usize,
+    /// Records the bridge holds beyond that; past it the newest are dropped and counted.
+    pub buffer_records: usize,
+    /// Partitions of the topics shardgate creates.
+    pub partitions: i32,
+    /// Replication factor of the topics shardgate creates.
+    pub replication: i32,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        KafkaSettings {
+            brokers: None,
+            linger_ms: 5,
+            batch_bytes: 1 << 20,
+            compression: "lz4".into(),
+            producer_queue: 100_000,
+            buffer_records: 100_000,
+            partitions: 6,
+            replication: 1,
+        }
+    }
 }
 
 /// Cluster membership through Redis.
@@ -80,6 +119,7 @@ impl Default for Config {
             auth: AuthConfig { leeway_secs: 5, ..AuthConfig::default() },
             runtime: RuntimeConfig::default(),
             cluster: ClusterConfig::default(),
+            kafka: KafkaSettings::default(),
         }
     }
 }
@@ -124,6 +164,17 @@ impl Config {
             }
             if self.cluster.liveness_ttl_ms < 300 || self.cluster.presence_ttl_secs < 2 {
                 return Err("cluster.liveness_ttl_ms must be >= 300 and presence_ttl_secs >= 2".into());
+            }
+        }
+        if self.kafka.brokers.is_some() {
+            let k = &self.kafka;
+            if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&k.compression.as_str()) {
+                return Err("kafka.compression must be none, gzip, snappy, lz4 or zstd".into());
+            }
+            if k.partitions < 1 || k.replication < 1 || k.producer_queue == 0 || k.buffer_records == 0 {
+                return Err(
+                    "kafka: partitions, replication, producer_queue and buffer_records must be >= 1".into()
+                );
             }
         }
         if self.shards > 1024 {

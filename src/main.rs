@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node (with no options: a development node on 127.0.0.1:3000).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Mint an HS256 token for development and tests.
     Token(TokenArgs),
     /// Check a configuration file without starting.
@@ -88,6 +88,9 @@ struct ServeArgs {
     /// Lifetime of the node's liveness key in Redis, in milliseconds.
     #[arg(long, env = "SHARDGATE_LIVENESS_TTL_MS")]
     liveness_ttl_ms: Option<u64>,
+    /// Persistence: Kafka brokers `host:port[,host:port...]`.
+    #[arg(long, env = "SHARDGATE_KAFKA")]
+    kafka: Option<String>,
 }
 
 #[derive(Args)]
@@ -119,7 +122,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Token(args) => {
             let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + args.ttl;
             let claims = Claims {
@@ -189,6 +192,9 @@ fn load(args: &ServeArgs) -> anyhow::Result<Config> {
         cfg.cluster.server_id = args.server_id.clone();
     }
     set!(cfg.cluster.liveness_ttl_ms, args.liveness_ttl_ms);
+    if args.kafka.is_some() {
+        cfg.kafka.brokers = args.kafka.clone();
+    }
     cfg.validate().map_err(anyhow::Error::msg)?;
     Ok(cfg)
 }
@@ -268,6 +274,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let persist_inbox = match &cfg.kafka.brokers {
+        Some(_) => {
+            let (inbox, bell) = shardgate_shard::mesh::Inbox::new(usize::MAX - 1)?;
+            Some((std::sync::Arc::new(inbox), bell))
+        }
+        None => None,
+    };
     let opts = StartOptions {
         listen: cfg.listen,
         shards: cfg.shard_count(),
@@ -276,29 +289,58 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         static_metrics,
         bridge: bridge_inbox.as_ref().map(|(i, _)| i.clone()),
         server_id: server_id.clone(),
-        extra_metric_blocks: 1,
+        persist: persist_inbox.as_ref().map(|(i, _)| i.clone()),
+        extra_metric_blocks: 2,
     };
     let shards = opts.shards;
     let handle =
         shardgate_shard::start(opts, verifier).with_context(|| format!("starting on {}", cfg.listen))?;
     let addr = handle.local_addr();
+    let cluster_part = match (&cfg.cluster.redis, bridge_inbox) {
+        (Some(url), Some((inbox, bell))) => Some(bridge::ClusterPart {
+            cfg: bridge::BridgeConfig {
+                redis: bridge::RedisUrl::parse(url).map_err(anyhow::Error::msg)?,
+                prefix: cfg.cluster.prefix.clone(),
+                server_id: server_id.clone(),
+                liveness_ttl_ms: cfg.cluster.liveness_ttl_ms,
+                presence_ttl_secs: cfg.cluster.presence_ttl_secs,
+                presence_retention_secs: cfg.runtime.presence_retention_secs,
+                offline_queue_len: cfg.runtime.offline_queue_len,
+                offline_ttl_secs: cfg.runtime.offline_ttl_secs,
+                typing_ttl_ms: cfg.runtime.typing_ttl_ms,
+            },
+            inbox,
+            bell,
+        }),
+        _ => None,
+    };
+    let persist_part = match (&cfg.kafka.brokers, persist_inbox) {
+        (Some(brokers), Some((inbox, bell))) => Some(bridge::PersistPart {
+            cfg: bridge::kafka::KafkaConfig {
+                brokers: brokers.clone(),
+                linger_ms: cfg.kafka.linger_ms,
+                batch_bytes: cfg.kafka.batch_bytes,
+                compression: cfg.kafka.compression.clone(),
+                producer_queue: cfg.kafka.producer_queue,
+                buffer_records: cfg.kafka.buffer_records,
+                partitions: cfg.kafka.partitions,
+                replication: cfg.kafka.replication,
+            },
+            inbox,
+            bell,
+        }),
+        _ => None,
+    };
     let mut bridge_thread = None;
-    if let (Some(url), Some((inbox, bell))) = (&cfg.cluster.redis, bridge_inbox) {
-        let bcfg = bridge::BridgeConfig {
-            redis: bridge::RedisUrl::parse(url).map_err(anyhow::Error::msg)?,
-            prefix: cfg.cluster.prefix.clone(),
-            server_id: server_id.clone(),
-            liveness_ttl_ms: cfg.cluster.liveness_ttl_ms,
-            presence_ttl_secs: cfg.cluster.presence_ttl_secs,
-            presence_retention_secs: cfg.runtime.presence_retention_secs,
-            offline_queue_len: cfg.runtime.offline_queue_len,
-            offline_ttl_secs: cfg.runtime.offline_ttl_secs,
-            typing_ttl_ms: cfg.runtime.typing_ttl_ms,
-        };
+    if cluster_part.is_some() || persist_part.is_some() {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let cpu = cfg.pin.then_some(cores - 1);
-        bridge_thread = Some(bridge::start(bcfg, handle.shared.clone(), inbox, bell, cpu)?);
+        bridge_thread = Some(bridge::start(handle.shared.clone(), cluster_part, persist_part, cpu)?);
     }
+    let persistence = match &cfg.kafka.brokers {
+        Some(b) => format!("persistence on: kafka {b}"),
+        None => "persistence off: no --kafka".to_string(),
+    };
     let cluster = match &cfg.cluster.redis {
         Some(url) => {
             format!("cluster on: server id {server_id}, redis {}", url.split('@').next_back().unwrap_or(url))
@@ -306,7 +348,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => "cluster off: no --redis".to_string(),
     };
     info!(
-        "shardgate listening on http://{addr} ({shards} shards, capacity {} connections, persistence off: no --kafka, {cluster})",
+        "shardgate listening on http://{addr} ({shards} shards, capacity {} connections, {persistence}, {cluster})",
         capacity.min(cfg.runtime.max_connections as u64)
     );
     // The actual address on stdout, for scripts and tests that pass port 0.

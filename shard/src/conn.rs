@@ -480,7 +480,7 @@ async fn finish(shard: &Shard, mut io: ConnIo, reason: CloseReason) {
                 }
             }
             if let Some(session) = e.session.take() {
-                crate::session::teardown(&mut st, io.id, *session, now);
+                crate::session::teardown(&mut st, io.id, *session, now, reason);
             }
         }
         leftover
@@ -528,6 +528,7 @@ mod tests {
                     static_metrics: String::new(),
                     bridge: None,
                     server_id: "test".into(),
+                    persist: None,
                 });
                 let shard = std::rc::Rc::new(crate::runtime::Shard {
                     id: 0,

@@ -16,6 +16,7 @@ mod conn;
 pub mod mesh;
 pub mod metrics;
 pub mod msg;
+pub mod record;
 pub mod runtime;
 mod session;
 mod slab;

@@ -106,6 +106,16 @@ labels! {
         SweptSockets => "cluster_swept_sockets_total",
         /// 1:1 messages routed from the bridge's route cache (no registry lookup).
         RouteCacheHits => "cluster_route_cache_hits_total",
+        /// Records handed to librdkafka.
+        KafkaProduced => "kafka_produced_total",
+        /// Records Kafka acknowledged.
+        KafkaDelivered => "kafka_delivered_total",
+        /// Records that failed (refused or not delivered).
+        KafkaFailed => "kafka_failed_total",
+        /// Records dropped because the buffer was full (newest first).
+        KafkaDropped => "kafka_dropped_total",
+        /// Records waiting in the bridge for librdkafka or their topic (gauge).
+        KafkaBuffered => "kafka_buffered",
     }
 }
 

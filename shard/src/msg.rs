@@ -293,6 +293,13 @@ pub enum ShardMsg {
         /// Milliseconds since the Unix epoch of the last disconnect (or now, if online).
         last_seen: u64,
     },
+    /// From the record producer: Kafka acknowledged message `msg_id`; tell its sender.
+    Persisted {
+        /// The sender.
+        conn: ConnId,
+        /// Message id.
+        msg_id: u128,
+    },
     /// Wakes a shard so that it notices shutdown.
     Shutdown,
     /// Test-only payload.

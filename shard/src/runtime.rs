@@ -28,6 +28,7 @@ use crate::config::RuntimeConfig;
 use crate::mesh::{Doorbell, Inbox, Mesh, ShardId};
 use crate::metrics::{Counter, ShardMetrics};
 use crate::msg::{BridgeMsg, ShardMsg};
+use crate::record::Record;
 use crate::state::State;
 
 /// Read-only state of the whole process, shared by every shard.
@@ -54,6 +55,8 @@ pub struct Shared {
     pub bridge: Option<Arc<Inbox<BridgeMsg>>>,
     /// This process's cluster-unique server id.
     pub server_id: Arc<str>,
+    /// The record inbox when persistence (Kafka) is on.
+    pub persist: Option<Arc<Inbox<Record>>>,
 }
 
 impl Shared {
@@ -89,6 +92,8 @@ pub struct StartOptions {
     pub bridge: Option<Arc<Inbox<BridgeMsg>>>,
     /// This process's server id.
     pub server_id: Arc<str>,
+    /// The record inbox (persistence on).
+    pub persist: Option<Arc<Inbox<Record>>>,
     /// Counter blocks beyond the shards' (the bridge's).
     pub extra_metric_blocks: usize,
 }
@@ -161,6 +166,7 @@ pub fn start(opts: StartOptions, verifier: Verifier) -> std::io::Result<ShardsHa
         static_metrics: opts.static_metrics,
         bridge: opts.bridge,
         server_id: opts.server_id,
+        persist: opts.persist,
     });
     let mut handles = Vec::with_capacity(n);
     for ((id, sock), bell) in sockets.into_iter().enumerate().zip(bells) {

@@ -10,6 +10,7 @@ use shardgate_io::socketio::{Packet, PacketType};
 use crate::auth::Perms;
 use crate::metrics::{CloseReason, Counter};
 use crate::msg::{key, DeliveryStatus, Key, SocketRef};
+use crate::record::{self, Receipt};
 use crate::slab::ConnId;
 use crate::state::{
     ack_frame, binary_event_frame, event_frame, text_frame, wall_ms, Pending, Session, State,
@@ -108,6 +109,9 @@ fn on_connect(
     // registry) has the socket: `ShardMsg::Registered`. A connected client is reachable.
     st.users.entry(user_key.clone()).or_default().push(id);
     let socket = SocketRef { shard: st.shard, conn: id };
+    if let Some(s) = session_of(st, id) {
+        socket_event(st, id, s, "connect", json!({}));
+    }
     st.user_up(user_key, socket, sid);
     Ok(())
 }
@@ -242,6 +246,9 @@ fn join_room(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value]) {
             s.rooms.push(k.clone());
         }
         st.rooms.entry(k.clone()).or_default().push(id);
+        if let Some(s) = session_of(st, id) {
+            socket_event(st, id, s, "join", json!({ "room": room }));
+        }
         return st.room_joined(&k, id, ack);
     }
     st.answer_join(id, &k, ack);
@@ -263,6 +270,9 @@ fn leave_room(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value]) {
     remove_member(st, &k, id);
     st.push(id, &event_frame("room_left", &json!({ "room": room })));
     st.room_left(&k, crate::conn::sid(st.shard, id));
+    if let Some(s) = session_of(st, id) {
+        socket_event(st, id, s, "leave", json!({ "room": room }));
+    }
     reply(st, id, ack, &json!({ "ok": true, "room": room }));
 }
 
@@ -297,6 +307,7 @@ fn send_message(
         Some(c) => c.clone(),
     };
     let client_msg_id = body.get("clientMsgId").cloned();
+    let wants_receipt = body.get("persistedReceipt") == Some(&Value::Bool(true));
     let Some(s) = session_of(st, id) else { return };
     let (tenant, from) = (s.identity.tenant.clone(), s.identity.user.clone());
     let msg_id = match st.ids.generate() {
@@ -310,9 +321,22 @@ fn send_message(
                 json!({ "id": msg_id.to_string(), "from": &*from, "to": to, "content": content, "ts": ts });
             let frame = binary_event_frame("message:new", &payload, &attachments);
             st.metrics().inc(Counter::DirectMessages);
+            let conversation = record::dm_conversation(&from, to);
+            persist_message(
+                st,
+                id,
+                &tenant,
+                conversation,
+                &payload,
+                &attachments,
+                client_msg_id.as_ref(),
+                msg_id.0,
+                wants_receipt,
+            );
             let deadline = now + st.shared.config.delivery_report_timeout_ms;
-            st.pending.insert(msg_id.0, Pending { conn: id, ack_id: ack, client_msg_id, deadline });
             let user = key(&tenant, to);
+            let to = Some((user.clone(), from.clone()));
+            st.pending.insert(msg_id.0, Pending { conn: id, ack_id: ack, client_msg_id, deadline, to });
             let origin = SocketRef { shard: st.shard, conn: id };
             st.route_direct(user, frame, msg_id.0, origin);
         }
@@ -324,9 +348,22 @@ fn send_message(
             let payload = json!({ "id": msg_id.to_string(), "from": &*from, "room": room, "content": content, "ts": ts });
             let frame = binary_event_frame("message:new", &payload, &attachments);
             st.metrics().inc(Counter::RoomMessages);
+            let conversation = format!("room:{room}");
+            persist_message(
+                st,
+                id,
+                &tenant,
+                conversation,
+                &payload,
+                &attachments,
+                client_msg_id.as_ref(),
+                msg_id.0,
+                wants_receipt,
+            );
             st.deliver_room(&k, &frame, Some(id));
             st.broadcast_room(&k, &frame);
-            st.pending.insert(msg_id.0, Pending { conn: id, ack_id: ack, client_msg_id, deadline: now });
+            st.pending
+                .insert(msg_id.0, Pending { conn: id, ack_id: ack, client_msg_id, deadline: now, to: None });
             st.resolve(msg_id.0, DeliveryStatus::Sent);
         }
         _ => refuse(
@@ -338,6 +375,46 @@ fn send_message(
             "give exactly one of `to` (user id) or `room` (room id)",
         ),
     }
+}
+
+/// Queues the `messages.{tenant}` record of a message (binary attachments in base64).
+#[allow(clippy::too_many_arguments)]
+fn persist_message(
+    st: &State,
+    id: ConnId,
+    tenant: &str,
+    conversation: String,
+    payload: &Value,
+    attachments: &[Vec<u8>],
+    client_msg_id: Option<&Value>,
+    msg_id: u128,
+    wants_receipt: bool,
+) {
+    st.persist(|| {
+        let receipt = wants_receipt.then_some(Receipt { shard: st.shard, conn: id, msg_id });
+        let mut msg = payload.clone();
+        if !attachments.is_empty() {
+            let encoded: Vec<String> = attachments.iter().map(|a| data_encoding::BASE64.encode(a)).collect();
+            msg["attachments"] = json!(encoded);
+        }
+        record::message(tenant, conversation, &msg, client_msg_id, receipt)
+    });
+}
+
+/// A socket event record for session `s` of connection `id`.
+fn socket_event(st: &State, id: ConnId, s: &Session, kind: &str, extra: Value) {
+    st.persist(|| {
+        let sid = crate::conn::sid(st.shard, id);
+        record::socket_event(
+            kind,
+            &s.identity.tenant,
+            &s.identity.user,
+            &sid,
+            &st.shared.server_id,
+            extra,
+            wall_ms(),
+        )
+    });
 }
 
 fn typing_frame(room: &str, user: &str, on: bool) -> crate::msg::Frame {
@@ -443,7 +520,11 @@ fn unwatch(st: &mut State, k: &Key, id: ConnId) {
 }
 
 /// Undoes everything a closed session registered.
-pub(crate) fn teardown(st: &mut State, id: ConnId, s: Session, _now: u64) {
+pub(crate) fn teardown(st: &mut State, id: ConnId, s: Session, _now: u64, reason: CloseReason) {
+    for room in &s.rooms {
+        socket_event(st, id, &s, "leave", json!({ "room": crate::msg::key_id(room) }));
+    }
+    socket_event(st, id, &s, "disconnect", json!({ "reason": reason.as_str() }));
     st.metrics().dec(Counter::Sessions);
     for (room, _) in &s.typing {
         let frame = typing_frame(crate::msg::key_id(room), &s.identity.user, false);

@@ -23,6 +23,7 @@ use crate::auth::Identity;
 use crate::mesh::{home_shard, ShardId};
 use crate::metrics::{CloseReason, Counter, ShardMetrics};
 use crate::msg::{key_id, BridgeMsg, DeliveryStatus, Frame, Key, Origin, ShardMsg, SocketRef};
+use crate::record::{self, Record};
 use crate::runtime::Shared;
 use crate::slab::{ConnId, Slab};
 
@@ -76,6 +77,8 @@ pub(crate) struct Pending {
     pub ack_id: Option<u64>,
     pub client_msg_id: Option<Value>,
     pub deadline: u64,
+    /// Recipient (tenant-qualified) and sender, for the notification of a queued message.
+    pub to: Option<(Key, Arc<str>)>,
 }
 
 /// What the home shard knows about one user.
@@ -229,12 +232,23 @@ impl State {
             return;
         };
         let id = ulid::Ulid(msg_id).to_string();
+        if let (DeliveryStatus::Queued, Some((to, from))) = (status, &p.to) {
+            let (tenant, user) = to.split_once('\x1f').unwrap_or(("", to));
+            self.persist(|| record::notification(tenant, user, &id, from, wall_ms()));
+        }
         let body = json!({ "id": id, "clientMsgId": p.client_msg_id, "status": status.as_str() });
         let frame = event_frame("message:sent", &body);
         self.push(p.conn, &frame);
         if let Some(ack) = p.ack_id {
             let frame = ack_frame(ack, &body);
             self.push(p.conn, &frame);
+        }
+    }
+
+    /// Hands a record to the Kafka producer; `make` runs only when persistence is on.
+    pub fn persist(&self, make: impl FnOnce() -> Record) {
+        if let Some(inbox) = &self.shared.persist {
+            inbox.send(make());
         }
     }
 
@@ -308,6 +322,11 @@ impl State {
                     bump(&mut dir.watchers, shard, false);
                 }
             }
+            ShardMsg::Persisted { conn, msg_id } => {
+                let frame =
+                    event_frame("message:persisted", &json!({ "id": ulid::Ulid(msg_id).to_string() }));
+                self.push(conn, &frame);
+            }
             ShardMsg::Shutdown => {}
             #[cfg(test)]
             ShardMsg::Test(_) => {}
@@ -345,6 +364,8 @@ impl State {
         self.metrics().add(Counter::OfflineDropped, expired);
         self.send(socket.shard, ShardMsg::Registered { conn: socket.conn, frames });
         if !was_online {
+            let (tenant, id) = user.split_once('\x1f').unwrap_or(("", &user));
+            self.persist(|| record::presence(tenant, id, true, last_seen));
             for s in watchers {
                 let msg = ShardMsg::Presence { user: user.clone(), conn: None, online: true, last_seen };
                 self.send(s, msg);
@@ -362,6 +383,8 @@ impl State {
             dir.last_seen = wall_ms();
             let last_seen = dir.last_seen;
             let watchers: Vec<ShardId> = dir.watchers.iter().map(|&(s, _)| s).collect();
+            let (tenant, id) = user.split_once('\x1f').unwrap_or(("", &user));
+            self.persist(|| record::presence(tenant, id, false, last_seen));
             for s in watchers {
                 let msg = ShardMsg::Presence { user: user.clone(), conn: None, online: false, last_seen };
                 self.send(s, msg);

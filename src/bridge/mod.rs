@@ -15,6 +15,7 @@
 //! local 1:1 delivery while Redis is down, and reference-count room subscriptions.
 //! Redis down never stops a shard: messages that needed Redis are counted as unroutable.
 
+pub mod kafka;
 pub mod redis;
 pub mod scripts;
 
@@ -85,8 +86,14 @@ impl Mirror {
 /// What to do with the reply of one pipelined command.
 enum Then {
     Ignore,
-    /// UP script: the offline queue to drain to the socket; `first` answers its CONNECT.
-    Drain(SocketRef, bool),
+    /// UP script: the offline queue to drain to the socket; `answer` answers its CONNECT.
+    Drain {
+        socket: SocketRef,
+        answer: bool,
+        user: Key,
+    },
+    /// DOWN script: 1 when it was the user's last socket.
+    Down(Key),
     /// ROUTE script; `epoch` is the route cache epoch when it was sent.
     Route {
         user: Key,
@@ -253,30 +260,69 @@ pub fn from_redis_id(s: &str) -> Option<Key> {
     Some(key(&tenant, id))
 }
 
-/// Starts the bridge thread.
+/// The cluster half of the bridge: Redis settings and the inbox the shards write to.
+pub struct ClusterPart {
+    /// Redis settings.
+    pub cfg: BridgeConfig,
+    /// Inbox of cluster messages.
+    pub inbox: Arc<Inbox<BridgeMsg>>,
+    /// Its doorbell.
+    pub bell: Doorbell,
+}
+
+/// The persistence half of the bridge: Kafka settings and the record inbox.
+pub struct PersistPart {
+    /// Producer settings.
+    pub cfg: kafka::KafkaConfig,
+    /// Inbox of records.
+    pub inbox: Arc<Inbox<shardgate_shard::record::Record>>,
+    /// Its doorbell.
+    pub bell: Doorbell,
+}
+
+/// Starts the bridge thread with the cluster part, the persistence part, or both.
 pub fn start(
-    cfg: BridgeConfig,
     shared: Arc<Shared>,
-    inbox: Arc<Inbox<BridgeMsg>>,
-    bell: Doorbell,
+    cluster: Option<ClusterPart>,
+    persist: Option<PersistPart>,
     cpu: Option<usize>,
 ) -> std::io::Result<ExecutorJoinHandle<()>> {
     let placement = cpu.map(Placement::Fixed).unwrap_or(Placement::Unbound);
+    // The persistence part's delivery reports count in their own block (another thread).
+    let reports_block = shared.mesh.len() + 1;
+    let persister = match persist {
+        Some(p) => {
+            let producer = kafka::Persister::new(p.cfg, shared.clone(), p.inbox, reports_block)
+                .map_err(|e| std::io::Error::other(format!("kafka producer: {e}")))?;
+            Some((producer, p.bell))
+        }
+        None => None,
+    };
     LocalExecutorBuilder::new(placement)
         .name("bridge")
         .spawn(move || async move {
-            // SAFETY: the doorbell's read end belongs to the bridge alone.
-            let bell = unsafe { UnixStream::from_raw_fd(bell.fd.into_raw_fd()) };
-            let bridge = Rc::new(Bridge {
-                cfg,
-                shared,
-                inbox,
-                mirror: Default::default(),
-                subs: RefCell::new(None),
-                routes: Default::default(),
-                pending_subs: Default::default(),
+            let kafka_task = persister.map(|(producer, bell)| {
+                // SAFETY: the doorbell's read end belongs to the bridge alone.
+                let bell = unsafe { UnixStream::from_raw_fd(bell.fd.into_raw_fd()) };
+                glommio::spawn_local(kafka::run(producer, bell))
             });
-            run(bridge, bell).await
+            if let Some(c) = cluster {
+                // SAFETY: as above.
+                let bell = unsafe { UnixStream::from_raw_fd(c.bell.fd.into_raw_fd()) };
+                let bridge = Rc::new(Bridge {
+                    cfg: c.cfg,
+                    shared,
+                    inbox: c.inbox,
+                    mirror: Default::default(),
+                    subs: RefCell::new(None),
+                    routes: Default::default(),
+                    pending_subs: Default::default(),
+                });
+                run(bridge, bell).await;
+            }
+            if let Some(t) = kafka_task {
+                t.await;
+            }
         })
         .map_err(|e| std::io::Error::other(format!("cannot start the bridge: {e}")))
 }
@@ -334,9 +380,14 @@ async fn run(b: Rc<Bridge>, mut bell: UnixStream) {
 
 /// Waits until the inbox has work or `max` passes.
 async fn wait_inbox(b: &Bridge, bell: &mut UnixStream, max: Duration) {
+    wait_bell(&b.inbox, bell, max).await
+}
+
+/// Waits until `inbox` has work (its doorbell rang) or `max` passes.
+pub(crate) async fn wait_bell<T>(inbox: &Inbox<T>, bell: &mut UnixStream, max: Duration) {
     let mut ring = [0u8; 64];
     let ready = poll_fn(|cx| {
-        if b.inbox.backlog() > 0 {
+        if inbox.backlog() > 0 {
             return Poll::Ready(());
         }
         match Pin::new(&mut *bell).poll_read(cx, &mut ring) {
@@ -386,6 +437,15 @@ fn offline(b: &Bridge, msg: BridgeMsg) {
             b.shared.mesh.send(socket.shard, ShardMsg::Registered { conn: socket.conn, frames: Vec::new() });
         }
         other => record(b, &other),
+    }
+}
+
+/// Queues a `presence.changes` record (cluster mode decides first / last socket in Redis).
+fn persist_presence(b: &Bridge, user: &str, online: bool) {
+    if let Some(inbox) = &b.shared.persist {
+        let (tenant, id) = user.split_once('\x1f').unwrap_or(("", user));
+        let now = now_ms().parse().unwrap_or(0);
+        inbox.send(shardgate_shard::record::presence(tenant, id, online, now));
     }
 }
 
@@ -482,14 +542,14 @@ fn plan(b: &Bridge, msg: BridgeMsg, batch: &mut Batch) {
             let ttl = c.presence_ttl_secs.to_string();
             batch.cmd(
                 &["EVAL", scripts::UP, "0", p, me, &sid, &redis_id(&user), &now_ms(), &ttl],
-                Then::Drain(socket, true),
+                Then::Drain { socket, answer: true, user: user.clone() },
             );
         }
         BridgeMsg::SocketDown { user, sid, .. } => {
             let keep = c.presence_retention_secs.to_string();
             batch.cmd(
                 &["EVAL", scripts::DOWN, "0", p, me, &sid, &redis_id(&user), &now_ms(), &keep],
-                Then::Ignore,
+                Then::Down(user.clone()),
             );
         }
         BridgeMsg::RoomJoin { room, sid, socket, ack } => {
@@ -680,18 +740,28 @@ fn apply(b: &Bridge, then: Then, reply: Reply, followups: &mut Batch) {
         warn!("redis error: {e}");
     }
     match then {
+        Then::Down(user) => {
+            if reply == Reply::Integer(1) {
+                persist_presence(b, &user, false);
+            }
+        }
         Then::Ignore | Then::Swept => {
             if let (Then::Swept, Reply::Integer(n)) = (&then, &reply) {
                 b.m().add(Counter::SweptSockets, *n as u64);
             }
         }
-        Then::Drain(socket, first) => {
-            let frames: Vec<Frame> = match reply {
-                Reply::Array(items) => items.iter().filter_map(resp::as_bytes).map(Frame::from).collect(),
+        Then::Drain { socket, answer, user } => {
+            let items = match reply {
+                Reply::Array(items) => items,
                 _ => Vec::new(),
             };
+            if items.first() == Some(&Reply::Integer(1)) {
+                persist_presence(b, &user, true);
+            }
+            let frames: Vec<Frame> =
+                items.iter().skip(1).filter_map(resp::as_bytes).map(Frame::from).collect();
             let conn = socket.conn;
-            if first {
+            if answer {
                 b.shared.mesh.send(socket.shard, ShardMsg::Registered { conn, frames });
             } else if !frames.is_empty() {
                 b.shared.mesh.send(socket.shard, ShardMsg::OfflineDrain { conn, frames });
@@ -803,7 +873,11 @@ async fn session(
         let ttl = b.cfg.presence_ttl_secs.to_string();
         batch.cmd(
             &["EVAL", scripts::UP, "0", &b.cfg.prefix, &me, &sid, &redis_id(&user), &now, &ttl],
-            Then::Drain(SocketRef { shard, conn: conn_of(&sid) }, false),
+            Then::Drain {
+                socket: SocketRef { shard, conn: conn_of(&sid) },
+                answer: false,
+                user: user.clone(),
+            },
         );
     }
     for (room, sids) in rooms {

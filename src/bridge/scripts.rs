@@ -6,7 +6,8 @@
 //! (docs/redis.md); they assume a single Redis (not Redis Cluster).
 
 /// Register socket ARGV[3] of user ARGV[4] on server ARGV[2]; mark online (publishing on
-/// the user's first socket cluster-wide); return and clear the user's offline queue.
+/// the user's first socket cluster-wide); return {1 if it was the first socket else 0,
+/// the user's offline queue...} and clear the queue.
 /// ARGV: prefix, server, sid, user, now_ms, presence_ttl_secs.
 pub const UP: &str = r#"
 local p, me, sid, u, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -18,9 +19,12 @@ if redis.call('SCARD', k) == 1 then
   redis.call('PUBLISH', p..'presence:updates', cjson.encode({user=u, status='online', lastSeen=tonumber(now)}))
 end
 redis.call('PUBLISH', p..'registry:changes', u)
+local out = {0}
+if redis.call('SCARD', k) == 1 then out[1] = 1 end
 local q = redis.call('LRANGE', p..'offline:'..u, 0, -1)
 if #q > 0 then redis.call('DEL', p..'offline:'..u) end
-return q
+for _, f in ipairs(q) do table.insert(out, f) end
+return out
 "#;
 
 /// Unregister socket ARGV[3] of user ARGV[4]; on the user's last socket cluster-wide,

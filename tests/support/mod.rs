@@ -4,6 +4,7 @@
 //! Every wait is bounded; nothing sleeps where it can poll.
 #![allow(dead_code)]
 
+pub mod kafka;
 pub mod redis;
 
 use std::io::{BufRead, BufReader, Read, Write};
