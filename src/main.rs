@@ -315,20 +315,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let persist_part = match (&cfg.kafka.brokers, persist_inbox) {
-        (Some(brokers), Some((inbox, bell))) => Some(bridge::PersistPart {
-            cfg: bridge::kafka::KafkaConfig {
-                brokers: brokers.clone(),
-                linger_ms: cfg.kafka.linger_ms,
-                batch_bytes: cfg.kafka.batch_bytes,
-                compression: cfg.kafka.compression.clone(),
-                producer_queue: cfg.kafka.producer_queue,
-                buffer_records: cfg.kafka.buffer_records,
-                partitions: cfg.kafka.partitions,
-                replication: cfg.kafka.replication,
-            },
-            inbox,
-            bell,
-        }),
+        (Some(_), Some((inbox, bell))) => Some(bridge::PersistPart { cfg: cfg.kafka.clone(), inbox, bell }),
         _ => None,
     };
     let mut bridge_thread = None;

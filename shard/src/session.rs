@@ -315,30 +315,12 @@ fn send_message(
         Err(_) => ulid::Ulid::new(),
     };
     let ts = wall_ms();
-    match (to, room) {
+    // Where it goes, and the conversation it belongs to (the Kafka key).
+    let (target, conversation, payload) = match (to, room) {
         (Some(to), None) if valid_id(to, max_id) => {
             let payload =
                 json!({ "id": msg_id.to_string(), "from": &*from, "to": to, "content": content, "ts": ts });
-            let frame = binary_event_frame("message:new", &payload, &attachments);
-            st.metrics().inc(Counter::DirectMessages);
-            let conversation = record::dm_conversation(&from, to);
-            persist_message(
-                st,
-                id,
-                &tenant,
-                conversation,
-                &payload,
-                &attachments,
-                client_msg_id.as_ref(),
-                msg_id.0,
-                wants_receipt,
-            );
-            let deadline = now + st.shared.config.delivery_report_timeout_ms;
-            let user = key(&tenant, to);
-            let to = Some((user.clone(), from.clone()));
-            st.pending.insert(msg_id.0, Pending { conn: id, ack_id: ack, client_msg_id, deadline, to });
-            let origin = SocketRef { shard: st.shard, conn: id };
-            st.route_direct(user, frame, msg_id.0, origin);
+            (key(&tenant, to), record::dm_conversation(&from, to), payload)
         }
         (None, Some(room)) if valid_id(room, max_id) => {
             let k = key(&tenant, room);
@@ -346,59 +328,38 @@ fn send_message(
                 return refuse(st, id, ack, EV, "not_in_room", "join the room before sending to it");
             }
             let payload = json!({ "id": msg_id.to_string(), "from": &*from, "room": room, "content": content, "ts": ts });
-            let frame = binary_event_frame("message:new", &payload, &attachments);
-            st.metrics().inc(Counter::RoomMessages);
-            let conversation = format!("room:{room}");
-            persist_message(
-                st,
-                id,
-                &tenant,
-                conversation,
-                &payload,
-                &attachments,
-                client_msg_id.as_ref(),
-                msg_id.0,
-                wants_receipt,
-            );
-            st.deliver_room(&k, &frame, Some(id));
-            st.broadcast_room(&k, &frame);
-            st.pending
-                .insert(msg_id.0, Pending { conn: id, ack_id: ack, client_msg_id, deadline: now, to: None });
-            st.resolve(msg_id.0, DeliveryStatus::Sent);
+            (k, format!("room:{room}"), payload)
         }
-        _ => refuse(
-            st,
-            id,
-            ack,
-            EV,
-            "invalid_message",
-            "give exactly one of `to` (user id) or `room` (room id)",
-        ),
-    }
-}
-
-/// Queues the `messages.{tenant}` record of a message (binary attachments in base64).
-#[allow(clippy::too_many_arguments)]
-fn persist_message(
-    st: &State,
-    id: ConnId,
-    tenant: &str,
-    conversation: String,
-    payload: &Value,
-    attachments: &[Vec<u8>],
-    client_msg_id: Option<&Value>,
-    msg_id: u128,
-    wants_receipt: bool,
-) {
+        _ => {
+            let why = "give exactly one of `to` (user id) or `room` (room id)";
+            return refuse(st, id, ack, EV, "invalid_message", why);
+        }
+    };
+    let frame = binary_event_frame("message:new", &payload, &attachments);
     st.persist(|| {
-        let receipt = wants_receipt.then_some(Receipt { shard: st.shard, conn: id, msg_id });
+        let receipt = wants_receipt.then_some(Receipt { shard: st.shard, conn: id, msg_id: msg_id.0 });
         let mut msg = payload.clone();
         if !attachments.is_empty() {
             let encoded: Vec<String> = attachments.iter().map(|a| data_encoding::BASE64.encode(a)).collect();
             msg["attachments"] = json!(encoded);
         }
-        record::message(tenant, conversation, &msg, client_msg_id, receipt)
+        record::message(&tenant, conversation, &msg, client_msg_id.as_ref(), receipt)
     });
+    if room.is_some() {
+        st.metrics().inc(Counter::RoomMessages);
+        st.deliver_room(&target, &frame, Some(id));
+        st.broadcast_room(&target, &frame);
+        st.pending
+            .insert(msg_id.0, Pending { conn: id, ack_id: ack, client_msg_id, deadline: now, to: None });
+        st.resolve(msg_id.0, DeliveryStatus::Sent);
+    } else {
+        st.metrics().inc(Counter::DirectMessages);
+        let deadline = now + st.shared.config.delivery_report_timeout_ms;
+        let to = Some((target.clone(), from.clone()));
+        st.pending.insert(msg_id.0, Pending { conn: id, ack_id: ack, client_msg_id, deadline, to });
+        let origin = SocketRef { shard: st.shard, conn: id };
+        st.route_direct(target, frame, msg_id.0, origin);
+    }
 }
 
 /// A socket event record for session `s` of connection `id`.

@@ -31,26 +31,8 @@ use shardgate_shard::record::{Receipt, Record, Topic};
 use shardgate_shard::Shared;
 use tracing::{info, warn};
 
-/// Producer settings.
-#[derive(Debug, Clone)]
-pub struct KafkaConfig {
-    /// `host:port[,host:port...]`.
-    pub brokers: String,
-    /// librdkafka `linger.ms`.
-    pub linger_ms: u64,
-    /// librdkafka `batch.size` in bytes.
-    pub batch_bytes: usize,
-    /// librdkafka `compression.type` (none, gzip, snappy, lz4, zstd).
-    pub compression: String,
-    /// Records librdkafka itself may hold (`queue.buffering.max.messages`).
-    pub producer_queue: usize,
-    /// Records waiting here beyond librdkafka's queue.
-    pub buffer_records: usize,
-    /// Partitions of topics created at start-up.
-    pub partitions: i32,
-    /// Replication factor of topics created at start-up.
-    pub replication: i32,
-}
+/// Producer settings: the `[kafka]` section of the configuration.
+pub type KafkaConfig = crate::config::KafkaSettings;
 
 /// Runs on librdkafka's polling thread: counts outcomes, sends receipts.
 struct Reports {
@@ -131,7 +113,7 @@ pub struct Persister {
 
 fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.brokers);
+    c.set("bootstrap.servers", cfg.brokers.as_deref().unwrap_or_default());
     c
 }
 
@@ -289,7 +271,7 @@ impl Persister {
 
 /// The producer task on the bridge executor.
 pub async fn run(mut p: Persister, mut bell: glommio::net::UnixStream) {
-    info!(brokers = p.cfg.brokers, "persistence on: producing to kafka");
+    info!(brokers = p.cfg.brokers.as_deref().unwrap_or_default(), "persistence on: producing to kafka");
     let fixed: Vec<String> =
         [Topic::SocketEvents, Topic::Presence, Topic::Notifications].iter().map(Topic::name).collect();
     p.ensure_topics(fixed).await;
