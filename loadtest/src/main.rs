@@ -1,0 +1,372 @@
+//! `shardgate-loadtest`: a thread-per-core Socket.IO v4 load generator.
+//!
+//! One glommio executor per core it is given; each opens its share of the connections at
+//! a controlled rate and runs the scenario on them. It speaks to any Socket.IO v4 server
+//! over WebSocket (namespace, auth field and tokens configurable), mints HS256 tokens
+//! from a shared secret or reads them from a file, counts every error by kind, and
+//! prints a final table or `--json`.
+//!
+//! Scenarios so far: `idle` (hold N authenticated connections, each in a room, and
+//! report the server's resident memory per connection).
+
+mod client;
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use client::{Client, ErrorKind};
+use glommio::{LocalExecutorBuilder, Placement};
+use serde_json::json;
+use shardgate_shard::auth::{mint_hs256, Claims};
+
+/// Thread-per-core Socket.IO v4 load generator.
+#[derive(Parser)]
+#[command(name = "shardgate-loadtest", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Hold N authenticated connections, each in a room; report server memory per connection.
+    Idle(Common),
+}
+
+/// Flags every scenario shares.
+#[derive(Args, Clone, Debug)]
+struct Common {
+    /// Server URL (`http://host:port`).
+    #[arg(long, default_value = "http://127.0.0.1:3000")]
+    url: String,
+    /// HS256 secret to mint one token per connection (`sub` = user{i}).
+    #[arg(long, env = "SHARDGATE_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// File with one token per line, used in turn instead of minting.
+    #[arg(long)]
+    tokens: Option<std::path::PathBuf>,
+    /// `tenantId` claim of minted tokens.
+    #[arg(long, default_value = "bench")]
+    tenant: String,
+    /// Socket.IO namespace.
+    #[arg(long, default_value = "/")]
+    namespace: String,
+    /// Field of the CONNECT auth payload that carries the token.
+    #[arg(long, default_value = "token")]
+    auth_field: String,
+    /// Connections to open.
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+    /// New connections per second (all cores together).
+    #[arg(long, default_value_t = 2000.0)]
+    rate: f64,
+    /// How long the run lasts (e.g. 10s, 500ms, 2m).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Executors (one per core); default: every core.
+    #[arg(long)]
+    cores: Option<usize>,
+    /// Source addresses to spread connections over (`127.0.0.1,127.0.0.2` or
+    /// `127.0.0.1-127.0.0.9`), past the ephemeral-port limit of one address.
+    #[arg(long)]
+    source_ips: Option<String>,
+    /// Event joining a room (`join_room` for shardgate).
+    #[arg(long, default_value = "join_room")]
+    join_event: String,
+    /// Rooms the connections are spread over.
+    #[arg(long, default_value_t = 100)]
+    rooms: usize,
+    /// Server process id, to report its resident memory.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Print machine-readable JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) =
+        s.find(|c: char| !c.is_ascii_digit() && c != '.').map(|i| s.split_at(i)).unwrap_or((s, "s"));
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("bad duration unit in {s:?}: use ms, s or m")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_ips(s: &str) -> anyhow::Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) = (a.parse()?, b.parse()?);
+                for v in u32::from(a)..=u32::from(b) {
+                    out.push(IpAddr::V4(v.into()));
+                }
+            }
+            None => out.push(part.parse()?),
+        }
+    }
+    Ok(out)
+}
+
+/// Shared, lock-free counters of a run.
+#[derive(Default)]
+struct Stats {
+    connected: AtomicU64,
+    peak: AtomicU64,
+    errors: [AtomicU64; 5],
+}
+
+impl Stats {
+    fn error(&self, k: ErrorKind) {
+        let i = ErrorKind::ALL.iter().position(|x| *x == k).unwrap_or(0);
+        self.errors[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn errors_json(&self) -> serde_json::Value {
+        let m: serde_json::Map<String, serde_json::Value> = ErrorKind::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.as_str().to_string(), json!(self.errors[i].load(Ordering::Relaxed))))
+            .collect();
+        serde_json::Value::Object(m)
+    }
+}
+
+/// What every worker needs to know.
+struct Run {
+    common: Common,
+    target: SocketAddr,
+    host: String,
+    sources: Vec<IpAddr>,
+    tokens: Vec<String>,
+    start: Instant,
+    deadline: Instant,
+    workers: usize,
+}
+
+impl Run {
+    fn token(&self, i: usize) -> String {
+        if !self.tokens.is_empty() {
+            return self.tokens[i % self.tokens.len()].clone();
+        }
+        let exp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + 3600;
+        let claims =
+            Claims { sub: format!("user{i}"), tenant_id: self.common.tenant.clone(), permissions: None, exp };
+        mint_hs256(self.common.jwt_secret.as_deref().unwrap_or_default().as_bytes(), &claims)
+    }
+}
+
+/// One idle connection: connect, join a room, hold until the deadline.
+async fn idle_one(run: Arc<Run>, i: usize, stats: Arc<Stats>) {
+    let source = (!run.sources.is_empty()).then(|| run.sources[i % run.sources.len()]);
+    let auth = json!({ run.common.auth_field.clone(): run.token(i) });
+    let timeout = Duration::from_secs(10);
+    let mut c =
+        match Client::connect(run.target, source, &run.host, &run.common.namespace, &auth, timeout).await {
+            Ok(c) => c,
+            Err(k) => return stats.error(k),
+        };
+    let room = format!("room-{}", i % run.common.rooms.max(1));
+    let joined = match c.emit(&run.common.join_event, &json!(room), true).await {
+        Ok(Some(id)) => glommio::timer::timeout(timeout, async { Ok(c.wait_ack(id).await) }).await,
+        Ok(None) => Ok(Ok(vec![])),
+        Err(k) => Ok(Err(k)),
+    };
+    match joined {
+        Ok(Ok(_)) => {}
+        Ok(Err(k)) => return stats.error(k),
+        Err(_) => return stats.error(ErrorKind::Timeout),
+    }
+    let now = stats.connected.fetch_add(1, Ordering::Relaxed) + 1;
+    stats.peak.fetch_max(now, Ordering::Relaxed);
+    let held = c.idle_until(run.deadline).await;
+    stats.connected.fetch_sub(1, Ordering::Relaxed);
+    if let Err(k) = held {
+        stats.error(k);
+    }
+}
+
+/// A worker opens connections `idx, idx + workers, ...` at its share of the rate.
+async fn idle_worker(run: Arc<Run>, idx: usize, stats: Arc<Stats>) {
+    let per_worker_rate = (run.common.rate / run.workers as f64).max(0.001);
+    let mut tasks = Vec::new();
+    for (k, i) in (idx..run.common.connections).step_by(run.workers).enumerate() {
+        let due = run.start + Duration::from_secs_f64(k as f64 / per_worker_rate);
+        let now = Instant::now();
+        if due > now {
+            glommio::timer::sleep(due - now).await;
+        }
+        if Instant::now() >= run.deadline {
+            break;
+        }
+        tasks.push(glommio::spawn_local(idle_one(run.clone(), i, stats.clone())));
+    }
+    for t in tasks {
+        t.await;
+    }
+}
+
+fn rss(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
+fn sockstat() -> String {
+    std::fs::read_to_string("/proc/net/sockstat")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("TCP:")).map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let Scenario::Idle(common) = cli.scenario;
+    let fds = raise_fd_limit();
+    if common.connections as u64 + 64 > fds {
+        bail!(
+            "{} connections need more than this process's open-file limit ({fds}); run several \
+             shardgate-loadtest processes with --connections split between them",
+            common.connections
+        );
+    }
+    if common.jwt_secret.is_none() && common.tokens.is_none() {
+        bail!("give --jwt-secret (tokens are minted) or --tokens FILE");
+    }
+    let hostport = common.url.trim_start_matches("http://").trim_start_matches("ws://").trim_end_matches('/');
+    let target = hostport
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {hostport}"))?
+        .next()
+        .context("no address for the URL")?;
+    let tokens = match &common.tokens {
+        Some(p) => std::fs::read_to_string(p)?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect(),
+        None => Vec::new(),
+    };
+    let sources = match &common.source_ips {
+        Some(s) => parse_ips(s)?,
+        None => Vec::new(),
+    };
+    let workers = common
+        .cores
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        .max(1);
+    let start = Instant::now();
+    let run = Arc::new(Run {
+        target,
+        host: hostport.to_string(),
+        sources,
+        tokens,
+        start,
+        deadline: start + common.duration,
+        workers,
+        common: common.clone(),
+    });
+    let stats = Arc::new(Stats::default());
+    let rss_before = common.server_pid.and_then(rss);
+    let sock_before = sockstat();
+    let mut handles = Vec::new();
+    for idx in 0..workers {
+        let (run, stats) = (run.clone(), stats.clone());
+        let h = LocalExecutorBuilder::new(Placement::Unbound)
+            .name(&format!("loadtest-{idx}"))
+            .spawn(move || idle_worker(run, idx, stats))
+            .map_err(|e| anyhow::anyhow!("cannot start worker {idx}: {e}"))?;
+        handles.push(h);
+    }
+    // Progress on stderr; the server is sampled once every connection is up (or the
+    // connect phase is over) and has had a moment to settle.
+    let mut sampled: Option<(Option<u64>, String, f64)> = None;
+    let mut all_up_at: Option<Instant> = None;
+    while Instant::now() < run.deadline {
+        std::thread::sleep(Duration::from_millis(250));
+        let up = stats.connected.load(Ordering::Relaxed) as usize;
+        let failed: u64 = stats.errors.iter().map(|e| e.load(Ordering::Relaxed)).sum();
+        if !common.json {
+            eprint!(
+                "\r{:>6.1}s  connections {up:>7}/{:<7} errors {failed:<6}",
+                start.elapsed().as_secs_f64(),
+                common.connections
+            );
+        }
+        if all_up_at.is_none() && up as u64 + failed >= common.connections as u64 {
+            all_up_at = Some(Instant::now());
+        }
+        if sampled.is_none() && all_up_at.is_some_and(|t| t.elapsed() >= Duration::from_secs(1)) {
+            let connect_secs = all_up_at.map(|t| t.duration_since(start).as_secs_f64()).unwrap_or(0.0);
+            sampled = Some((common.server_pid.and_then(rss), sockstat(), connect_secs));
+        }
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    if !common.json {
+        eprintln!();
+    }
+    let peak = stats.peak.load(Ordering::Relaxed);
+    let (rss_after, sock_after, connect_secs) =
+        sampled.unwrap_or((None, sockstat(), run.common.duration.as_secs_f64()));
+    let per_conn = match (rss_before, rss_after) {
+        (Some(b), Some(a)) if peak > 0 => json!((a.saturating_sub(b)) / peak),
+        _ => serde_json::Value::Null,
+    };
+    let result = json!({
+        "scenario": "idle",
+        "url": common.url,
+        "workers": workers,
+        "connections_target": common.connections,
+        "connections_peak": peak,
+        "connect_seconds": connect_secs,
+        "errors": stats.errors_json(),
+        "server_rss_before_bytes": rss_before,
+        "server_rss_after_bytes": rss_after,
+        "rss_bytes_per_connection": per_conn,
+        "sockstat_before": sock_before,
+        "sockstat_after": sock_after,
+        "duration_seconds": common.duration.as_secs_f64(),
+    });
+    if common.json {
+        println!("{result}");
+    } else {
+        println!("scenario            idle");
+        println!("connections         {peak} of {} in {connect_secs:.2}s", common.connections);
+        println!("errors              {}", result["errors"]);
+        if let Some(a) = rss_after {
+            println!(
+                "server rss          {} -> {a} bytes ({} bytes per connection)",
+                rss_before.unwrap_or(0),
+                per_conn
+            );
+        }
+        println!("sockstat            {sock_before} -> {sock_after}");
+    }
+    Ok(())
+}

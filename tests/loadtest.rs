@@ -1,0 +1,50 @@
+//! The bundled load generator against the real binary: a short `idle` run must hold
+//! every connection, count no error, and report the server's memory.
+
+mod support;
+
+use std::process::Command;
+
+use support::{Server, SECRET};
+
+#[test]
+fn idle_scenario_holds_every_connection_and_reports_memory() {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_shardgate")).with_file_name("shardgate-loadtest");
+    assert!(bin.exists(), "{} missing: build the workspace (cargo test --workspace does)", bin.display());
+    let srv = Server::start(&["--shards", "2"]);
+    let pid = srv.pid().to_string();
+    let url = format!("http://{}", srv.addr);
+    let out = Command::new(&bin)
+        .args(["idle", "--url", &url, "--jwt-secret", SECRET, "--connections", "300", "--rate", "3000"])
+        .args([
+            "--duration",
+            "3s",
+            "--cores",
+            "2",
+            "--source-ips",
+            "127.0.0.1-127.0.0.3",
+            "--server-pid",
+            &pid,
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["connections_peak"], 300, "{r}");
+    assert!(r["errors"].as_object().unwrap().values().all(|v| v == 0), "{r}");
+    assert!(r["rss_bytes_per_connection"].as_u64().is_some(), "{r}");
+    assert!(
+        srv.metric("shardgate_sessions_open") == 0
+            || srv.metric("shardgate_connections_accepted_total") >= 300
+    );
+
+    // Refused tokens are counted, not hidden.
+    let out = Command::new(&bin)
+        .args(["idle", "--url", &url, "--jwt-secret", "a-different-secret-altogether", "--connections", "5"])
+        .args(["--duration", "1s", "--json"])
+        .output()
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["errors"]["auth"], 5, "{r}");
+}
