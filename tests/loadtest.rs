@@ -34,10 +34,7 @@ fn idle_scenario_holds_every_connection_and_reports_memory() {
     assert_eq!(r["connections_peak"], 300, "{r}");
     assert!(r["errors"].as_object().unwrap().values().all(|v| v == 0), "{r}");
     assert!(r["rss_bytes_per_connection"].as_u64().is_some(), "{r}");
-    assert!(
-        srv.metric("shardgate_sessions_open") == 0
-            || srv.metric("shardgate_connections_accepted_total") >= 300
-    );
+    assert!(srv.metric("shardgate_connections_accepted_total") >= 300);
 
     // Refused tokens are counted, not hidden.
     let out = Command::new(&bin)
