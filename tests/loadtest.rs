@@ -45,3 +45,26 @@ fn idle_scenario_holds_every_connection_and_reports_memory() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["errors"]["auth"], 5, "{r}");
 }
+
+#[test]
+fn ack_rtt_scenario_times_every_acked_message() {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_shardgate")).with_file_name("shardgate-loadtest");
+    let srv = Server::start(&["--shards", "2"]);
+    let url = format!("http://{}", srv.addr);
+    let out = Command::new(&bin)
+        .args(["ack-rtt", "--url", &url, "--jwt-secret", SECRET, "--connections", "20", "--msg-rate", "200"])
+        .args(["--duration", "3s", "--cores", "2", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = &r["messages"];
+    let (sent, acked) = (m["sent"].as_u64().unwrap(), m["acked"].as_u64().unwrap());
+    // About 200/s for the seconds left after connecting; every ack that came back timed.
+    assert!(sent > 200 && acked + 20 >= sent, "{r}");
+    assert!(m["latency_us"]["p50"].as_u64().unwrap() > 0, "{r}");
+    assert!(m["latency_us"]["max"].as_u64().unwrap() >= m["latency_us"]["p99"].as_u64().unwrap(), "{r}");
+    // The server saw them (a few in flight when the generator closed may be cut off).
+    let seen = srv.metric("shardgate_messages_direct_total");
+    assert!(seen <= sent && seen + 40 >= sent, "server saw {seen}, generator sent {sent}");
+}

@@ -7,7 +7,9 @@
 //! prints a final table or `--json`.
 //!
 //! Scenarios so far: `idle` (hold N authenticated connections, each in a room, and
-//! report the server's resident memory per connection).
+//! report the server's resident memory per connection) and `ack-rtt` (open-loop constant
+//! rate of acked messages; latency from each send's scheduled time, which corrects for
+//! coordinated omission).
 
 mod client;
 
@@ -35,6 +37,24 @@ struct Cli {
 enum Scenario {
     /// Hold N authenticated connections, each in a room; report server memory per connection.
     Idle(Common),
+    /// Open-loop constant rate of `message:send` with acks; ack latency percentiles,
+    /// corrected for coordinated omission (measured from each send's scheduled time).
+    AckRtt(AckRtt),
+}
+
+#[derive(Args, Clone, Debug)]
+struct AckRtt {
+    #[command(flatten)]
+    common: Common,
+    /// Messages per second, all connections together.
+    #[arg(long, default_value_t = 1000.0)]
+    msg_rate: f64,
+    /// Bytes of content per message.
+    #[arg(long, default_value_t = 100)]
+    payload_bytes: usize,
+    /// Event to send (`message:send` for shardgate); its ack ends the measurement.
+    #[arg(long, default_value = "message:send")]
+    send_event: String,
 }
 
 /// Flags every scenario shares.
@@ -165,16 +185,19 @@ impl Run {
     }
 }
 
-/// One idle connection: connect, join a room, hold until the deadline.
-async fn idle_one(run: Arc<Run>, i: usize, stats: Arc<Stats>) {
+/// Connects connection `i` and joins its room; counts failures.
+async fn open(run: &Run, i: usize, stats: &Stats) -> Option<Client> {
     let source = (!run.sources.is_empty()).then(|| run.sources[i % run.sources.len()]);
     let auth = json!({ run.common.auth_field.clone(): run.token(i) });
     let timeout = Duration::from_secs(10);
-    let mut c =
-        match Client::connect(run.target, source, &run.host, &run.common.namespace, &auth, timeout).await {
-            Ok(c) => c,
-            Err(k) => return stats.error(k),
-        };
+    let connecting = Client::connect(run.target, source, &run.host, &run.common.namespace, &auth, timeout);
+    let mut c = match connecting.await {
+        Ok(c) => c,
+        Err(k) => {
+            stats.error(k);
+            return None;
+        }
+    };
     let room = format!("room-{}", i % run.common.rooms.max(1));
     let joined = match c.emit(&run.common.join_event, &json!(room), true).await {
         Ok(Some(id)) => glommio::timer::timeout(timeout, async { Ok(c.wait_ack(id).await) }).await,
@@ -182,12 +205,134 @@ async fn idle_one(run: Arc<Run>, i: usize, stats: Arc<Stats>) {
         Err(k) => Ok(Err(k)),
     };
     match joined {
-        Ok(Ok(_)) => {}
-        Ok(Err(k)) => return stats.error(k),
-        Err(_) => return stats.error(ErrorKind::Timeout),
+        Ok(Ok(_)) => {
+            let now = stats.connected.fetch_add(1, Ordering::Relaxed) + 1;
+            stats.peak.fetch_max(now, Ordering::Relaxed);
+            Some(c)
+        }
+        Ok(Err(k)) => {
+            stats.error(k);
+            None
+        }
+        Err(_) => {
+            stats.error(ErrorKind::Timeout);
+            None
+        }
     }
-    let now = stats.connected.fetch_add(1, Ordering::Relaxed) + 1;
-    stats.peak.fetch_max(now, Ordering::Relaxed);
+}
+
+/// What the ack-rtt scenario's connections on one worker share.
+struct Sends {
+    per_conn_interval: Duration,
+    send_event: String,
+    content: String,
+    /// Ack latencies in microseconds, from each send's scheduled time.
+    hist: std::cell::RefCell<hdrhistogram::Histogram<u64>>,
+    sent: std::cell::Cell<u64>,
+}
+
+/// One connection sending at its fixed schedule and timing every ack.
+async fn ack_rtt_one(
+    run: Arc<Run>,
+    sends: std::rc::Rc<Sends>,
+    i: usize,
+    stats: Arc<Stats>,
+    offset: Duration,
+) {
+    let Some(mut c) = open(&run, i, &stats).await else { return };
+    enum Ev {
+        In(Result<client::Event, ErrorKind>),
+        Send,
+    }
+    let mut scheduled: std::collections::HashMap<u64, Instant> = std::collections::HashMap::new();
+    let mut next = Instant::now() + offset;
+    let me = format!("user{i}");
+    while Instant::now() < run.deadline {
+        let until = next.min(run.deadline);
+        let wait = until.saturating_duration_since(Instant::now());
+        // Reading is readiness-based in glommio: dropping the read when the timer wins
+        // loses no bytes.
+        let ev = futures_lite::future::or(async { Ev::In(c.next_event().await) }, async {
+            glommio::timer::sleep(wait).await;
+            Ev::Send
+        })
+        .await;
+        match ev {
+            Ev::Send => {
+                if Instant::now() >= run.deadline {
+                    break;
+                }
+                let arg = json!({ "to": me, "content": sends.content });
+                match c.emit(&sends.send_event, &arg, true).await {
+                    Ok(Some(id)) => {
+                        scheduled.insert(id, next);
+                        sends.sent.set(sends.sent.get() + 1);
+                    }
+                    Ok(None) => {}
+                    Err(k) => {
+                        stats.error(k);
+                        break;
+                    }
+                }
+                next += sends.per_conn_interval;
+            }
+            Ev::In(Ok(client::Event::Ack(id, _))) => {
+                if let Some(t) = scheduled.remove(&id) {
+                    let us = t.elapsed().as_micros().max(1) as u64;
+                    let _ = sends.hist.borrow_mut().record(us.min(3_600_000_000));
+                }
+            }
+            Ev::In(Ok(_)) => {}
+            Ev::In(Err(k)) => {
+                stats.error(k);
+                break;
+            }
+        }
+    }
+    stats.connected.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// A worker of the ack-rtt scenario: its share of the connections, each sending at
+/// `msg_rate / connections`.
+async fn ack_rtt_worker(
+    run: Arc<Run>,
+    idx: usize,
+    stats: Arc<Stats>,
+    opts: AckRtt,
+) -> (hdrhistogram::Histogram<u64>, u64) {
+    let n = run.common.connections.max(1);
+    let per_conn = Duration::from_secs_f64(n as f64 / opts.msg_rate.max(0.001));
+    let sends = std::rc::Rc::new(Sends {
+        per_conn_interval: per_conn,
+        send_event: opts.send_event,
+        content: "x".repeat(opts.payload_bytes),
+        hist: std::cell::RefCell::new(
+            hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("bounds"),
+        ),
+        sent: std::cell::Cell::new(0),
+    });
+    let per_worker_rate = (run.common.rate / run.workers as f64).max(0.001);
+    let mut tasks = Vec::new();
+    for (k, i) in (idx..run.common.connections).step_by(run.workers).enumerate() {
+        let due = run.start + Duration::from_secs_f64(k as f64 / per_worker_rate);
+        let now = Instant::now();
+        if due > now {
+            glommio::timer::sleep(due - now).await;
+        }
+        // Spread the connections' schedules over one interval so sends do not bunch up.
+        let offset = per_conn.mul_f64(i as f64 / n as f64);
+        tasks.push(glommio::spawn_local(ack_rtt_one(run.clone(), sends.clone(), i, stats.clone(), offset)));
+    }
+    for t in tasks {
+        t.await;
+    }
+    let hist = sends.hist.borrow().clone();
+    (hist, sends.sent.get())
+}
+
+/// One idle connection: connect, join a room, hold until the deadline.
+async fn idle_one(run: Arc<Run>, i: usize, stats: Arc<Stats>) {
+    let Some(mut c) = open(&run, i, &stats).await else { return };
     let held = c.idle_until(run.deadline).await;
     stats.connected.fetch_sub(1, Ordering::Relaxed);
     if let Err(k) = held {
@@ -244,7 +389,10 @@ fn raise_fd_limit() -> u64 {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let Scenario::Idle(common) = cli.scenario;
+    let (common, ack) = match cli.scenario {
+        Scenario::Idle(c) => (c, None),
+        Scenario::AckRtt(a) => (a.common.clone(), Some(a)),
+    };
     let fds = raise_fd_limit();
     if common.connections as u64 + 64 > fds {
         bail!(
@@ -295,10 +443,18 @@ fn main() -> anyhow::Result<()> {
     let sock_before = sockstat();
     let mut handles = Vec::new();
     for idx in 0..workers {
-        let (run, stats) = (run.clone(), stats.clone());
+        let (run, stats, ack) = (run.clone(), stats.clone(), ack.clone());
         let h = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("loadtest-{idx}"))
-            .spawn(move || idle_worker(run, idx, stats))
+            .spawn(move || async move {
+                match ack {
+                    Some(opts) => Some(ack_rtt_worker(run, idx, stats, opts).await),
+                    None => {
+                        idle_worker(run, idx, stats).await;
+                        None
+                    }
+                }
+            })
             .map_err(|e| anyhow::anyhow!("cannot start worker {idx}: {e}"))?;
         handles.push(h);
     }
@@ -325,8 +481,13 @@ fn main() -> anyhow::Result<()> {
             sampled = Some((common.server_pid.and_then(rss), sockstat(), connect_secs));
         }
     }
+    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("bounds");
+    let mut sent = 0;
     for h in handles {
-        let _ = h.join();
+        if let Ok(Some((h, n))) = h.join() {
+            let _ = hist.add(&h);
+            sent += n;
+        }
     }
     if !common.json {
         eprintln!();
@@ -338,8 +499,8 @@ fn main() -> anyhow::Result<()> {
         (Some(b), Some(a)) if peak > 0 => json!((a.saturating_sub(b)) / peak),
         _ => serde_json::Value::Null,
     };
-    let result = json!({
-        "scenario": "idle",
+    let mut result = json!({
+        "scenario": if ack.is_some() { "ack-rtt" } else { "idle" },
         "url": common.url,
         "workers": workers,
         "connections_target": common.connections,
@@ -353,10 +514,23 @@ fn main() -> anyhow::Result<()> {
         "sockstat_after": sock_after,
         "duration_seconds": common.duration.as_secs_f64(),
     });
+    if let Some(a) = &ack {
+        let q = |p: f64| hist.value_at_quantile(p);
+        result["messages"] = json!({
+            "target_rate": a.msg_rate,
+            "sent": sent,
+            "acked": hist.len(),
+            "achieved_rate": sent as f64 / common.duration.as_secs_f64(),
+            "latency_us": { "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p99_9": q(0.999), "max": hist.max() },
+        });
+    }
     if common.json {
         println!("{result}");
     } else {
-        println!("scenario            idle");
+        println!("scenario            {}", result["scenario"].as_str().unwrap_or_default());
+        if ack.is_some() {
+            println!("messages            {}", result["messages"]);
+        }
         println!("connections         {peak} of {} in {connect_secs:.2}s", common.connections);
         println!("errors              {}", result["errors"]);
         if let Some(a) = rss_after {
