@@ -48,6 +48,9 @@ cargo fmt --all -- --check
 log "cargo clippy --all-targets -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+log "cargo build --bins (the integration tests drive shardgate and shardgate-loadtest)"
+cargo build --workspace --bins --locked
+
 log "cargo test"
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
