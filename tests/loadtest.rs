@@ -10,7 +10,11 @@ use support::{Server, SECRET};
 #[test]
 fn idle_scenario_holds_every_connection_and_reports_memory() {
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_shardgate")).with_file_name("shardgate-loadtest");
-    assert!(bin.exists(), "{} missing: run `cargo build --workspace --bins` first (scripts/test.sh does)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        bin.display()
+    );
     let srv = Server::start(&["--shards", "2"]);
     let pid = srv.pid().to_string();
     let url = format!("http://{}", srv.addr);
