@@ -72,3 +72,23 @@ fn ack_rtt_scenario_times_every_acked_message() {
     let seen = srv.metric("shardgate_messages_direct_total");
     assert!(seen <= sent && seen + 40 >= sent, "server saw {seen}, generator sent {sent}");
 }
+
+#[test]
+fn fanout_scenario_counts_deliveries_and_latency() {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_shardgate")).with_file_name("shardgate-loadtest");
+    let srv = Server::start(&["--shards", "2"]);
+    let url = format!("http://{}", srv.addr);
+    let out = Command::new(&bin)
+        .args(["fanout", "--url", &url, "--jwt-secret", SECRET, "--connections", "60", "--room-size", "20"])
+        .args(["--msg-rate", "30", "--rate", "600", "--duration", "4s", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f = &r["fanout"];
+    assert_eq!((f["rooms"].as_u64(), f["room_size"].as_u64()), (Some(3), Some(20)), "{r}");
+    let (got, want) = (f["deliveries"].as_u64().unwrap(), f["expected_deliveries"].as_u64().unwrap());
+    // Every message reaches the 19 other members (a few may be in flight at the end).
+    assert!(want > 0 && got * 10 >= want * 9 && got <= want, "{r}");
+    assert!(f["latency_us"]["p50"].as_u64().unwrap() > 0, "{r}");
+}

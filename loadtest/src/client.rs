@@ -47,8 +47,7 @@ impl ErrorKind {
 /// Something the server sent.
 #[derive(Debug)]
 pub enum Event {
-    /// An event: name and arguments (read by scenarios that count deliveries).
-    #[allow(dead_code)]
+    /// An event: name and arguments.
     Event(String, Vec<serde_json::Value>),
     /// An ack: id and arguments.
     Ack(u64, Vec<serde_json::Value>),

@@ -9,7 +9,8 @@
 //! Scenarios so far: `idle` (hold N authenticated connections, each in a room, and
 //! report the server's resident memory per connection) and `ack-rtt` (open-loop constant
 //! rate of acked messages; latency from each send's scheduled time, which corrects for
-//! coordinated omission).
+//! coordinated omission) and `fanout` (rooms with publishers; deliveries/s and
+//! send-to-receive latency).
 
 mod client;
 
@@ -40,6 +41,27 @@ enum Scenario {
     /// Open-loop constant rate of `message:send` with acks; ack latency percentiles,
     /// corrected for coordinated omission (measured from each send's scheduled time).
     AckRtt(AckRtt),
+    /// Rooms of `--room-size` members, publishers sending at a total `--msg-rate`;
+    /// deliveries/s and send-to-receive latency (send time carried in the payload).
+    Fanout(Fanout),
+}
+
+#[derive(Args, Clone, Debug)]
+struct Fanout {
+    #[command(flatten)]
+    common: Common,
+    /// Members per room (connections / room-size rooms).
+    #[arg(long, default_value_t = 100)]
+    room_size: usize,
+    /// Publishers per room.
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
+    /// Messages per second, all publishers together.
+    #[arg(long, default_value_t = 100.0)]
+    msg_rate: f64,
+    /// Bytes of padding per message.
+    #[arg(long, default_value_t = 100)]
+    payload_bytes: usize,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -330,6 +352,108 @@ async fn ack_rtt_worker(
     (hist, sends.sent.get())
 }
 
+/// One fan-out member: publishers send `{t, pad}` to their room on a fixed schedule;
+/// everyone times the messages they receive from the `t` inside.
+async fn fanout_one(
+    run: Arc<Run>,
+    sends: std::rc::Rc<Sends>,
+    i: usize,
+    stats: Arc<Stats>,
+    publisher: bool,
+    offset: Duration,
+) {
+    let Some(mut c) = open(&run, i, &stats).await else { return };
+    enum Ev {
+        In(Result<client::Event, ErrorKind>),
+        Send,
+    }
+    let room = format!("room-{}", i % run.common.rooms.max(1));
+    let mut next = Instant::now() + offset;
+    while Instant::now() < run.deadline {
+        let until = if publisher { next.min(run.deadline) } else { run.deadline };
+        let wait = until.saturating_duration_since(Instant::now());
+        let ev = futures_lite::future::or(async { Ev::In(c.next_event().await) }, async {
+            glommio::timer::sleep(wait).await;
+            Ev::Send
+        })
+        .await;
+        match ev {
+            Ev::Send if publisher && Instant::now() < run.deadline => {
+                let t = run.start.elapsed().as_micros() as u64;
+                let arg = json!({ "room": room, "content": { "t": t, "pad": sends.content } });
+                if let Err(k) = c.emit(&sends.send_event, &arg, false).await {
+                    stats.error(k);
+                    break;
+                }
+                sends.sent.set(sends.sent.get() + 1);
+                next += sends.per_conn_interval;
+            }
+            Ev::Send => {}
+            Ev::In(Ok(client::Event::Event(name, args))) if name == "message:new" => {
+                if let Some(t) = args.first().and_then(|m| m["content"]["t"].as_u64()) {
+                    let now = run.start.elapsed().as_micros() as u64;
+                    let _ = sends.hist.borrow_mut().record(now.saturating_sub(t).max(1));
+                }
+            }
+            Ev::In(Ok(_)) => {}
+            Ev::In(Err(k)) => {
+                stats.error(k);
+                break;
+            }
+        }
+    }
+    stats.connected.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// A worker of the fan-out scenario.
+async fn fanout_worker(
+    run: Arc<Run>,
+    idx: usize,
+    stats: Arc<Stats>,
+    opts: Fanout,
+) -> (hdrhistogram::Histogram<u64>, u64) {
+    let rooms = run.common.rooms.max(1);
+    let publishers = (rooms * opts.publishers.max(1)).min(run.common.connections).max(1);
+    let per_pub = Duration::from_secs_f64(publishers as f64 / opts.msg_rate.max(0.001));
+    let sends = std::rc::Rc::new(Sends {
+        per_conn_interval: per_pub,
+        send_event: "message:send".into(),
+        content: "x".repeat(opts.payload_bytes),
+        hist: std::cell::RefCell::new(
+            hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("bounds"),
+        ),
+        sent: std::cell::Cell::new(0),
+    });
+    let per_worker_rate = (run.common.rate / run.workers as f64).max(0.001);
+    let mut tasks = Vec::new();
+    // Members connect first; publishers (the lowest indexes) start sending once the
+    // connect phase is over, so every member is there for the first message.
+    let connect_phase = Duration::from_secs_f64(run.common.connections as f64 / run.common.rate.max(0.001));
+    for (k, i) in (idx..run.common.connections).step_by(run.workers).enumerate() {
+        let due = run.start + Duration::from_secs_f64(k as f64 / per_worker_rate);
+        let now = Instant::now();
+        if due > now {
+            glommio::timer::sleep(due - now).await;
+        }
+        let publisher = i < publishers;
+        let offset = connect_phase + Duration::from_secs(1) + per_pub.mul_f64(i as f64 / publishers as f64);
+        let offset = offset.saturating_sub(run.start.elapsed());
+        tasks.push(glommio::spawn_local(fanout_one(
+            run.clone(),
+            sends.clone(),
+            i,
+            stats.clone(),
+            publisher,
+            offset,
+        )));
+    }
+    for t in tasks {
+        t.await;
+    }
+    let hist = sends.hist.borrow().clone();
+    (hist, sends.sent.get())
+}
+
 /// One idle connection: connect, join a room, hold until the deadline.
 async fn idle_one(run: Arc<Run>, i: usize, stats: Arc<Stats>) {
     let Some(mut c) = open(&run, i, &stats).await else { return };
@@ -389,10 +513,14 @@ fn raise_fd_limit() -> u64 {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let (common, ack) = match cli.scenario {
-        Scenario::Idle(c) => (c, None),
-        Scenario::AckRtt(a) => (a.common.clone(), Some(a)),
+    let (mut common, ack, fan) = match cli.scenario {
+        Scenario::Idle(c) => (c, None, None),
+        Scenario::AckRtt(a) => (a.common.clone(), Some(a), None),
+        Scenario::Fanout(f) => (f.common.clone(), None, Some(f)),
     };
+    if let Some(f) = &fan {
+        common.rooms = (common.connections / f.room_size.max(1)).max(1);
+    }
     let fds = raise_fd_limit();
     if common.connections as u64 + 64 > fds {
         bail!(
@@ -443,13 +571,14 @@ fn main() -> anyhow::Result<()> {
     let sock_before = sockstat();
     let mut handles = Vec::new();
     for idx in 0..workers {
-        let (run, stats, ack) = (run.clone(), stats.clone(), ack.clone());
+        let (run, stats, ack, fan) = (run.clone(), stats.clone(), ack.clone(), fan.clone());
         let h = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("loadtest-{idx}"))
             .spawn(move || async move {
-                match ack {
-                    Some(opts) => Some(ack_rtt_worker(run, idx, stats, opts).await),
-                    None => {
+                match (ack, fan) {
+                    (Some(opts), _) => Some(ack_rtt_worker(run, idx, stats, opts).await),
+                    (_, Some(opts)) => Some(fanout_worker(run, idx, stats, opts).await),
+                    (None, None) => {
                         idle_worker(run, idx, stats).await;
                         None
                     }
@@ -500,7 +629,7 @@ fn main() -> anyhow::Result<()> {
         _ => serde_json::Value::Null,
     };
     let mut result = json!({
-        "scenario": if ack.is_some() { "ack-rtt" } else { "idle" },
+        "scenario": if ack.is_some() { "ack-rtt" } else if fan.is_some() { "fanout" } else { "idle" },
         "url": common.url,
         "workers": workers,
         "connections_target": common.connections,
@@ -524,12 +653,35 @@ fn main() -> anyhow::Result<()> {
             "latency_us": { "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p99_9": q(0.999), "max": hist.max() },
         });
     }
+    if let Some(f) = &fan {
+        let q = |p: f64| hist.value_at_quantile(p);
+        let members = common.connections / common.rooms.max(1);
+        let delivered = hist.len();
+        // Publishers start once every member had time to connect (see fanout_worker).
+        let connect_phase = common.connections as f64 / common.rate.max(0.001) + 1.0;
+        let send_secs = (common.duration.as_secs_f64() - connect_phase).max(0.001);
+        result["fanout"] = json!({
+            "rooms": common.rooms,
+            "room_size": members,
+            "publishers_per_room": f.publishers,
+            "target_rate": f.msg_rate,
+            "sent": sent,
+            "deliveries": delivered,
+            "expected_deliveries": sent * members.saturating_sub(1) as u64,
+            "send_window_seconds": send_secs,
+            "deliveries_per_sec": delivered as f64 / send_secs,
+            "latency_us": { "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p99_9": q(0.999), "max": hist.max() },
+        });
+    }
     if common.json {
         println!("{result}");
     } else {
         println!("scenario            {}", result["scenario"].as_str().unwrap_or_default());
         if ack.is_some() {
             println!("messages            {}", result["messages"]);
+        }
+        if fan.is_some() {
+            println!("fanout              {}", result["fanout"]);
         }
         println!("connections         {peak} of {} in {connect_secs:.2}s", common.connections);
         println!("errors              {}", result["errors"]);
