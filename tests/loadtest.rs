@@ -92,3 +92,35 @@ fn fanout_scenario_counts_deliveries_and_latency() {
     assert!(want > 0 && got * 10 >= want * 9 && got <= want, "{r}");
     assert!(f["latency_us"]["p50"].as_u64().unwrap() > 0, "{r}");
 }
+
+#[test]
+fn connect_storm_measures_a_wave_and_a_mass_reconnect() {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_shardgate")).with_file_name("shardgate-loadtest");
+    let srv = Server::start(&["--shards", "2"]);
+    let url = format!("http://{}", srv.addr);
+    let out = Command::new(&bin)
+        .args([
+            "connect-storm",
+            "--url",
+            &url,
+            "--jwt-secret",
+            SECRET,
+            "--connections",
+            "100",
+            "--rate",
+            "2000",
+        ])
+        .args(["--duration", "5s", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let waves = r["waves"].as_array().unwrap();
+    assert_eq!(waves.len(), 2, "{r}");
+    for w in waves {
+        assert_eq!(w["connected"], 100, "{r}");
+        assert!(w["connects_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(r["errors"].as_object().unwrap().values().all(|v| v == 0), "{r}");
+    assert!(srv.metric("shardgate_connections_accepted_total") >= 200);
+}

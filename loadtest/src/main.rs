@@ -9,8 +9,8 @@
 //! Scenarios so far: `idle` (hold N authenticated connections, each in a room, and
 //! report the server's resident memory per connection) and `ack-rtt` (open-loop constant
 //! rate of acked messages; latency from each send's scheduled time, which corrects for
-//! coordinated omission) and `fanout` (rooms with publishers; deliveries/s and
-//! send-to-receive latency).
+//! coordinated omission), `fanout` (rooms with publishers; deliveries/s and
+//! send-to-receive latency) and `connect-storm` (connects/s, then a mass reconnect).
 
 mod client;
 
@@ -44,6 +44,9 @@ enum Scenario {
     /// Rooms of `--room-size` members, publishers sending at a total `--msg-rate`;
     /// deliveries/s and send-to-receive latency (send time carried in the payload).
     Fanout(Fanout),
+    /// Connects/s including upgrade, Engine.IO handshake, auth and a room join; then every
+    /// connection drops at once and reconnects (a mass reconnect), measured the same way.
+    ConnectStorm(Common),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -157,6 +160,16 @@ fn parse_ips(s: &str) -> anyhow::Result<Vec<IpAddr>> {
         }
     }
     Ok(out)
+}
+
+/// What a worker hands back to the main thread.
+enum Outcome {
+    /// Nothing beyond the shared counters (idle).
+    Nothing,
+    /// A latency histogram and a count of messages sent.
+    Timed((hdrhistogram::Histogram<u64>, u64)),
+    /// Connect waves: latency histogram, seconds, connections.
+    Waves(Vec<(hdrhistogram::Histogram<u64>, f64, u64)>),
 }
 
 /// Shared, lock-free counters of a run.
@@ -454,6 +467,71 @@ async fn fanout_worker(
     (hist, sends.sent.get())
 }
 
+/// One connect-storm wave on a worker: its share of connections at the paced rate, each
+/// timed from its scheduled start to its joined room; returns the clients and the time
+/// the wave took.
+async fn storm_wave(
+    run: &Arc<Run>,
+    idx: usize,
+    stats: &Arc<Stats>,
+    hist: &std::rc::Rc<std::cell::RefCell<hdrhistogram::Histogram<u64>>>,
+) -> (Vec<Client>, f64) {
+    let per_worker_rate = (run.common.rate / run.workers as f64).max(0.001);
+    let began = Instant::now();
+    let mut tasks = Vec::new();
+    for (k, i) in (idx..run.common.connections).step_by(run.workers).enumerate() {
+        let due = began + Duration::from_secs_f64(k as f64 / per_worker_rate);
+        let now = Instant::now();
+        if due > now {
+            glommio::timer::sleep(due - now).await;
+        }
+        if Instant::now() >= run.deadline {
+            break;
+        }
+        let (run, stats, hist) = (run.clone(), stats.clone(), hist.clone());
+        tasks.push(glommio::spawn_local(async move {
+            let c = open(&run, i, &stats).await;
+            if c.is_some() {
+                let us = due.elapsed().as_micros().max(1) as u64;
+                let _ = hist.borrow_mut().record(us.min(3_600_000_000));
+            }
+            c
+        }));
+    }
+    let mut clients = Vec::new();
+    for t in tasks {
+        if let Some(c) = t.await {
+            clients.push(c);
+        }
+    }
+    (clients, began.elapsed().as_secs_f64())
+}
+
+/// A worker of the connect-storm scenario: a first wave, everything dropped at once, a
+/// second wave (the mass reconnect). Returns (first, second) connect latencies and wave
+/// durations.
+async fn storm_worker(
+    run: Arc<Run>,
+    idx: usize,
+    stats: Arc<Stats>,
+) -> Vec<(hdrhistogram::Histogram<u64>, f64, u64)> {
+    let mut waves = Vec::new();
+    for _ in 0..2 {
+        let hist = std::rc::Rc::new(std::cell::RefCell::new(
+            hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("bounds"),
+        ));
+        let (clients, secs) = storm_wave(&run, idx, &stats, &hist).await;
+        let n = clients.len() as u64;
+        // Everyone drops at once: the server sees the whole wave go.
+        stats.connected.fetch_sub(n, Ordering::Relaxed);
+        drop(clients);
+        let h = hist.borrow().clone();
+        waves.push((h, secs, n));
+        glommio::timer::sleep(Duration::from_millis(200)).await;
+    }
+    waves
+}
+
 /// One idle connection: connect, join a room, hold until the deadline.
 async fn idle_one(run: Arc<Run>, i: usize, stats: Arc<Stats>) {
     let Some(mut c) = open(&run, i, &stats).await else { return };
@@ -513,10 +591,11 @@ fn raise_fd_limit() -> u64 {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let (mut common, ack, fan) = match cli.scenario {
-        Scenario::Idle(c) => (c, None, None),
-        Scenario::AckRtt(a) => (a.common.clone(), Some(a), None),
-        Scenario::Fanout(f) => (f.common.clone(), None, Some(f)),
+    let (mut common, ack, fan, storm) = match cli.scenario {
+        Scenario::Idle(c) => (c, None, None, false),
+        Scenario::AckRtt(a) => (a.common.clone(), Some(a), None, false),
+        Scenario::Fanout(f) => (f.common.clone(), None, Some(f), false),
+        Scenario::ConnectStorm(c) => (c, None, None, true),
     };
     if let Some(f) = &fan {
         common.rooms = (common.connections / f.room_size.max(1)).max(1);
@@ -575,12 +654,13 @@ fn main() -> anyhow::Result<()> {
         let h = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("loadtest-{idx}"))
             .spawn(move || async move {
-                match (ack, fan) {
-                    (Some(opts), _) => Some(ack_rtt_worker(run, idx, stats, opts).await),
-                    (_, Some(opts)) => Some(fanout_worker(run, idx, stats, opts).await),
-                    (None, None) => {
+                match (ack, fan, storm) {
+                    (Some(opts), _, _) => Outcome::Timed(ack_rtt_worker(run, idx, stats, opts).await),
+                    (_, Some(opts), _) => Outcome::Timed(fanout_worker(run, idx, stats, opts).await),
+                    (_, _, true) => Outcome::Waves(storm_worker(run, idx, stats).await),
+                    _ => {
                         idle_worker(run, idx, stats).await;
-                        None
+                        Outcome::Nothing
                     }
                 }
             })
@@ -612,10 +692,25 @@ fn main() -> anyhow::Result<()> {
     }
     let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("bounds");
     let mut sent = 0;
+    let mut waves: Vec<(hdrhistogram::Histogram<u64>, f64, u64)> = Vec::new();
     for h in handles {
-        if let Ok(Some((h, n))) = h.join() {
-            let _ = hist.add(&h);
-            sent += n;
+        match h.join() {
+            Ok(Outcome::Timed((h, n))) => {
+                let _ = hist.add(&h);
+                sent += n;
+            }
+            Ok(Outcome::Waves(ws)) => {
+                for (i, (h, secs, n)) in ws.into_iter().enumerate() {
+                    if waves.len() <= i {
+                        waves.push((h, secs, n));
+                    } else {
+                        let _ = waves[i].0.add(&h);
+                        waves[i].1 = waves[i].1.max(secs);
+                        waves[i].2 += n;
+                    }
+                }
+            }
+            _ => {}
         }
     }
     if !common.json {
@@ -629,7 +724,7 @@ fn main() -> anyhow::Result<()> {
         _ => serde_json::Value::Null,
     };
     let mut result = json!({
-        "scenario": if ack.is_some() { "ack-rtt" } else if fan.is_some() { "fanout" } else { "idle" },
+        "scenario": if ack.is_some() { "ack-rtt" } else if fan.is_some() { "fanout" } else if storm { "connect-storm" } else { "idle" },
         "url": common.url,
         "workers": workers,
         "connections_target": common.connections,
@@ -673,6 +768,21 @@ fn main() -> anyhow::Result<()> {
             "latency_us": { "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p99_9": q(0.999), "max": hist.max() },
         });
     }
+    if storm {
+        let report: Vec<serde_json::Value> = waves
+            .iter()
+            .zip(["first", "mass_reconnect"])
+            .map(|((h, secs, n), name)| {
+                let q = |p: f64| h.value_at_quantile(p);
+                json!({
+                    "wave": name, "connected": n, "seconds": secs,
+                    "connects_per_sec": *n as f64 / secs.max(0.001),
+                    "connect_latency_us": { "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": h.max() },
+                })
+            })
+            .collect();
+        result["waves"] = json!(report);
+    }
     if common.json {
         println!("{result}");
     } else {
@@ -682,6 +792,9 @@ fn main() -> anyhow::Result<()> {
         }
         if fan.is_some() {
             println!("fanout              {}", result["fanout"]);
+        }
+        if storm {
+            println!("waves               {}", result["waves"]);
         }
         println!("connections         {peak} of {} in {connect_secs:.2}s", common.connections);
         println!("errors              {}", result["errors"]);
