@@ -124,3 +124,29 @@ fn connect_storm_measures_a_wave_and_a_mass_reconnect() {
     assert!(r["errors"].as_object().unwrap().values().all(|v| v == 0), "{r}");
     assert!(srv.metric("shardgate_connections_accepted_total") >= 200);
 }
+
+#[test]
+fn direct_scenario_pairs_users_across_nodes() {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_shardgate")).with_file_name("shardgate-loadtest");
+    let redis = support::redis::RedisServer::start();
+    let url = redis.url();
+    let nodes: Vec<Server> = (0..2).map(|_| Server::start(&["--redis", &url])).collect();
+    for n in &nodes {
+        n.wait_for("redis up", |s| s.metric("shardgate_redis_up") == 1);
+    }
+    let urls = format!("http://{},http://{}", nodes[0].addr, nodes[1].addr);
+    let out = Command::new(&bin)
+        .args(["direct", "--url", &urls, "--jwt-secret", SECRET, "--connections", "20", "--msg-rate", "100"])
+        .args(["--duration", "3s", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = &r["messages"];
+    let (sent, delivered) = (m["sent"].as_u64().unwrap(), m["delivered"].as_u64().unwrap());
+    assert!(sent > 100 && delivered + 20 >= sent, "{r}");
+    assert!(m["delivery_latency_us"]["p50"].as_u64().unwrap() > 0, "{r}");
+    // Every message crossed nodes: user i on node i % 2 sends to user i + 1 on the other.
+    let remote: u64 = nodes.iter().map(|n| n.metric("shardgate_messages_direct_total")).sum();
+    assert!(remote + 20 >= sent, "{r}");
+}

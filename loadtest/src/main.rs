@@ -10,7 +10,8 @@
 //! report the server's resident memory per connection) and `ack-rtt` (open-loop constant
 //! rate of acked messages; latency from each send's scheduled time, which corrects for
 //! coordinated omission), `fanout` (rooms with publishers; deliveries/s and
-//! send-to-receive latency) and `connect-storm` (connects/s, then a mass reconnect).
+//! send-to-receive latency), `connect-storm` (connects/s, then a mass reconnect) and
+//! `direct` (1:1 between users on different servers).
 
 mod client;
 
@@ -47,6 +48,9 @@ enum Scenario {
     /// Connects/s including upgrade, Engine.IO handshake, auth and a room join; then every
     /// connection drops at once and reconnects (a mass reconnect), measured the same way.
     ConnectStorm(Common),
+    /// 1:1 messages between users on different target nodes (`--url A,B`): user i sends
+    /// to user i+1 at a total `--msg-rate`; ack latency and send-to-delivery latency.
+    Direct(AckRtt),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -85,7 +89,8 @@ struct AckRtt {
 /// Flags every scenario shares.
 #[derive(Args, Clone, Debug)]
 struct Common {
-    /// Server URL (`http://host:port`).
+    /// Server URL (`http://host:port`); several, comma-separated, spread connection i
+    /// over them round-robin (the `direct` scenario pairs users on different servers).
     #[arg(long, default_value = "http://127.0.0.1:3000")]
     url: String,
     /// HS256 secret to mint one token per connection (`sub` = user{i}).
@@ -162,12 +167,20 @@ fn parse_ips(s: &str) -> anyhow::Result<Vec<IpAddr>> {
     Ok(out)
 }
 
+/// An empty latency histogram (1 µs .. 1 h, 3 significant digits).
+fn new_hist() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds")
+}
+
+/// Latencies (ack or receive), messages sent, delivery latencies (`direct`).
+type Timed = (hdrhistogram::Histogram<u64>, u64, hdrhistogram::Histogram<u64>);
+
 /// What a worker hands back to the main thread.
 enum Outcome {
     /// Nothing beyond the shared counters (idle).
     Nothing,
-    /// A latency histogram and a count of messages sent.
-    Timed((hdrhistogram::Histogram<u64>, u64)),
+    /// Latency histograms and a count of messages sent.
+    Timed(Timed),
     /// Connect waves: latency histogram, seconds, connections.
     Waves(Vec<(hdrhistogram::Histogram<u64>, f64, u64)>),
 }
@@ -199,8 +212,8 @@ impl Stats {
 /// What every worker needs to know.
 struct Run {
     common: Common,
-    target: SocketAddr,
-    host: String,
+    /// Servers, connection i going to `targets[i % len]`.
+    targets: Vec<(SocketAddr, String)>,
     sources: Vec<IpAddr>,
     tokens: Vec<String>,
     start: Instant,
@@ -225,7 +238,8 @@ async fn open(run: &Run, i: usize, stats: &Stats) -> Option<Client> {
     let source = (!run.sources.is_empty()).then(|| run.sources[i % run.sources.len()]);
     let auth = json!({ run.common.auth_field.clone(): run.token(i) });
     let timeout = Duration::from_secs(10);
-    let connecting = Client::connect(run.target, source, &run.host, &run.common.namespace, &auth, timeout);
+    let (target, host) = &run.targets[i % run.targets.len()];
+    let connecting = Client::connect(*target, source, host, &run.common.namespace, &auth, timeout);
     let mut c = match connecting.await {
         Ok(c) => c,
         Err(k) => {
@@ -264,6 +278,9 @@ struct Sends {
     /// Ack latencies in microseconds, from each send's scheduled time.
     hist: std::cell::RefCell<hdrhistogram::Histogram<u64>>,
     sent: std::cell::Cell<u64>,
+    /// `direct`: send to the next user, carry the send time, time deliveries here.
+    direct: bool,
+    delivered: std::cell::RefCell<hdrhistogram::Histogram<u64>>,
 }
 
 /// One connection sending at its fixed schedule and timing every ack.
@@ -297,7 +314,12 @@ async fn ack_rtt_one(
                 if Instant::now() >= run.deadline {
                     break;
                 }
-                let arg = json!({ "to": me, "content": sends.content });
+                let arg = if sends.direct {
+                    let to = format!("user{}", (i + 1) % run.common.connections.max(1));
+                    json!({ "to": to, "content": { "t": run.start.elapsed().as_micros() as u64, "pad": sends.content } })
+                } else {
+                    json!({ "to": me, "content": sends.content })
+                };
                 match c.emit(&sends.send_event, &arg, true).await {
                     Ok(Some(id)) => {
                         scheduled.insert(id, next);
@@ -317,6 +339,12 @@ async fn ack_rtt_one(
                     let _ = sends.hist.borrow_mut().record(us.min(3_600_000_000));
                 }
             }
+            Ev::In(Ok(client::Event::Event(name, args))) if sends.direct && name == "message:new" => {
+                if let Some(t) = args.first().and_then(|m| m["content"]["t"].as_u64()) {
+                    let now = run.start.elapsed().as_micros() as u64;
+                    let _ = sends.delivered.borrow_mut().record(now.saturating_sub(t).max(1));
+                }
+            }
             Ev::In(Ok(_)) => {}
             Ev::In(Err(k)) => {
                 stats.error(k);
@@ -329,22 +357,17 @@ async fn ack_rtt_one(
 
 /// A worker of the ack-rtt scenario: its share of the connections, each sending at
 /// `msg_rate / connections`.
-async fn ack_rtt_worker(
-    run: Arc<Run>,
-    idx: usize,
-    stats: Arc<Stats>,
-    opts: AckRtt,
-) -> (hdrhistogram::Histogram<u64>, u64) {
+async fn ack_rtt_worker(run: Arc<Run>, idx: usize, stats: Arc<Stats>, opts: AckRtt, direct: bool) -> Timed {
     let n = run.common.connections.max(1);
     let per_conn = Duration::from_secs_f64(n as f64 / opts.msg_rate.max(0.001));
     let sends = std::rc::Rc::new(Sends {
         per_conn_interval: per_conn,
         send_event: opts.send_event,
         content: "x".repeat(opts.payload_bytes),
-        hist: std::cell::RefCell::new(
-            hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("bounds"),
-        ),
+        hist: std::cell::RefCell::new(new_hist()),
         sent: std::cell::Cell::new(0),
+        direct,
+        delivered: std::cell::RefCell::new(new_hist()),
     });
     let per_worker_rate = (run.common.rate / run.workers as f64).max(0.001);
     let mut tasks = Vec::new();
@@ -361,8 +384,8 @@ async fn ack_rtt_worker(
     for t in tasks {
         t.await;
     }
-    let hist = sends.hist.borrow().clone();
-    (hist, sends.sent.get())
+    let (hist, delivered) = (sends.hist.borrow().clone(), sends.delivered.borrow().clone());
+    (hist, sends.sent.get(), delivered)
 }
 
 /// One fan-out member: publishers send `{t, pad}` to their room on a fixed schedule;
@@ -419,12 +442,7 @@ async fn fanout_one(
 }
 
 /// A worker of the fan-out scenario.
-async fn fanout_worker(
-    run: Arc<Run>,
-    idx: usize,
-    stats: Arc<Stats>,
-    opts: Fanout,
-) -> (hdrhistogram::Histogram<u64>, u64) {
+async fn fanout_worker(run: Arc<Run>, idx: usize, stats: Arc<Stats>, opts: Fanout) -> Timed {
     let rooms = run.common.rooms.max(1);
     let publishers = (rooms * opts.publishers.max(1)).min(run.common.connections).max(1);
     let per_pub = Duration::from_secs_f64(publishers as f64 / opts.msg_rate.max(0.001));
@@ -432,10 +450,10 @@ async fn fanout_worker(
         per_conn_interval: per_pub,
         send_event: "message:send".into(),
         content: "x".repeat(opts.payload_bytes),
-        hist: std::cell::RefCell::new(
-            hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("bounds"),
-        ),
+        hist: std::cell::RefCell::new(new_hist()),
         sent: std::cell::Cell::new(0),
+        direct: false,
+        delivered: std::cell::RefCell::new(new_hist()),
     });
     let per_worker_rate = (run.common.rate / run.workers as f64).max(0.001);
     let mut tasks = Vec::new();
@@ -464,7 +482,7 @@ async fn fanout_worker(
         t.await;
     }
     let hist = sends.hist.borrow().clone();
-    (hist, sends.sent.get())
+    (hist, sends.sent.get(), new_hist())
 }
 
 /// One connect-storm wave on a worker: its share of connections at the paced rate, each
@@ -591,11 +609,12 @@ fn raise_fd_limit() -> u64 {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let (mut common, ack, fan, storm) = match cli.scenario {
-        Scenario::Idle(c) => (c, None, None, false),
-        Scenario::AckRtt(a) => (a.common.clone(), Some(a), None, false),
-        Scenario::Fanout(f) => (f.common.clone(), None, Some(f), false),
-        Scenario::ConnectStorm(c) => (c, None, None, true),
+    let (mut common, ack, fan, storm, direct) = match cli.scenario {
+        Scenario::Idle(c) => (c, None, None, false, false),
+        Scenario::AckRtt(a) => (a.common.clone(), Some(a), None, false, false),
+        Scenario::Fanout(f) => (f.common.clone(), None, Some(f), false, false),
+        Scenario::ConnectStorm(c) => (c, None, None, true, false),
+        Scenario::Direct(a) => (a.common.clone(), Some(a), None, false, true),
     };
     if let Some(f) = &fan {
         common.rooms = (common.connections / f.room_size.max(1)).max(1);
@@ -611,12 +630,19 @@ fn main() -> anyhow::Result<()> {
     if common.jwt_secret.is_none() && common.tokens.is_none() {
         bail!("give --jwt-secret (tokens are minted) or --tokens FILE");
     }
-    let hostport = common.url.trim_start_matches("http://").trim_start_matches("ws://").trim_end_matches('/');
-    let target = hostport
-        .to_socket_addrs()
-        .with_context(|| format!("resolving {hostport}"))?
-        .next()
-        .context("no address for the URL")?;
+    let mut targets = Vec::new();
+    for url in common.url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let hostport = url.trim_start_matches("http://").trim_start_matches("ws://").trim_end_matches('/');
+        let addr = hostport
+            .to_socket_addrs()
+            .with_context(|| format!("resolving {hostport}"))?
+            .next()
+            .context("no address for the URL")?;
+        targets.push((addr, hostport.to_string()));
+    }
+    if targets.is_empty() {
+        bail!("--url names no server");
+    }
     let tokens = match &common.tokens {
         Some(p) => std::fs::read_to_string(p)?
             .lines()
@@ -636,8 +662,7 @@ fn main() -> anyhow::Result<()> {
         .max(1);
     let start = Instant::now();
     let run = Arc::new(Run {
-        target,
-        host: hostport.to_string(),
+        targets,
         sources,
         tokens,
         start,
@@ -655,7 +680,7 @@ fn main() -> anyhow::Result<()> {
             .name(&format!("loadtest-{idx}"))
             .spawn(move || async move {
                 match (ack, fan, storm) {
-                    (Some(opts), _, _) => Outcome::Timed(ack_rtt_worker(run, idx, stats, opts).await),
+                    (Some(opts), _, _) => Outcome::Timed(ack_rtt_worker(run, idx, stats, opts, direct).await),
                     (_, Some(opts), _) => Outcome::Timed(fanout_worker(run, idx, stats, opts).await),
                     (_, _, true) => Outcome::Waves(storm_worker(run, idx, stats).await),
                     _ => {
@@ -690,13 +715,15 @@ fn main() -> anyhow::Result<()> {
             sampled = Some((common.server_pid.and_then(rss), sockstat(), connect_secs));
         }
     }
-    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("bounds");
+    let mut hist = new_hist();
+    let mut delivered = new_hist();
     let mut sent = 0;
     let mut waves: Vec<(hdrhistogram::Histogram<u64>, f64, u64)> = Vec::new();
     for h in handles {
         match h.join() {
-            Ok(Outcome::Timed((h, n))) => {
+            Ok(Outcome::Timed((h, n, d))) => {
                 let _ = hist.add(&h);
+                let _ = delivered.add(&d);
                 sent += n;
             }
             Ok(Outcome::Waves(ws)) => {
@@ -724,7 +751,7 @@ fn main() -> anyhow::Result<()> {
         _ => serde_json::Value::Null,
     };
     let mut result = json!({
-        "scenario": if ack.is_some() { "ack-rtt" } else if fan.is_some() { "fanout" } else if storm { "connect-storm" } else { "idle" },
+        "scenario": if direct { "direct" } else if ack.is_some() { "ack-rtt" } else if fan.is_some() { "fanout" } else if storm { "connect-storm" } else { "idle" },
         "url": common.url,
         "workers": workers,
         "connections_target": common.connections,
@@ -747,6 +774,11 @@ fn main() -> anyhow::Result<()> {
             "achieved_rate": sent as f64 / common.duration.as_secs_f64(),
             "latency_us": { "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p99_9": q(0.999), "max": hist.max() },
         });
+        if direct {
+            let d = |p: f64| delivered.value_at_quantile(p);
+            result["messages"]["delivered"] = json!(delivered.len());
+            result["messages"]["delivery_latency_us"] = json!({ "p50": d(0.5), "p90": d(0.9), "p99": d(0.99), "p99_9": d(0.999), "max": delivered.max() });
+        }
     }
     if let Some(f) = &fan {
         let q = |p: f64| hist.value_at_quantile(p);
