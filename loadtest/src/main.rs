@@ -167,6 +167,19 @@ fn parse_ips(s: &str) -> anyhow::Result<Vec<IpAddr>> {
     Ok(out)
 }
 
+/// Records the send-to-receive time of a `message:new` whose content carries `t` (µs
+/// since the run started; sender and receiver share this process's clock).
+fn record_transit(
+    run: &Run,
+    args: &[serde_json::Value],
+    hist: &std::cell::RefCell<hdrhistogram::Histogram<u64>>,
+) {
+    if let Some(t) = args.first().and_then(|m| m["content"]["t"].as_u64()) {
+        let now = run.start.elapsed().as_micros() as u64;
+        let _ = hist.borrow_mut().record(now.saturating_sub(t).max(1));
+    }
+}
+
 /// An empty latency histogram (1 µs .. 1 h, 3 significant digits).
 fn new_hist() -> hdrhistogram::Histogram<u64> {
     hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds")
@@ -340,10 +353,7 @@ async fn ack_rtt_one(
                 }
             }
             Ev::In(Ok(client::Event::Event(name, args))) if sends.direct && name == "message:new" => {
-                if let Some(t) = args.first().and_then(|m| m["content"]["t"].as_u64()) {
-                    let now = run.start.elapsed().as_micros() as u64;
-                    let _ = sends.delivered.borrow_mut().record(now.saturating_sub(t).max(1));
-                }
+                record_transit(&run, &args, &sends.delivered);
             }
             Ev::In(Ok(_)) => {}
             Ev::In(Err(k)) => {
@@ -426,10 +436,7 @@ async fn fanout_one(
             }
             Ev::Send => {}
             Ev::In(Ok(client::Event::Event(name, args))) if name == "message:new" => {
-                if let Some(t) = args.first().and_then(|m| m["content"]["t"].as_u64()) {
-                    let now = run.start.elapsed().as_micros() as u64;
-                    let _ = sends.hist.borrow_mut().record(now.saturating_sub(t).max(1));
-                }
+                record_transit(&run, &args, &sends.hist);
             }
             Ev::In(Ok(_)) => {}
             Ev::In(Err(k)) => {
