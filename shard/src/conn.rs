@@ -115,10 +115,7 @@ async fn handshake(shard: &Shard, mut stream: TcpStream, full: bool) -> Option<C
     Some(io)
 }
 
-/// The Engine.IO session id the client sees; names the shard that owns the socket.
-pub(crate) fn sid(shard: usize, id: ConnId) -> String {
-    format!("{shard:02x}{:016x}", id.as_u64() ^ 0x5bd1_e995_9e37_79b9)
-}
+pub(crate) use crate::msg::sid;
 
 enum HeadError {
     Timeout,

@@ -30,6 +30,22 @@ pub fn key_id(key: &str) -> &str {
     key.split_once('\x1f').map(|(_, id)| id).unwrap_or(key)
 }
 
+/// Scrambles the slot/generation pair so socket ids do not read as counters.
+const SID_XOR: u64 = 0x5bd1_e995_9e37_79b9;
+
+/// The socket id (Engine.IO `sid`) of connection `conn` on `shard`: two hex digits of
+/// shard, then the connection. Also the socket's name in the cluster registry.
+pub fn sid(shard: ShardId, conn: ConnId) -> String {
+    format!("{shard:02x}{:016x}", conn.as_u64() ^ SID_XOR)
+}
+
+/// Inverse of [`sid`]; `None` for anything that is not one.
+pub fn parse_sid(sid: &str) -> Option<(ShardId, ConnId)> {
+    let shard = usize::from_str_radix(sid.get(..2)?, 16).ok()?;
+    let conn = u64::from_str_radix(sid.get(2..)?, 16).ok()?;
+    Some((shard, ConnId::from_u64(conn ^ SID_XOR)))
+}
+
 /// A connection anywhere in the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SocketRef {
@@ -305,4 +321,19 @@ pub enum ShardMsg {
     /// Test-only payload.
     #[cfg(test)]
     Test(u64),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_ids_round_trip() {
+        let conn = ConnId::from_u64(0x0000_0003_0000_0011);
+        let s = sid(5, conn);
+        assert_eq!((s.len(), &s[..2]), (18, "05"));
+        assert_eq!(parse_sid(&s), Some((5, conn)));
+        assert_eq!(parse_sid("zz"), None);
+        assert_eq!(parse_sid(""), None);
+    }
 }

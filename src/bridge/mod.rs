@@ -36,7 +36,9 @@ use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use shardgate_io::resp::{self, Reply};
 use shardgate_shard::mesh::{Doorbell, Inbox, ShardId};
 use shardgate_shard::metrics::{Counter, ShardMetrics};
-use shardgate_shard::msg::{key, BridgeMsg, DeliveryStatus, Frame, Key, Origin, ShardMsg, SocketRef};
+use shardgate_shard::msg::{
+    key, parse_sid, BridgeMsg, DeliveryStatus, Frame, Key, Origin, ShardMsg, SocketRef,
+};
 use shardgate_shard::{ConnId, Shared};
 use tracing::{info, warn};
 
@@ -803,8 +805,8 @@ fn apply(b: &Bridge, then: Then, reply: Reply, followups: &mut Batch) {
                 let mut shards: Vec<ShardId> = sids
                     .iter()
                     .filter_map(resp::as_bytes)
-                    .filter_map(|sid| std::str::from_utf8(sid.get(..2)?).ok())
-                    .filter_map(|h| usize::from_str_radix(h, 16).ok())
+                    .filter_map(|sid| parse_sid(std::str::from_utf8(sid).ok()?))
+                    .map(|(shard, _)| shard)
                     .collect();
                 shards.sort_unstable();
                 shards.dedup();
@@ -869,15 +871,12 @@ async fn session(
     // Changes may have been missed while disconnected: start the route cache over.
     b.routes.borrow_mut().clear();
     let mut channels = vec![b.k(&["registry:changes"]), b.k(&["server:", &me]), b.k(&["presence:updates"])];
-    for (sid, (user, shard)) in sockets {
+    for (sid, (user, _)) in sockets {
+        let Some((shard, conn)) = parse_sid(&sid) else { continue };
         let ttl = b.cfg.presence_ttl_secs.to_string();
         batch.cmd(
             &["EVAL", scripts::UP, "0", &b.cfg.prefix, &me, &sid, &redis_id(&user), &now, &ttl],
-            Then::Drain {
-                socket: SocketRef { shard, conn: conn_of(&sid) },
-                answer: false,
-                user: user.clone(),
-            },
+            Then::Drain { socket: SocketRef { shard, conn }, answer: false, user: user.clone() },
         );
     }
     for (room, sids) in rooms {
@@ -984,11 +983,6 @@ async fn leave(b: &Bridge, cmd: &mut RedisConn, bell: &mut UnixStream) -> std::i
     exec(b, cmd, batch).await?;
     info!(server = me, "left the cluster");
     Ok(())
-}
-
-fn conn_of(sid: &str) -> ConnId {
-    let v = u64::from_str_radix(sid.get(2..).unwrap_or("0"), 16).unwrap_or(0);
-    ConnId::from_u64(v ^ 0x5bd1_e995_9e37_79b9)
 }
 
 fn liveness(b: &Bridge, batch: &mut Batch) {
