@@ -7,61 +7,57 @@ use std::process::Command;
 
 use support::{Server, SECRET};
 
-#[test]
-fn idle_scenario_holds_every_connection_and_reports_memory() {
+/// Runs `shardgate-loadtest SCENARIO_AND_FLAGS --url URL --jwt-secret SECRET EXTRA --json`
+/// and returns its report; `ok` demands exit 0.
+fn loadtest(flags: &str, url: &str, secret: &str, extra: &[&str], ok: bool) -> serde_json::Value {
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_shardgate")).with_file_name("shardgate-loadtest");
     assert!(
         bin.exists(),
-        "{} missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        "{} missing: run `cargo build --workspace --bins` (scripts/test.sh does)",
         bin.display()
     );
+    let out = Command::new(&bin)
+        .args(flags.split_whitespace())
+        .args(["--url", url, "--jwt-secret", secret])
+        .args(extra)
+        .arg("--json")
+        .output()
+        .unwrap();
+    if ok {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let report = serde_json::from_slice(&out.stdout);
+    report.unwrap_or_else(|e| panic!("no JSON report ({e}): {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn idle_scenario_holds_every_connection_and_reports_memory() {
     let srv = Server::start(&["--shards", "2"]);
     let pid = srv.pid().to_string();
     let url = format!("http://{}", srv.addr);
-    let out = Command::new(&bin)
-        .args(["idle", "--url", &url, "--jwt-secret", SECRET, "--connections", "300", "--rate", "3000"])
-        .args([
-            "--duration",
-            "3s",
-            "--cores",
-            "2",
-            "--source-ips",
-            "127.0.0.1-127.0.0.3",
-            "--server-pid",
-            &pid,
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = loadtest(
+        "idle --connections 300 --rate 3000 --duration 3s --cores 2 --source-ips 127.0.0.1-127.0.0.3",
+        &url,
+        SECRET,
+        &["--server-pid", &pid],
+        true,
+    );
     assert_eq!(r["connections_peak"], 300, "{r}");
     assert!(r["errors"].as_object().unwrap().values().all(|v| v == 0), "{r}");
     assert!(r["rss_bytes_per_connection"].as_u64().is_some(), "{r}");
     assert!(srv.metric("shardgate_connections_accepted_total") >= 300);
 
     // Refused tokens are counted, not hidden.
-    let out = Command::new(&bin)
-        .args(["idle", "--url", &url, "--jwt-secret", "a-different-secret-altogether", "--connections", "5"])
-        .args(["--duration", "1s", "--json"])
-        .output()
-        .unwrap();
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = loadtest("idle --connections 5 --duration 1s", &url, "a-different-secret-altogether", &[], false);
     assert_eq!(r["errors"]["auth"], 5, "{r}");
 }
 
 #[test]
 fn ack_rtt_scenario_times_every_acked_message() {
-    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_shardgate")).with_file_name("shardgate-loadtest");
     let srv = Server::start(&["--shards", "2"]);
     let url = format!("http://{}", srv.addr);
-    let out = Command::new(&bin)
-        .args(["ack-rtt", "--url", &url, "--jwt-secret", SECRET, "--connections", "20", "--msg-rate", "200"])
-        .args(["--duration", "3s", "--cores", "2", "--json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r =
+        loadtest("ack-rtt --connections 20 --msg-rate 200 --duration 3s --cores 2", &url, SECRET, &[], true);
     let m = &r["messages"];
     let (sent, acked) = (m["sent"].as_u64().unwrap(), m["acked"].as_u64().unwrap());
     // About 200/s for the seconds left after connecting; every ack that came back timed.
@@ -75,16 +71,15 @@ fn ack_rtt_scenario_times_every_acked_message() {
 
 #[test]
 fn fanout_scenario_counts_deliveries_and_latency() {
-    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_shardgate")).with_file_name("shardgate-loadtest");
     let srv = Server::start(&["--shards", "2"]);
     let url = format!("http://{}", srv.addr);
-    let out = Command::new(&bin)
-        .args(["fanout", "--url", &url, "--jwt-secret", SECRET, "--connections", "60", "--room-size", "20"])
-        .args(["--msg-rate", "30", "--rate", "600", "--duration", "4s", "--json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = loadtest(
+        "fanout --connections 60 --room-size 20 --msg-rate 30 --rate 600 --duration 4s",
+        &url,
+        SECRET,
+        &[],
+        true,
+    );
     let f = &r["fanout"];
     assert_eq!((f["rooms"].as_u64(), f["room_size"].as_u64()), (Some(3), Some(20)), "{r}");
     let (got, want) = (f["deliveries"].as_u64().unwrap(), f["expected_deliveries"].as_u64().unwrap());
@@ -95,26 +90,9 @@ fn fanout_scenario_counts_deliveries_and_latency() {
 
 #[test]
 fn connect_storm_measures_a_wave_and_a_mass_reconnect() {
-    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_shardgate")).with_file_name("shardgate-loadtest");
     let srv = Server::start(&["--shards", "2"]);
     let url = format!("http://{}", srv.addr);
-    let out = Command::new(&bin)
-        .args([
-            "connect-storm",
-            "--url",
-            &url,
-            "--jwt-secret",
-            SECRET,
-            "--connections",
-            "100",
-            "--rate",
-            "2000",
-        ])
-        .args(["--duration", "5s", "--json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = loadtest("connect-storm --connections 100 --rate 2000 --duration 5s", &url, SECRET, &[], true);
     let waves = r["waves"].as_array().unwrap();
     assert_eq!(waves.len(), 2, "{r}");
     for w in waves {
@@ -127,7 +105,6 @@ fn connect_storm_measures_a_wave_and_a_mass_reconnect() {
 
 #[test]
 fn direct_scenario_pairs_users_across_nodes() {
-    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_shardgate")).with_file_name("shardgate-loadtest");
     let redis = support::redis::RedisServer::start();
     let url = redis.url();
     let nodes: Vec<Server> = (0..2).map(|_| Server::start(&["--redis", &url])).collect();
@@ -135,13 +112,7 @@ fn direct_scenario_pairs_users_across_nodes() {
         n.wait_for("redis up", |s| s.metric("shardgate_redis_up") == 1);
     }
     let urls = format!("http://{},http://{}", nodes[0].addr, nodes[1].addr);
-    let out = Command::new(&bin)
-        .args(["direct", "--url", &urls, "--jwt-secret", SECRET, "--connections", "20", "--msg-rate", "100"])
-        .args(["--duration", "3s", "--json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = loadtest("direct --connections 20 --msg-rate 100 --duration 3s", &urls, SECRET, &[], true);
     let m = &r["messages"];
     let (sent, delivered) = (m["sent"].as_u64().unwrap(), m["delivered"].as_u64().unwrap());
     assert!(sent > 100 && delivered + 20 >= sent, "{r}");

@@ -217,20 +217,19 @@ impl Client {
 
     /// Holds the connection open until `until`, answering pings.
     pub async fn idle_until(&mut self, until: std::time::Instant) -> Result<(), ErrorKind> {
-        let left = until.saturating_duration_since(std::time::Instant::now());
-        let hold = async {
-            loop {
-                if let Err(e) = self.next_event().await {
-                    return e;
-                }
-            }
-        };
-        match glommio::timer::timeout(left, async { Ok::<ErrorKind, glommio::GlommioError<()>>(hold.await) })
-            .await
-        {
-            Ok(e) => Err(e),
-            Err(_) => Ok(()),
-        }
+        while self.next_event_until(until).await?.is_some() {}
+        Ok(())
+    }
+
+    /// The next event or ack, or `None` once `until` passed first. glommio reads wait
+    /// for readiness before taking bytes, so giving up on a read loses nothing.
+    pub async fn next_event_until(&mut self, until: std::time::Instant) -> Result<Option<Event>, ErrorKind> {
+        let wait = until.saturating_duration_since(std::time::Instant::now());
+        futures_lite::future::or(async { self.next_event().await.map(Some) }, async {
+            glommio::timer::sleep(wait).await;
+            Ok(None)
+        })
+        .await
     }
 }
 

@@ -305,25 +305,12 @@ async fn ack_rtt_one(
     offset: Duration,
 ) {
     let Some(mut c) = open(&run, i, &stats).await else { return };
-    enum Ev {
-        In(Result<client::Event, ErrorKind>),
-        Send,
-    }
     let mut scheduled: std::collections::HashMap<u64, Instant> = std::collections::HashMap::new();
     let mut next = Instant::now() + offset;
     let me = format!("user{i}");
     while Instant::now() < run.deadline {
-        let until = next.min(run.deadline);
-        let wait = until.saturating_duration_since(Instant::now());
-        // Reading is readiness-based in glommio: dropping the read when the timer wins
-        // loses no bytes.
-        let ev = futures_lite::future::or(async { Ev::In(c.next_event().await) }, async {
-            glommio::timer::sleep(wait).await;
-            Ev::Send
-        })
-        .await;
-        match ev {
-            Ev::Send => {
+        match c.next_event_until(next.min(run.deadline)).await {
+            Ok(None) => {
                 if Instant::now() >= run.deadline {
                     break;
                 }
@@ -346,17 +333,17 @@ async fn ack_rtt_one(
                 }
                 next += sends.per_conn_interval;
             }
-            Ev::In(Ok(client::Event::Ack(id, _))) => {
+            Ok(Some(client::Event::Ack(id, _))) => {
                 if let Some(t) = scheduled.remove(&id) {
                     let us = t.elapsed().as_micros().max(1) as u64;
                     let _ = sends.hist.borrow_mut().record(us.min(3_600_000_000));
                 }
             }
-            Ev::In(Ok(client::Event::Event(name, args))) if sends.direct && name == "message:new" => {
+            Ok(Some(client::Event::Event(name, args))) if sends.direct && name == "message:new" => {
                 record_transit(&run, &args, &sends.delivered);
             }
-            Ev::In(Ok(_)) => {}
-            Ev::In(Err(k)) => {
+            Ok(Some(_)) => {}
+            Err(k) => {
                 stats.error(k);
                 break;
             }
@@ -409,22 +396,12 @@ async fn fanout_one(
     offset: Duration,
 ) {
     let Some(mut c) = open(&run, i, &stats).await else { return };
-    enum Ev {
-        In(Result<client::Event, ErrorKind>),
-        Send,
-    }
     let room = format!("room-{}", i % run.common.rooms.max(1));
     let mut next = Instant::now() + offset;
     while Instant::now() < run.deadline {
         let until = if publisher { next.min(run.deadline) } else { run.deadline };
-        let wait = until.saturating_duration_since(Instant::now());
-        let ev = futures_lite::future::or(async { Ev::In(c.next_event().await) }, async {
-            glommio::timer::sleep(wait).await;
-            Ev::Send
-        })
-        .await;
-        match ev {
-            Ev::Send if publisher && Instant::now() < run.deadline => {
+        match c.next_event_until(until).await {
+            Ok(None) if publisher && Instant::now() < run.deadline => {
                 let t = run.start.elapsed().as_micros() as u64;
                 let arg = json!({ "room": room, "content": { "t": t, "pad": sends.content } });
                 if let Err(k) = c.emit(&sends.send_event, &arg, false).await {
@@ -434,12 +411,12 @@ async fn fanout_one(
                 sends.sent.set(sends.sent.get() + 1);
                 next += sends.per_conn_interval;
             }
-            Ev::Send => {}
-            Ev::In(Ok(client::Event::Event(name, args))) if name == "message:new" => {
+            Ok(None) => {}
+            Ok(Some(client::Event::Event(name, args))) if name == "message:new" => {
                 record_transit(&run, &args, &sends.hist);
             }
-            Ev::In(Ok(_)) => {}
-            Ev::In(Err(k)) => {
+            Ok(Some(_)) => {}
+            Err(k) => {
                 stats.error(k);
                 break;
             }
