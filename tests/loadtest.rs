@@ -121,3 +121,49 @@ fn direct_scenario_pairs_users_across_nodes() {
     let remote: u64 = nodes.iter().map(|n| n.metric("shardgate_messages_direct_total")).sum();
     assert!(remote + 20 >= sent, "{r}");
 }
+
+#[test]
+fn worker_processes_split_a_run_and_merge_one_report() {
+    let srv = Server::start(&["--shards", "2"]);
+    let pid = srv.pid().to_string();
+    let url = format!("http://{}", srv.addr);
+    let dir = std::env::temp_dir().join(format!("shardgate-lt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let html = dir.join("fanout.html");
+    let r = loadtest(
+        "fanout --connections 90 --room-size 30 --msg-rate 30 --rate 600 --duration 4s --cores 1 --processes 3",
+        &url,
+        SECRET,
+        &["--server-pid", &pid, "--report", html.to_str().unwrap()],
+        true,
+    );
+    assert_eq!(r["processes"], 3, "{r}");
+    assert_eq!(r["connections_peak"], 90, "{r}");
+    // Members and publishers of one room sit in different processes: the send time in
+    // the payload is on the run's shared clock, so transit times stay meaningful.
+    let f = &r["fanout"];
+    let (got, want) = (f["deliveries"].as_u64().unwrap(), f["expected_deliveries"].as_u64().unwrap());
+    assert!(want > 0 && got * 10 >= want * 9 && got <= want, "{r}");
+    let p99 = f["latency_us"]["p99"].as_u64().unwrap();
+    assert!(p99 > 0 && p99 < 2_000_000, "{r}");
+    // The server's CPU time over the steady window is reported per delivery.
+    assert!(r["steady"]["server_cpu_us_per_received"].as_f64().is_some(), "{r}");
+    assert!(r["timeline"].as_array().unwrap().len() >= 6, "{r}");
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("<svg") && page.contains("Latency by percentile"), "no charts in the report");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_run_past_the_open_file_limit_asks_for_more_processes() {
+    let r = Command::new(
+        std::path::Path::new(env!("CARGO_BIN_EXE_shardgate")).with_file_name("shardgate-loadtest"),
+    )
+    .args(["idle", "--url", "http://127.0.0.1:9", "--jwt-secret", SECRET])
+    .args(["--connections", "10000000", "--processes", "1"])
+    .output()
+    .unwrap();
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("open-file limit") && err.contains("--processes"), "{err}");
+}

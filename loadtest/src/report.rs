@@ -1,0 +1,479 @@
+//! Following a run (live progress, server sampling) and reporting it: the result as
+//! JSON, the final table, and a self-contained HTML report with SVG charts.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+
+use crate::client::ErrorKind;
+use crate::scenario::Kind;
+use crate::stats::{Report, Timeline, SAMPLE_EVERY};
+use crate::Common;
+
+/// A server process's resident memory in bytes.
+fn rss(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
+/// A server process's CPU time (user + system) in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks / hz)
+}
+
+/// Summed over the server processes; `None` if any cannot be read.
+fn servers<T: std::iter::Sum>(pids: &[u32], f: impl Fn(u32) -> Option<T>) -> Option<T> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|p| f(*p)).sum()
+}
+
+fn sockstat() -> String {
+    std::fs::read_to_string("/proc/net/sockstat")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("TCP:")).map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The server at one moment.
+#[derive(Default, Clone)]
+pub struct ServerSample {
+    /// Seconds into the run.
+    pub t: f64,
+    pub rss: Option<u64>,
+    pub cpu: Option<f64>,
+    pub sockstat: String,
+    /// Connections open then (over every worker process).
+    pub connected: u64,
+}
+
+impl ServerSample {
+    fn take(pids: &[u32], t: f64, connected: u64) -> ServerSample {
+        ServerSample {
+            t,
+            rss: servers(pids, rss),
+            cpu: servers(pids, cpu_seconds),
+            sockstat: sockstat(),
+            connected,
+        }
+    }
+}
+
+/// Everything a run produced.
+pub struct Outcome {
+    pub timeline: Timeline,
+    pub before: ServerSample,
+    /// Once every connection was up (or failed) for a second: the steady state begins.
+    pub steady: Option<(usize, ServerSample)>,
+    /// At the deadline.
+    pub end: ServerSample,
+    /// Seconds until every connection was up or failed.
+    pub connect_secs: Option<f64>,
+    /// A worker process that failed.
+    pub failure: Option<String>,
+}
+
+/// Follows the run to its end: merges reports, draws the progress, samples the server.
+pub fn follow(
+    common: &Common,
+    kind: &Kind,
+    procs: usize,
+    start: Instant,
+    rx: mpsc::Receiver<(usize, Report)>,
+) -> Outcome {
+    let pids = &common.server_pid;
+    let bar = ProgressBar::new(common.connections as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed:>4} [{bar:24}] {pos:>7}/{len:<7} conns  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(250));
+    let mut out = Outcome {
+        timeline: Timeline::new(procs),
+        before: ServerSample::take(pids, 0.0, 0),
+        steady: None,
+        end: ServerSample::default(),
+        connect_secs: None,
+        failure: None,
+    };
+    let mut end = None;
+    while !out.timeline.done() {
+        let got = rx.recv_timeout(Duration::from_millis(100));
+        if end.is_none() && start.elapsed() >= common.duration {
+            let (connected, _, _) = out.timeline.latest();
+            end = Some(ServerSample::take(pids, start.elapsed().as_secs_f64(), connected));
+        }
+        let (proc, report) = match got {
+            Ok(x) => x,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        if let Report::Failed(e) = &report {
+            bar.println(format!("worker {proc}: {e}"));
+            out.failure.get_or_insert_with(|| e.clone());
+        }
+        let Some(k) = out.timeline.add(proc, report) else { continue };
+        let Some(p) = out.timeline.point(k) else { continue };
+        let secs = SAMPLE_EVERY.as_secs_f64();
+        let prev_sent = k.checked_sub(1).and_then(|j| out.timeline.point(j)).map_or(0, |q| q.sent);
+        let mut msg = format!("errors {}", p.errors);
+        if !matches!(kind, Kind::Idle | Kind::ConnectStorm) {
+            msg = format!(
+                "sent {:>7.0}/s  recv {:>8.0}/s  p99 {:>8} µs  {msg}",
+                (p.sent - prev_sent) as f64 / secs,
+                p.latency.len() as f64 / secs,
+                p.latency.value_at_quantile(0.99)
+            );
+        }
+        bar.set_position(p.connected);
+        bar.set_message(msg);
+        if out.connect_secs.is_none() && p.connected + p.errors >= common.connections as u64 {
+            out.connect_secs = Some(p.t);
+        }
+        if out.steady.is_none() && out.connect_secs.is_some_and(|c| p.t >= c + 1.0) {
+            out.steady = Some((k, ServerSample::take(pids, p.t, p.connected)));
+        }
+    }
+    bar.finish_and_clear();
+    let (connected, _, _) = out.timeline.latest();
+    out.end = end.unwrap_or_else(|| ServerSample::take(pids, start.elapsed().as_secs_f64(), connected));
+    out
+}
+
+fn percentiles(h: &Histogram<u64>) -> Value {
+    let q = |p: f64| h.value_at_quantile(p);
+    json!({ "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p99_9": q(0.999), "max": h.max() })
+}
+
+/// The result of a run as JSON (what `--json` prints).
+pub fn result(common: &Common, kind: &Kind, procs: usize, o: &Outcome) -> Value {
+    let tl = &o.timeline;
+    let (_, sent, errors) = tl.latest();
+    let errors: serde_json::Map<String, Value> =
+        ErrorKind::ALL.iter().zip(errors).map(|(k, n)| (k.as_str().to_string(), json!(n))).collect();
+    let secs = SAMPLE_EVERY.as_secs_f64();
+    let mut prev_sent = 0;
+    let timeline: Vec<Value> = tl
+        .points()
+        .map(|p| {
+            let v = json!({
+                "t": p.t,
+                "connected": p.connected,
+                "sent_per_sec": (p.sent - prev_sent.min(p.sent)) as f64 / secs,
+                "received_per_sec": p.latency.len() as f64 / secs,
+                "p50_us": p.latency.value_at_quantile(0.5),
+                "p99_us": p.latency.value_at_quantile(0.99),
+                "errors": p.errors,
+            });
+            prev_sent = p.sent;
+            v
+        })
+        .collect();
+    let mut r = json!({
+        "scenario": kind.name(),
+        "url": common.url,
+        "processes": procs,
+        "workers": procs * common.cores.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        "connections_target": common.connections,
+        "connections_peak": tl.peak,
+        "connect_seconds": o.connect_secs,
+        "errors": errors,
+        "duration_seconds": common.duration.as_secs_f64(),
+        "sockstat_before": o.before.sockstat,
+        "sockstat_after": o.steady.as_ref().map_or(&o.end.sockstat, |s| &s.1.sockstat),
+        "server_rss_before_bytes": o.before.rss,
+        "server_rss_after_bytes": o.steady.as_ref().and_then(|s| s.1.rss),
+        "rss_bytes_per_connection": Value::Null,
+        "timeline": timeline,
+    });
+    if let Some((k, s)) = &o.steady {
+        if let (Some(b), Some(a)) = (o.before.rss, s.rss) {
+            if let Some(per) = a.saturating_sub(b).checked_div(s.connected) {
+                r["rss_bytes_per_connection"] = json!(per);
+            }
+        }
+        // The steady window: from the steady sample to the deadline.
+        let received_before: u64 = tl.points().take(k + 1).map(|p| p.latency.len()).sum();
+        let sent_before = tl.point(*k).map_or(0, |p| p.sent);
+        let seconds = (o.end.t.min(common.duration.as_secs_f64()) - s.t).max(0.001);
+        let received = tl.latency.len().saturating_sub(received_before);
+        let cpu = match (s.cpu, o.end.cpu) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
+        r["steady"] = json!({
+            "from_seconds": s.t,
+            "seconds": seconds,
+            "sent": sent.saturating_sub(sent_before),
+            "received": received,
+            "received_per_sec": received as f64 / seconds,
+            "server_cpu_seconds": cpu,
+            "server_cpu_us_per_received": cpu.filter(|_| received > 0).map(|c| c * 1e6 / received as f64),
+        });
+    }
+    let h = &tl.latency;
+    match kind {
+        Kind::AckRtt { msg_rate, .. } | Kind::Direct { msg_rate, .. } => {
+            r["messages"] = json!({
+                "target_rate": msg_rate,
+                "sent": sent,
+                "acked": h.len(),
+                "achieved_rate": sent as f64 / common.duration.as_secs_f64(),
+                "latency_us": percentiles(h),
+            });
+            if matches!(kind, Kind::Direct { .. }) {
+                r["messages"]["delivered"] = json!(tl.delivery.len());
+                r["messages"]["delivery_latency_us"] = percentiles(&tl.delivery);
+            }
+        }
+        Kind::Fanout { publishers, msg_rate, .. } => {
+            let members = common.connections / common.rooms.max(1);
+            // Publishers start once every member had time to connect (see scenario).
+            let connect_phase = common.connections as f64 / common.rate.max(0.001) + 1.0;
+            let send_secs = (common.duration.as_secs_f64() - connect_phase).max(0.001);
+            r["fanout"] = json!({
+                "rooms": common.rooms,
+                "room_size": members,
+                "publishers_per_room": publishers,
+                "target_rate": msg_rate,
+                "sent": sent,
+                "deliveries": h.len(),
+                "expected_deliveries": sent * members.saturating_sub(1) as u64,
+                "send_window_seconds": send_secs,
+                "deliveries_per_sec": h.len() as f64 / send_secs,
+                "latency_us": percentiles(h),
+            });
+        }
+        Kind::ConnectStorm => {
+            let waves: Vec<Value> = tl
+                .waves
+                .iter()
+                .zip(["first", "mass_reconnect"])
+                .map(|(w, name)| {
+                    json!({
+                        "wave": name, "connected": w.connected, "seconds": w.seconds,
+                        "connects_per_sec": w.connected as f64 / w.seconds.max(0.001),
+                        "connect_latency_us": percentiles(&w.latency),
+                    })
+                })
+                .collect();
+            r["waves"] = json!(waves);
+        }
+        Kind::Idle => {}
+    }
+    r
+}
+
+/// The final table on stdout.
+pub fn table(r: &Value) {
+    let s = |v: &Value| match v {
+        Value::Null => "-".to_string(),
+        Value::String(x) => x.clone(),
+        v => v.to_string(),
+    };
+    println!("scenario            {}", s(&r["scenario"]));
+    println!(
+        "connections         {} of {} (peak), all up after {} s, {} process(es)",
+        s(&r["connections_peak"]),
+        s(&r["connections_target"]),
+        s(&r["connect_seconds"]),
+        s(&r["processes"])
+    );
+    println!("errors              {}", r["errors"]);
+    for key in ["messages", "fanout", "waves", "steady"] {
+        if !r[key].is_null() {
+            println!("{key:<20}{}", r[key]);
+        }
+    }
+    if !r["server_rss_after_bytes"].is_null() {
+        println!(
+            "server rss          {} -> {} bytes ({} bytes per connection)",
+            s(&r["server_rss_before_bytes"]),
+            s(&r["server_rss_after_bytes"]),
+            s(&r["rss_bytes_per_connection"])
+        );
+    }
+    println!("sockstat            {} -> {}", s(&r["sockstat_before"]), s(&r["sockstat_after"]));
+}
+
+/// One line of an SVG chart.
+struct Series {
+    name: &'static str,
+    color: &'static str,
+    points: Vec<(f64, f64)>,
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// A line chart; `x_ticks` label chosen x positions (else five even ticks).
+fn chart(title: &str, y_label: &str, series: &[Series], x_ticks: Option<&[(f64, &str)]>) -> String {
+    let (w, h, left, right, top, bottom) = (760.0, 280.0, 70.0, 20.0, 30.0, 40.0);
+    let all = series.iter().flat_map(|s| s.points.iter());
+    let (mut x0, mut x1, mut y1) = (f64::MAX, f64::MIN, 0.0f64);
+    for &(x, y) in all {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y1 = y1.max(y);
+    }
+    if x0 > x1 {
+        (x0, x1) = (0.0, 1.0);
+    }
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    let y1 = if y1 <= 0.0 { 1.0 } else { y1 * 1.05 };
+    let px = |x: f64| left + (x - x0) / (x1 - x0) * (w - left - right);
+    let py = |y: f64| top + (1.0 - y / y1) * (h - top - bottom);
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11"><text x="{left}" y="18" font-size="13" font-weight="bold">{}</text><text x="12" y="{}" transform="rotate(-90 12 {})" text-anchor="middle">{}</text>"#,
+        esc(title),
+        h / 2.0,
+        h / 2.0,
+        esc(y_label)
+    );
+    for i in 0..=4 {
+        let y = y1 * i as f64 / 4.0;
+        svg += &format!(
+            r##"<line x1="{left}" x2="{}" y1="{py}" y2="{py}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
+            w - right,
+            left - 4.0,
+            py(y) + 4.0,
+            fmt_num(y),
+            py = py(y)
+        );
+    }
+    let even: Vec<(f64, String)> =
+        (0..=4).map(|i| x0 + (x1 - x0) * i as f64 / 4.0).map(|x| (x, fmt_num(x))).collect();
+    let ticks: Vec<(f64, String)> = match x_ticks {
+        Some(t) => t.iter().map(|(x, l)| (*x, l.to_string())).collect(),
+        None => even,
+    };
+    for (x, label) in ticks {
+        svg += &format!(
+            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+            px(x),
+            h - bottom + 16.0,
+            esc(&label)
+        );
+    }
+    for (i, s) in series.iter().enumerate() {
+        let pts: Vec<String> = s.points.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
+        svg += &format!(
+            r#"<polyline fill="none" stroke="{}" stroke-width="1.8" points="{}"/><text x="{}" y="{}" fill="{}">{}</text>"#,
+            s.color,
+            pts.join(" "),
+            w - right - 180.0 + 90.0 * (i % 2) as f64,
+            top + 12.0 + 14.0 * (i / 2) as f64,
+            s.color,
+            esc(s.name)
+        );
+    }
+    svg + "</svg>"
+}
+
+fn fmt_num(v: f64) -> String {
+    if v.abs() >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if v.abs() >= 1e4 {
+        format!("{:.0}k", v / 1e3)
+    } else if v.abs() >= 10.0 || v == 0.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// A self-contained HTML report: latency percentile distribution, throughput, latency
+/// and connections over time, and the full JSON result.
+pub fn html(r: &Value, tl: &Timeline) -> String {
+    let secs = SAMPLE_EVERY.as_secs_f64();
+    let mut sent = Vec::new();
+    let mut received = Vec::new();
+    let mut p50 = Vec::new();
+    let mut p99 = Vec::new();
+    let mut conns = Vec::new();
+    let mut prev = 0;
+    for p in tl.points() {
+        sent.push((p.t, (p.sent - prev.min(p.sent)) as f64 / secs));
+        prev = p.sent;
+        received.push((p.t, p.latency.len() as f64 / secs));
+        if !p.latency.is_empty() {
+            p50.push((p.t, p.latency.value_at_quantile(0.5) as f64));
+            p99.push((p.t, p.latency.value_at_quantile(0.99) as f64));
+        }
+        conns.push((p.t, p.connected as f64));
+    }
+    // Percentile distribution on a log scale of 1 / (1 - q): 0, 1 (90%), 2 (99%), ...
+    let mut dist = Vec::new();
+    if !tl.latency.is_empty() {
+        let mut x = 0.0;
+        while x <= 5.0 {
+            let q = 1.0 - 10f64.powf(-x);
+            dist.push((x, tl.latency.value_at_quantile(q) as f64));
+            x += 0.05;
+        }
+    }
+    let ticks = [(0.0, "0%"), (1.0, "90%"), (2.0, "99%"), (3.0, "99.9%"), (4.0, "99.99%"), (5.0, "99.999%")];
+    let mut body = String::new();
+    if !dist.is_empty() {
+        body += &chart(
+            "Latency by percentile",
+            "µs",
+            &[Series { name: "latency", color: "#c0392b", points: dist }],
+            Some(&ticks),
+        );
+        body += &chart(
+            "Throughput over time (per second; x: seconds)",
+            "messages/s",
+            &[
+                Series { name: "sent", color: "#2980b9", points: sent },
+                Series { name: "received", color: "#27ae60", points: received },
+            ],
+            None,
+        );
+        body += &chart(
+            "Latency over time (x: seconds)",
+            "µs",
+            &[
+                Series { name: "p50", color: "#8e44ad", points: p50 },
+                Series { name: "p99", color: "#c0392b", points: p99 },
+            ],
+            None,
+        );
+    }
+    body += &chart(
+        "Connections over time (x: seconds)",
+        "connections",
+        &[Series { name: "connected", color: "#16a085", points: conns }],
+        None,
+    );
+    let mut summary = r.clone();
+    if let Some(o) = summary.as_object_mut() {
+        o.remove("timeline");
+    }
+    let pretty = serde_json::to_string_pretty(&summary).unwrap_or_default();
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>shardgate-loadtest: {name}</title>\
+         <style>body{{font-family:sans-serif;max-width:800px;margin:2em auto}}svg{{display:block;margin:1.5em 0}}\
+         pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head><body>\
+         <h1>shardgate-loadtest: {name}</h1><p>{url}</p>{body}<h2>Result</h2><pre>{json}</pre></body></html>\n",
+        name = esc(r["scenario"].as_str().unwrap_or_default()),
+        url = esc(r["url"].as_str().unwrap_or_default()),
+        json = esc(&pretty),
+    )
+}
