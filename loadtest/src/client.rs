@@ -78,13 +78,14 @@ impl Client {
         auth: &serde_json::Value,
         timeout: Duration,
     ) -> Result<Client, ErrorKind> {
-        let stream = tcp_connect(target, source, timeout)?;
+        let stream = tcp_connect(target, source)?;
         let mut c = Client { stream, buf: Vec::with_capacity(4096), nsp: nsp.to_string(), next_ack: 1 };
         let req = format!(
             "GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         );
-        c.stream.write_all(req.as_bytes()).await.map_err(|_| ErrorKind::Connect)?;
         let fut = async {
+            // The first write waits for the connection to be established.
+            c.stream.write_all(req.as_bytes()).await.map_err(|_| ErrorKind::Connect)?;
             loop {
                 if let Some(pos) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                     if !c.buf.starts_with(b"HTTP/1.1 101") {
@@ -233,22 +234,23 @@ impl Client {
     }
 }
 
-/// A blocking connect from an optional source address (loopback connects take
-/// microseconds), handed to glommio as a non-blocking socket.
-fn tcp_connect(
-    target: SocketAddr,
-    source: Option<IpAddr>,
-    timeout: Duration,
-) -> Result<TcpStream, ErrorKind> {
+/// Starts a non-blocking connect from an optional source address and hands the socket
+/// to glommio; the first write completes once the connection is established, so a
+/// server slow to accept stalls only this connection, never the executor.
+fn tcp_connect(target: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, ErrorKind> {
     use socket2::{Domain, Protocol, SockAddr, Socket, Type};
     let sock = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))
         .map_err(|_| ErrorKind::Connect)?;
     if let Some(ip) = source {
         sock.bind(&SockAddr::from(SocketAddr::new(ip, 0))).map_err(|_| ErrorKind::Connect)?;
     }
-    sock.connect_timeout(&target.into(), timeout).map_err(|_| ErrorKind::Connect)?;
     sock.set_nonblocking(true).map_err(|_| ErrorKind::Connect)?;
     let _ = sock.set_nodelay(true);
-    // SAFETY: a connected socket we own; glommio takes it over.
+    match sock.connect(&target.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(_) => return Err(ErrorKind::Connect),
+    }
+    // SAFETY: a socket we own; glommio takes it over.
     Ok(unsafe { TcpStream::from_raw_fd(sock.into_raw_fd()) })
 }

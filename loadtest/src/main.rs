@@ -441,9 +441,9 @@ fn main() -> anyhow::Result<()> {
     let epoch_us = unix_us();
     let start = instant_of(epoch_us);
     // Validate the arguments here, once, before any worker starts.
-    let local = build_run(&common, &kind, start, 0, 1)?;
+    let whole = build_run(&common, &kind, start, 0, 1)?;
     let rx = if procs == 1 {
-        let rx = run_local(local)?;
+        let rx = run_local(build_run(&common, &kind, start, 0, 1)?)?;
         let (tx, tagged) = mpsc::channel();
         std::thread::spawn(move || {
             for r in rx {
@@ -457,7 +457,7 @@ fn main() -> anyhow::Result<()> {
         spawn_workers(procs, epoch_us)?
     };
     let outcome = report::follow(&common, &kind, procs, start, rx);
-    let result = report::result(&common, &kind, procs, &outcome);
+    let result = report::result(&whole, procs, &outcome);
     if common.json {
         println!("{result}");
     } else {

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
 use crate::client::ErrorKind;
-use crate::scenario::Kind;
+use crate::scenario::{Kind, Run};
 use crate::stats::{Report, Timeline, SAMPLE_EVERY};
 use crate::Common;
 
@@ -20,16 +20,28 @@ fn rss(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
 }
 
-/// A server process's CPU time (user + system) in seconds.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+/// A server process's CPU time in seconds: user space, and in the kernel on its behalf.
+fn cpu_seconds(pid: u32) -> Option<Cpu> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let rest = &s[s.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Some(ticks / hz)
+    Some(Cpu { user: f.get(11)?.parse::<f64>().ok()? / hz, system: f.get(12)?.parse::<f64>().ok()? / hz })
+}
+
+/// CPU seconds, user space and kernel.
+#[derive(Clone, Copy, Default)]
+pub struct Cpu {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl std::iter::Sum for Cpu {
+    fn sum<I: Iterator<Item = Cpu>>(iter: I) -> Cpu {
+        iter.fold(Cpu::default(), |a, b| Cpu { user: a.user + b.user, system: a.system + b.system })
+    }
 }
 
 /// Summed over the server processes; `None` if any cannot be read.
@@ -53,7 +65,7 @@ pub struct ServerSample {
     /// Seconds into the run.
     pub t: f64,
     pub rss: Option<u64>,
-    pub cpu: Option<f64>,
+    pub cpu: Option<Cpu>,
     pub sockstat: String,
     /// Connections open then (over every worker process).
     pub connected: u64,
@@ -143,7 +155,10 @@ pub fn follow(
         if out.connect_secs.is_none() && p.connected + p.errors >= common.connections as u64 {
             out.connect_secs = Some(p.t);
         }
-        if out.steady.is_none() && out.connect_secs.is_some_and(|c| p.t >= c + 1.0) {
+        // The steady state begins a second after every connection is up or failed; a
+        // connection still hanging at the end must not leave the run without a sample.
+        let late = p.t + 1.0 >= common.duration.as_secs_f64();
+        if out.steady.is_none() && (out.connect_secs.is_some_and(|c| p.t >= c + 1.0) || late) {
             out.steady = Some((k, ServerSample::take(pids, p.t, p.connected)));
         }
     }
@@ -159,7 +174,8 @@ fn percentiles(h: &Histogram<u64>) -> Value {
 }
 
 /// The result of a run as JSON (what `--json` prints).
-pub fn result(common: &Common, kind: &Kind, procs: usize, o: &Outcome) -> Value {
+pub fn result(run: &Run, procs: usize, o: &Outcome) -> Value {
+    let (common, kind) = (&run.common, &run.kind);
     let tl = &o.timeline;
     let (_, sent, errors) = tl.latest();
     let errors: serde_json::Map<String, Value> =
@@ -211,17 +227,20 @@ pub fn result(common: &Common, kind: &Kind, procs: usize, o: &Outcome) -> Value 
         let seconds = (o.end.t.min(common.duration.as_secs_f64()) - s.t).max(0.001);
         let received = tl.latency.len().saturating_sub(received_before);
         let cpu = match (s.cpu, o.end.cpu) {
-            (Some(a), Some(b)) => Some(b - a),
+            (Some(a), Some(b)) => Some(Cpu { user: b.user - a.user, system: b.system - a.system }),
             _ => None,
         };
+        let per = |secs: f64| (received > 0).then(|| secs * 1e6 / received as f64);
         r["steady"] = json!({
             "from_seconds": s.t,
             "seconds": seconds,
             "sent": sent.saturating_sub(sent_before),
             "received": received,
             "received_per_sec": received as f64 / seconds,
-            "server_cpu_seconds": cpu,
-            "server_cpu_us_per_received": cpu.filter(|_| received > 0).map(|c| c * 1e6 / received as f64),
+            "server_cpu_seconds": cpu.map(|c| c.user + c.system),
+            "server_user_cpu_seconds": cpu.map(|c| c.user),
+            "server_cpu_us_per_received": cpu.and_then(|c| per(c.user + c.system)),
+            "server_user_cpu_us_per_received": cpu.and_then(|c| per(c.user)),
         });
     }
     let h = &tl.latency;
@@ -231,7 +250,8 @@ pub fn result(common: &Common, kind: &Kind, procs: usize, o: &Outcome) -> Value 
                 "target_rate": msg_rate,
                 "sent": sent,
                 "acked": h.len(),
-                "achieved_rate": sent as f64 / common.duration.as_secs_f64(),
+                "send_window_seconds": run.send_window(),
+                "achieved_rate": sent as f64 / run.send_window(),
                 "latency_us": percentiles(h),
             });
             if matches!(kind, Kind::Direct { .. }) {
@@ -241,9 +261,7 @@ pub fn result(common: &Common, kind: &Kind, procs: usize, o: &Outcome) -> Value 
         }
         Kind::Fanout { publishers, msg_rate, .. } => {
             let members = common.connections / common.rooms.max(1);
-            // Publishers start once every member had time to connect (see scenario).
-            let connect_phase = common.connections as f64 / common.rate.max(0.001) + 1.0;
-            let send_secs = (common.duration.as_secs_f64() - connect_phase).max(0.001);
+            let send_secs = run.send_window();
             r["fanout"] = json!({
                 "rooms": common.rooms,
                 "room_size": members,

@@ -81,6 +81,18 @@ impl Run {
         Duration::from_secs_f64(self.common.connections as f64 / self.common.rate.max(0.001))
     }
 
+    /// When senders start: a second after the connect phase, so the server is not
+    /// loaded with messages while connections still arrive, and every member of a room
+    /// is there for its first message.
+    pub fn sending_from(&self) -> Instant {
+        self.start + self.connect_phase() + Duration::from_secs(1)
+    }
+
+    /// Seconds of the run in which messages are sent.
+    pub fn send_window(&self) -> f64 {
+        self.deadline.saturating_duration_since(self.sending_from()).as_secs_f64().max(0.001)
+    }
+
     /// Microseconds since the run's start: the send time carried in payloads, valid in
     /// every worker process.
     fn now_us(&self) -> u64 {
@@ -200,7 +212,8 @@ struct Sends {
     direct: bool,
 }
 
-/// `ack-rtt` and `direct`: every connection sends at `msg_rate / connections`.
+/// `ack-rtt` and `direct`: every connection sends at `msg_rate / connections`, from the
+/// end of the connect phase (see [`Run::sending_from`]).
 async fn ack_rtt(
     run: &Arc<Run>,
     exec: usize,
@@ -213,20 +226,21 @@ async fn ack_rtt(
     let n = run.common.connections.max(1);
     let interval = Duration::from_secs_f64(n as f64 / msg_rate.max(0.001));
     let sends = Rc::new(Sends { exec, interval, send_event, content: "x".repeat(payload_bytes), direct });
+    let begin = run.sending_from();
     spawn_paced(run, exec, |i| {
         // Spread the connections' schedules over one interval so sends do not bunch up.
-        let offset = interval.mul_f64(i as f64 / n as f64);
-        ack_rtt_one(run.clone(), sends.clone(), i, stats.clone(), offset)
+        let first = begin + interval.mul_f64(i as f64 / n as f64);
+        ack_rtt_one(run.clone(), sends.clone(), i, stats.clone(), first)
     })
     .await;
 }
 
 /// One connection sending at its fixed schedule and timing every ack from the send's
 /// scheduled time (so a stalled server cannot hide its backlog: coordinated omission).
-async fn ack_rtt_one(run: Arc<Run>, sends: Rc<Sends>, i: usize, stats: Arc<Stats>, offset: Duration) {
+async fn ack_rtt_one(run: Arc<Run>, sends: Rc<Sends>, i: usize, stats: Arc<Stats>, first: Instant) {
     let Some(mut c) = open(&run, i, &stats).await else { return };
     let mut scheduled: HashMap<u64, Instant> = HashMap::new();
-    let mut next = Instant::now() + offset;
+    let mut next = first;
     let me = format!("user{i}");
     let to = format!("user{}", (i + 1) % run.common.connections.max(1));
     while Instant::now() < run.deadline {
@@ -280,7 +294,7 @@ fn transit(run: &Run, args: &[serde_json::Value]) -> Option<u64> {
 }
 
 /// `fanout`: members connect first; publishers (the lowest indexes of each room) start
-/// once the connect phase is over, so every member is there for the first message.
+/// once the connect phase is over (see [`Run::sending_from`]).
 async fn fanout(
     run: &Arc<Run>,
     exec: usize,
@@ -299,7 +313,7 @@ async fn fanout(
         content: "x".repeat(payload_bytes),
         direct: false,
     });
-    let begin = run.start + run.connect_phase() + Duration::from_secs(1);
+    let begin = run.sending_from();
     spawn_paced(run, exec, |i| {
         let first = (i < publishers).then(|| begin + interval.mul_f64(i as f64 / publishers as f64));
         fanout_one(run.clone(), sends.clone(), i, stats.clone(), first)
