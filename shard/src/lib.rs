@@ -11,6 +11,8 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+#[doc(hidden)]
+pub mod bench;
 pub mod config;
 mod conn;
 pub mod mesh;
