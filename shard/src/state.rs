@@ -592,13 +592,32 @@ pub(crate) fn text_frame(text: &str) -> Frame {
     out.into()
 }
 
-/// `42["name",payload]` as a frame.
+/// `42["name",payload]` as a frame, serialized straight into the packet buffer (the
+/// default namespace needs no prefix).
 pub(crate) fn event_frame(name: &str, payload: &Value) -> Frame {
-    let data = json!([name, payload]).to_string();
-    let mut s = String::with_capacity(data.len() + 2);
-    s.push('4');
-    socketio::encode(PacketType::Event, "/", None, 0, Some(&data), &mut s);
-    text_frame(&s)
+    let mut packet = Vec::with_capacity(96);
+    packet.extend_from_slice(b"42");
+    write_args(&mut packet, Some(name), payload);
+    packet_frame(&packet)
+}
+
+/// `[name,payload]` (or `[payload]` without a name) appended to `out`.
+fn write_args(out: &mut Vec<u8>, name: Option<&str>, payload: &Value) {
+    out.push(b'[');
+    if let Some(name) = name {
+        // Writing into a Vec cannot fail, and a Value always serializes.
+        let _ = serde_json::to_writer(&mut *out, name);
+        out.push(b',');
+    }
+    let _ = serde_json::to_writer(&mut *out, payload);
+    out.push(b']');
+}
+
+/// A finished Engine.IO packet as one WebSocket text frame.
+fn packet_frame(packet: &[u8]) -> Frame {
+    let mut out = Vec::with_capacity(packet.len() + 10);
+    ws::encode_frame(OpKind::Text, packet, &mut out);
+    out.into()
 }
 
 /// An event with binary attachments: the packet frame followed by one binary frame per
@@ -620,9 +639,40 @@ pub(crate) fn binary_event_frame(name: &str, payload: &Value, attachments: &[Vec
 
 /// `43<id>[payload]` as a frame.
 pub(crate) fn ack_frame(ack_id: u64, payload: &Value) -> Frame {
-    let data = json!([payload]).to_string();
-    let mut s = String::with_capacity(data.len() + 24);
-    s.push('4');
-    socketio::encode(PacketType::Ack, "/", Some(ack_id), 0, Some(&data), &mut s);
-    text_frame(&s)
+    use std::io::Write;
+    let mut packet = Vec::with_capacity(96);
+    let _ = write!(packet, "43{ack_id}");
+    write_args(&mut packet, None, payload);
+    packet_frame(&packet)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shardgate_io::{engineio, ws::Role};
+
+    /// The payload of a single unmasked server frame.
+    fn text_of(frame: &Frame) -> String {
+        let mut buf = frame.to_vec();
+        let (f, used) = ws::decode_frame(&mut buf, 1 << 20, Role::Client).unwrap().unwrap();
+        assert_eq!(used, frame.len());
+        String::from_utf8(buf[f.payload].to_vec()).unwrap()
+    }
+
+    #[test]
+    fn event_and_ack_frames_decode_as_the_codec_reads_them() {
+        let payload = json!({ "id": "01KA", "from": "a\"b", "content": { "t": 1, "x": [1.5, null, "é\n"] } });
+        let text = text_of(&event_frame("message:new", &payload));
+        let engineio::Packet::Message(m) = engineio::decode(&text).unwrap() else { panic!("{text}") };
+        let p = socketio::decode(m).unwrap();
+        assert_eq!((p.kind, p.nsp.as_ref(), p.ack_id), (PacketType::Event, "/", None));
+        assert_eq!(p.event_name(), Some("message:new"));
+        assert_eq!(p.event_args(), &[payload.clone()]);
+
+        let text = text_of(&ack_frame(4_000_000_001, &payload));
+        let engineio::Packet::Message(m) = engineio::decode(&text).unwrap() else { panic!("{text}") };
+        let p = socketio::decode(m).unwrap();
+        assert_eq!((p.kind, p.ack_id), (PacketType::Ack, Some(4_000_000_001)));
+        assert_eq!(p.data, Some(json!([payload])));
+    }
 }
