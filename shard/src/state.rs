@@ -667,7 +667,7 @@ mod tests {
         let p = socketio::decode(m).unwrap();
         assert_eq!((p.kind, p.nsp.as_ref(), p.ack_id), (PacketType::Event, "/", None));
         assert_eq!(p.event_name(), Some("message:new"));
-        assert_eq!(p.event_args(), &[payload.clone()]);
+        assert_eq!(p.event_args(), std::slice::from_ref(&payload));
 
         let text = text_of(&ack_frame(4_000_000_001, &payload));
         let engineio::Packet::Message(m) = engineio::decode(&text).unwrap() else { panic!("{text}") };
