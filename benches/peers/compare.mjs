@@ -127,13 +127,13 @@ for (const name of names) {
   process.stderr.write(`== ${name}\n`);
   if (only.includes("P1")) {
     let procs = await start(name);
-    let r = keep("P1", run("idle", procs, ["--connections", String(conns), "--rate", "5000", "--duration", `${conns / 5000 + 8}s`]));
+    let r = keep("P1", run("idle", procs, ["--connections", String(conns), "--rate", "5000", "--duration", `${conns / 1000 + 6}s`]));
     m.p1 = r.rss_bytes_per_connection;
     m.p1_errors = Object.values(r.errors).reduce((a, b) => a + b, 0);
     await stop(procs);
     // Past one process's open-file limit: three server processes on their own ports.
     procs = await start(name, 3);
-    r = keep("P1_large", run("idle", procs, ["--connections", String(large), "--rate", "5000", "--duration", `${large / 5000 + 10}s`]));
+    r = keep("P1_large", run("idle", procs, ["--connections", String(large), "--rate", "5000", "--duration", `${large / 1000 + 8}s`]));
     m.p1_large = r.rss_bytes_per_connection;
     m.p1_large_errors = Object.values(r.errors).reduce((a, b) => a + b, 0);
     await stop(procs);
