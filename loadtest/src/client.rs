@@ -44,13 +44,62 @@ impl ErrorKind {
     }
 }
 
-/// Something the server sent.
+/// Something the server sent. Events are not decoded into JSON: the generator needs
+/// only their name and the send time `t` its own payloads carry, and a full decode of
+/// every delivery would make the generator, not the server, the bottleneck.
 #[derive(Debug)]
 pub enum Event {
-    /// An event: name and arguments.
-    Event(String, Vec<serde_json::Value>),
-    /// An ack: id and arguments.
-    Ack(u64, Vec<serde_json::Value>),
+    /// An event: its name, and the first `"t":<number>` inside it, if any.
+    Event { name: String, t: Option<u64> },
+    /// An ack and its id.
+    Ack(u64),
+}
+
+/// A Socket.IO packet's header, read without decoding its JSON data.
+struct Head<'a> {
+    kind: u8,
+    ack_id: Option<u64>,
+    data: &'a str,
+}
+
+impl<'a> Head<'a> {
+    /// `<type>[<attachments>-][/<nsp>,][<ack id>]<data>`.
+    fn parse(m: &'a str) -> Option<Head<'a>> {
+        let b = m.as_bytes();
+        let kind = *b.first()?;
+        let mut i = 1;
+        if kind == b'5' || kind == b'6' {
+            while b.get(i)?.is_ascii_digit() {
+                i += 1;
+            }
+            if b.get(i) != Some(&b'-') {
+                return None;
+            }
+            i += 1;
+        }
+        if b.get(i) == Some(&b'/') {
+            i += m[i..].find(',').map_or(m.len() - i, |o| o + 1);
+        }
+        let start = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        let ack_id = (i > start).then(|| m[start..i].parse().ok()).flatten();
+        Some(Head { kind, ack_id, data: &m[i..] })
+    }
+
+    /// The event name of `["name", ...]`.
+    fn event_name(&self) -> &'a str {
+        let rest = self.data.strip_prefix("[\"").unwrap_or_default();
+        &rest[..rest.find('"').unwrap_or(0)]
+    }
+}
+
+/// The number after the first `"t":` in `data` (the send time in generator payloads).
+fn find_t(data: &str) -> Option<u64> {
+    let at = data.find("\"t\":")? + 4;
+    let digits = data[at..].bytes().take_while(u8::is_ascii_digit).count();
+    data[at..at + digits].parse().ok()
 }
 
 /// A connected Socket.IO client.
@@ -185,32 +234,25 @@ impl Client {
     pub async fn next_event(&mut self) -> Result<Event, ErrorKind> {
         loop {
             let text = self.next_text().await?;
-            let Ok(engineio::Packet::Message(m)) = engineio::decode(&text) else { continue };
-            let Ok(p) = socketio::decode(m) else { continue };
-            match p.kind {
-                PacketType::Event => {
-                    let name = p.event_name().unwrap_or_default().to_string();
-                    return Ok(Event::Event(name, p.event_args().to_vec()));
+            // Engine.IO message packets start with '4'; anything else is skipped.
+            let Some(head) = text.strip_prefix('4').and_then(Head::parse) else { continue };
+            match head.kind {
+                b'2' | b'5' => {
+                    return Ok(Event::Event { name: head.event_name().to_string(), t: find_t(head.data) })
                 }
-                PacketType::Ack => {
-                    let args = match p.data {
-                        Some(serde_json::Value::Array(a)) => a,
-                        _ => vec![],
-                    };
-                    return Ok(Event::Ack(p.ack_id.unwrap_or(0), args));
-                }
-                PacketType::Disconnect => return Err(ErrorKind::Closed),
+                b'3' | b'6' => return Ok(Event::Ack(head.ack_id.unwrap_or(0))),
+                b'1' => return Err(ErrorKind::Closed),
                 _ => {}
             }
         }
     }
 
     /// Waits for the ack `id`, answering pings and ignoring other traffic.
-    pub async fn wait_ack(&mut self, id: u64) -> Result<Vec<serde_json::Value>, ErrorKind> {
+    pub async fn wait_ack(&mut self, id: u64) -> Result<(), ErrorKind> {
         loop {
-            if let Event::Ack(a, args) = self.next_event().await? {
+            if let Event::Ack(a) = self.next_event().await? {
                 if a == id {
-                    return Ok(args);
+                    return Ok(());
                 }
             }
         }
@@ -253,4 +295,23 @@ fn tcp_connect(target: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, 
     }
     // SAFETY: a socket we own; glommio takes it over.
     Ok(unsafe { TcpStream::from_raw_fd(sock.into_raw_fd()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_and_send_times_are_read_without_decoding() {
+        let h = Head::parse(r#"2["message:new",{"content":{"pad":"xx","t":123},"ts":9}]"#).unwrap();
+        assert_eq!((h.kind, h.ack_id, h.event_name()), (b'2', None, "message:new"));
+        assert_eq!(find_t(h.data), Some(123));
+        let h = Head::parse(r#"3/chat,17[{"ok":true}]"#).unwrap();
+        assert_eq!((h.kind, h.ack_id), (b'3', Some(17)));
+        let h = Head::parse(r#"51-/chat,["bin",{"_placeholder":true,"num":0}]"#).unwrap();
+        assert_eq!((h.kind, h.event_name()), (b'5', "bin"));
+        assert_eq!(find_t(r#"["message:new",{"ts":5,"content":"x"}]"#), None);
+        assert!(Head::parse("").is_none());
+        assert!(Head::parse("5x").is_none());
+    }
 }

@@ -135,7 +135,7 @@ async fn open(run: &Run, i: usize, stats: &Stats) -> Option<Client> {
     let room = format!("room-{}", i % run.common.rooms.max(1));
     let joined = match c.emit(&run.common.join_event, &json!(room), true).await {
         Ok(Some(id)) => glommio::timer::timeout(timeout, async { Ok(c.wait_ack(id).await) }).await,
-        Ok(None) => Ok(Ok(vec![])),
+        Ok(None) => Ok(Ok(())),
         Err(k) => Ok(Err(k)),
     };
     match joined {
@@ -267,13 +267,13 @@ async fn ack_rtt_one(run: Arc<Run>, sends: Rc<Sends>, i: usize, stats: Arc<Stats
                 }
                 next += sends.interval;
             }
-            Ok(Some(client::Event::Ack(id, _))) => {
+            Ok(Some(client::Event::Ack(id))) => {
                 if let Some(t) = scheduled.remove(&id) {
                     stats.latency(sends.exec, t.elapsed().as_micros() as u64);
                 }
             }
-            Ok(Some(client::Event::Event(name, args))) if sends.direct && name == "message:new" => {
-                if let Some(us) = transit(&run, &args) {
+            Ok(Some(client::Event::Event { name, t })) if sends.direct && name == "message:new" => {
+                if let Some(us) = transit(&run, t) {
                     stats.delivery(sends.exec, us);
                 }
             }
@@ -288,9 +288,8 @@ async fn ack_rtt_one(run: Arc<Run>, sends: Rc<Sends>, i: usize, stats: Arc<Stats
 }
 
 /// The send-to-receive time of a `message:new` whose content carries `t`.
-fn transit(run: &Run, args: &[serde_json::Value]) -> Option<u64> {
-    let t = args.first()?["content"]["t"].as_u64()?;
-    Some(run.now_us().saturating_sub(t))
+fn transit(run: &Run, t: Option<u64>) -> Option<u64> {
+    Some(run.now_us().saturating_sub(t?))
 }
 
 /// `fanout`: members connect first; publishers (the lowest indexes of each room) start
@@ -340,8 +339,8 @@ async fn fanout_one(run: Arc<Run>, sends: Rc<Sends>, i: usize, stats: Arc<Stats>
                 stats.sent();
                 *at += sends.interval;
             }
-            Ok(Some(client::Event::Event(name, args))) if name == "message:new" => {
-                if let Some(us) = transit(&run, &args) {
+            Ok(Some(client::Event::Event { name, t })) if name == "message:new" => {
+                if let Some(us) = transit(&run, t) {
                     stats.latency(sends.exec, us);
                 }
             }
