@@ -340,7 +340,7 @@ fn esc(s: &str) -> String {
 
 /// A line chart; `x_ticks` label chosen x positions (else five even ticks).
 fn chart(title: &str, y_label: &str, series: &[Series], x_ticks: Option<&[(f64, &str)]>) -> String {
-    let (w, h, left, right, top, bottom) = (760.0, 280.0, 70.0, 20.0, 30.0, 40.0);
+    let (w, h, left, right, top, bottom) = (760.0, 280.0, 70.0, 40.0, 30.0, 40.0);
     let all = series.iter().flat_map(|s| s.points.iter());
     let (mut x0, mut x1, mut y1) = (f64::MAX, f64::MIN, 0.0f64);
     for &(x, y) in all {
@@ -396,7 +396,7 @@ fn chart(title: &str, y_label: &str, series: &[Series], x_ticks: Option<&[(f64, 
             s.color,
             pts.join(" "),
             w - right - 180.0 + 90.0 * (i % 2) as f64,
-            top + 12.0 + 14.0 * (i / 2) as f64,
+            18.0 + 12.0 * (i / 2) as f64,
             s.color,
             esc(s.name)
         );
