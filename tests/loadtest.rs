@@ -1,5 +1,6 @@
-//! The bundled load generator against the real binary: a short `idle` run must hold
-//! every connection, count no error, and report the server's memory.
+//! The bundled load generator against the real binary: every scenario, worker processes
+//! merged into one report (with the HTML charts), errors counted by kind, runs bounded by
+//! `--duration` even against a server that never answers.
 
 mod support;
 
@@ -166,4 +167,16 @@ fn a_run_past_the_open_file_limit_asks_for_more_processes() {
     assert!(!r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(err.contains("open-file limit") && err.contains("--processes"), "{err}");
+}
+
+#[test]
+fn a_server_that_never_answers_is_counted_and_the_run_stays_bounded() {
+    // Accepts TCP (the kernel's backlog) but never answers the upgrade.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let began = std::time::Instant::now();
+    let r = loadtest("idle --connections 5 --duration 2s", &url, SECRET, &[], true);
+    assert_eq!(r["errors"]["timeout"], 5, "{r}");
+    assert_eq!(r["connections_peak"], 0, "{r}");
+    assert!(began.elapsed() < std::time::Duration::from_secs(6), "took {:?}", began.elapsed());
 }

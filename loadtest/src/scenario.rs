@@ -122,7 +122,9 @@ async fn sleep_until(at: Instant) {
 async fn open(run: &Run, i: usize, stats: &Stats) -> Option<Client> {
     let source = (!run.sources.is_empty()).then(|| run.sources[i % run.sources.len()]);
     let auth = json!({ run.common.auth_field.clone(): run.token(i) });
-    let timeout = Duration::from_secs(10);
+    // A step may take 10 s, but never keeps the run much past its deadline.
+    let left = run.deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
+    let timeout = Duration::from_secs(10).min(left);
     let (target, host) = &run.targets[i % run.targets.len()];
     let connecting = Client::connect(*target, source, host, &run.common.namespace, &auth, timeout);
     let mut c = match connecting.await {
