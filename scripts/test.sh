@@ -2,8 +2,8 @@
 # The whole test suite, from a fresh Debian machine with the Rust toolchain:
 # installs what the tests need (redis-server, Node.js and the C toolchain for librdkafka
 # from Debian packages, the tansu Kafka-protocol broker from crates.io, the pinned npm
-# packages of the interop suite), then runs the gate: formatting, clippy with warnings as
-# errors, every test.
+# packages of the interop suite and of the socket.io peer), then runs the gate:
+# formatting, clippy with warnings as errors, every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,14 +42,20 @@ export PATH="$HOME/.cargo/bin:$PATH"
 log "npm packages of the interop suite (tests/interop/package-lock.json)"
 npm ci --prefix tests/interop --no-audit --no-fund --loglevel=error
 
+log "npm packages of the socket.io peer (benches/peers/node/package-lock.json)"
+npm ci --prefix benches/peers/node --no-audit --no-fund --loglevel=error
+node --check benches/peers/compare.mjs
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
+cargo fmt --manifest-path benches/peers/socketioxide/Cargo.toml -- --check
 
 log "cargo clippy --all-targets -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-log "cargo build --bins (the integration tests drive shardgate and shardgate-loadtest)"
+log "cargo build --bins (the integration tests drive shardgate, shardgate-loadtest and the socketioxide peer)"
 cargo build --workspace --bins --locked
+cargo clippy --manifest-path benches/peers/socketioxide/Cargo.toml --locked -- -D warnings
 
 log "cargo test"
 out=$(mktemp)

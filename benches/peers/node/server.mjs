@@ -81,4 +81,5 @@ io.on("connection", (socket) => {
   });
 });
 
-http.listen(port, "127.0.0.1", () => console.log(`socket.io peer on 127.0.0.1:${port}`));
+// PORT=0 takes a free port; the line below says which.
+http.listen(port, "127.0.0.1", () => console.log(`socket.io peer on 127.0.0.1:${http.address().port}`));

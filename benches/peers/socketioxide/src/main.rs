@@ -119,8 +119,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (layer, io) = SocketIo::builder().transports([TransportType::Websocket]).build_layer();
         io.ns("/", on_connect.with(authenticate));
         let app = axum::Router::new().layer(layer).layer(axum::Extension(keys));
+        // PORT=0 takes a free port; the line below says which.
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-        println!("socketioxide peer on 127.0.0.1:{port} with {workers} worker thread(s)");
+        println!("socketioxide peer on {} with {workers} worker thread(s)", listener.local_addr()?);
         axum::serve(listener, app).await?;
         Ok(())
     })
