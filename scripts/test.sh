@@ -56,6 +56,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log "cargo build --bins (the integration tests drive shardgate, shardgate-loadtest and the socketioxide peer)"
 cargo build --workspace --bins --locked
 cargo clippy --manifest-path benches/peers/socketioxide/Cargo.toml --locked -- -D warnings
+cargo build --manifest-path benches/peers/socketioxide/Cargo.toml --locked
 
 log "cargo test"
 out=$(mktemp)
