@@ -419,6 +419,11 @@ fn spawn_workers(procs: usize, epoch_us: u64) -> anyhow::Result<mpsc::Receiver<(
     Ok(rx)
 }
 
+/// Writes to stdout; a reader that went away (`| head`) is not an error worth a panic.
+fn print(s: &str) {
+    let _ = std::io::stdout().lock().write_all(s.as_bytes());
+}
+
 fn main() -> anyhow::Result<()> {
     let (common, kind) = Cli::parse().scenario.split();
     if common.jwt_secret.is_none() && common.tokens.is_none() {
@@ -459,15 +464,15 @@ fn main() -> anyhow::Result<()> {
     let outcome = report::follow(&common, &kind, procs, start, rx);
     let result = report::result(&whole, procs, &outcome);
     if common.json {
-        println!("{result}");
+        print(&format!("{result}\n"));
     } else {
-        report::table(&result);
+        print(&report::table(&result));
     }
     if let Some(path) = &common.report {
         std::fs::write(path, report::html(&result, &outcome.timeline))
             .with_context(|| format!("writing {}", path.display()))?;
         if !common.json {
-            println!("report              {}", path.display());
+            print(&format!("report              {}\n", path.display()));
         }
     }
     if let Some(e) = &outcome.failure {

@@ -295,36 +295,41 @@ pub fn result(run: &Run, procs: usize, o: &Outcome) -> Value {
     r
 }
 
-/// The final table on stdout.
-pub fn table(r: &Value) {
+/// The final table.
+pub fn table(r: &Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     let s = |v: &Value| match v {
         Value::Null => "-".to_string(),
         Value::String(x) => x.clone(),
         v => v.to_string(),
     };
-    println!("scenario            {}", s(&r["scenario"]));
-    println!(
+    let _ = writeln!(out, "scenario            {}", s(&r["scenario"]));
+    let _ = writeln!(
+        out,
         "connections         {} of {} (peak), all up after {} s, {} process(es)",
         s(&r["connections_peak"]),
         s(&r["connections_target"]),
         s(&r["connect_seconds"]),
         s(&r["processes"])
     );
-    println!("errors              {}", r["errors"]);
+    let _ = writeln!(out, "errors              {}", r["errors"]);
     for key in ["messages", "fanout", "waves", "steady"] {
         if !r[key].is_null() {
-            println!("{key:<20}{}", r[key]);
+            let _ = writeln!(out, "{key:<20}{}", r[key]);
         }
     }
     if !r["server_rss_after_bytes"].is_null() {
-        println!(
+        let _ = writeln!(
+            out,
             "server rss          {} -> {} bytes ({} bytes per connection)",
             s(&r["server_rss_before_bytes"]),
             s(&r["server_rss_after_bytes"]),
             s(&r["rss_bytes_per_connection"])
         );
     }
-    println!("sockstat            {} -> {}", s(&r["sockstat_before"]), s(&r["sockstat_after"]));
+    let _ = writeln!(out, "sockstat            {} -> {}", s(&r["sockstat_before"]), s(&r["sockstat_after"]));
+    out
 }
 
 /// One line of an SVG chart.
