@@ -210,24 +210,6 @@ fn build_verifier(cfg: &Config) -> anyhow::Result<Verifier> {
     Ok(Verifier::hs256(secret.as_bytes(), leeway, max_id))
 }
 
-/// Raises RLIMIT_NOFILE's soft limit to the hard limit; returns the new limit.
-fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 0;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                lim.rlim_cur = lim.rlim_max;
-            }
-        }
-    }
-    lim.rlim_cur
-}
-
 /// Blocks SIGINT and SIGTERM in this thread (and the threads it starts later), so that
 /// the main thread alone receives them through `sigwait`.
 fn block_signals() -> libc::sigset_t {
@@ -246,7 +228,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = load(&args)?;
     let verifier = build_verifier(&cfg)?;
     let dev_secret = cfg.auth.jwt_secret.is_none() && cfg.auth.jwt_public_key.is_none();
-    let fds = raise_fd_limit();
+    let fds = shardgate_shard::runtime::raise_fd_limit();
     // Listeners, doorbells, the bridge and the process itself need a few descriptors.
     let capacity = fds.saturating_sub(64);
     if (capacity as usize) < cfg.runtime.max_connections {

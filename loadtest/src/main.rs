@@ -219,20 +219,6 @@ impl Scenario {
 /// File descriptors a process keeps for itself beyond its connections.
 const RESERVED_FDS: u64 = 64;
 
-fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                lim.rlim_cur = lim.rlim_max;
-            }
-        }
-    }
-    lim.rlim_cur
-}
-
 fn unix_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
@@ -365,7 +351,7 @@ fn worker(common: Common, kind: Kind, spec: &str) -> anyhow::Result<()> {
         Some((k.parse().ok()?, n.parse().ok()?, epoch.parse().ok()?))
     };
     let (k, n, epoch) = parse().with_context(|| format!("bad --worker {spec:?}: want K/N@EPOCH_US"))?;
-    raise_fd_limit();
+    shardgate_shard::runtime::raise_fd_limit();
     let rx = run_local(build_run(&common, &kind, instant_of(epoch), k, n)?)?;
     let mut out = std::io::stdout().lock();
     for report in rx {
@@ -432,7 +418,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(spec) = &common.worker {
         return worker(common.clone(), kind, spec);
     }
-    let fds = raise_fd_limit();
+    let fds = shardgate_shard::runtime::raise_fd_limit();
     let per_proc = fds.saturating_sub(RESERVED_FDS).max(1) as usize;
     let procs = common.processes.unwrap_or_else(|| common.connections.div_ceil(per_proc)).max(1);
     if common.connections.div_ceil(procs) > per_proc {
