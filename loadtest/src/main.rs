@@ -288,8 +288,7 @@ fn build_run(
 
 /// Runs this process's part: one executor per core, and a sampler thread that sends a
 /// sample every `SAMPLE_EVERY`, then the final report once the executors are done.
-fn run_local(run: Run) -> anyhow::Result<mpsc::Receiver<Report>> {
-    let run = Arc::new(run);
+fn run_local(run: Arc<Run>) -> anyhow::Result<mpsc::Receiver<Report>> {
     let stats = Arc::new(Stats::new(run.workers));
     let mut handles = Vec::new();
     for exec in 0..run.workers {
@@ -318,18 +317,7 @@ fn run_local(run: Run) -> anyhow::Result<mpsc::Receiver<Report>> {
         let mut waves: Vec<stats::Wave> = Vec::new();
         for h in handles {
             match h.join() {
-                Ok(ws) => {
-                    for (i, w) in ws.into_iter().enumerate() {
-                        match waves.get_mut(i) {
-                            Some(m) => {
-                                let _ = m.latency.add(&w.latency);
-                                m.seconds = m.seconds.max(w.seconds);
-                                m.connected += w.connected;
-                            }
-                            None => waves.push(w),
-                        }
-                    }
-                }
+                Ok(ws) => stats::merge_waves(&mut waves, ws),
                 Err(e) => {
                     let _ = tx.send(Report::Failed(format!("executor failed: {e}")));
                     return;
@@ -352,7 +340,7 @@ fn worker(common: Common, kind: Kind, spec: &str) -> anyhow::Result<()> {
     };
     let (k, n, epoch) = parse().with_context(|| format!("bad --worker {spec:?}: want K/N@EPOCH_US"))?;
     shardgate_shard::runtime::raise_fd_limit();
-    let rx = run_local(build_run(&common, &kind, instant_of(epoch), k, n)?)?;
+    let rx = run_local(Arc::new(build_run(&common, &kind, instant_of(epoch), k, n)?))?;
     let mut out = std::io::stdout().lock();
     for report in rx {
         serde_json::to_writer(&mut out, &report)?;
@@ -432,9 +420,9 @@ fn main() -> anyhow::Result<()> {
     let epoch_us = unix_us();
     let start = instant_of(epoch_us);
     // Validate the arguments here, once, before any worker starts.
-    let whole = build_run(&common, &kind, start, 0, 1)?;
+    let whole = Arc::new(build_run(&common, &kind, start, 0, 1)?);
     let rx = if procs == 1 {
-        let rx = run_local(build_run(&common, &kind, start, 0, 1)?)?;
+        let rx = run_local(whole.clone())?;
         let (tx, tagged) = mpsc::channel();
         std::thread::spawn(move || {
             for r in rx {

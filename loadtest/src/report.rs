@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::client::ErrorKind;
 use crate::scenario::{Kind, Run};
-use crate::stats::{Report, Timeline, SAMPLE_EVERY};
+use crate::stats::{Report, Timeline};
 use crate::Common;
 
 /// A server process's resident memory in bytes.
@@ -139,14 +139,12 @@ pub fn follow(
         }
         let Some(k) = out.timeline.add(proc, report) else { continue };
         let Some(p) = out.timeline.point(k) else { continue };
-        let secs = SAMPLE_EVERY.as_secs_f64();
-        let prev_sent = k.checked_sub(1).and_then(|j| out.timeline.point(j)).map_or(0, |q| q.sent);
         let mut msg = format!("errors {}", p.errors);
         if !matches!(kind, Kind::Idle | Kind::ConnectStorm) {
             msg = format!(
                 "sent {:>7.0}/s  recv {:>8.0}/s  p99 {:>8} µs  {msg}",
-                (p.sent - prev_sent) as f64 / secs,
-                p.latency.len() as f64 / secs,
+                p.sent_per_sec,
+                p.received_per_sec,
                 p.latency.value_at_quantile(0.99)
             );
         }
@@ -180,22 +178,18 @@ pub fn result(run: &Run, procs: usize, o: &Outcome) -> Value {
     let (_, sent, errors) = tl.latest();
     let errors: serde_json::Map<String, Value> =
         ErrorKind::ALL.iter().zip(errors).map(|(k, n)| (k.as_str().to_string(), json!(n))).collect();
-    let secs = SAMPLE_EVERY.as_secs_f64();
-    let mut prev_sent = 0;
     let timeline: Vec<Value> = tl
         .points()
         .map(|p| {
-            let v = json!({
+            json!({
                 "t": p.t,
                 "connected": p.connected,
-                "sent_per_sec": (p.sent - prev_sent.min(p.sent)) as f64 / secs,
-                "received_per_sec": p.latency.len() as f64 / secs,
+                "sent_per_sec": p.sent_per_sec,
+                "received_per_sec": p.received_per_sec,
                 "p50_us": p.latency.value_at_quantile(0.5),
                 "p99_us": p.latency.value_at_quantile(0.99),
                 "errors": p.errors,
-            });
-            prev_sent = p.sent;
-            v
+            })
         })
         .collect();
     let mut r = json!({
@@ -424,17 +418,14 @@ fn fmt_num(v: f64) -> String {
 /// A self-contained HTML report: latency percentile distribution, throughput, latency
 /// and connections over time, and the full JSON result.
 pub fn html(r: &Value, tl: &Timeline) -> String {
-    let secs = SAMPLE_EVERY.as_secs_f64();
     let mut sent = Vec::new();
     let mut received = Vec::new();
     let mut p50 = Vec::new();
     let mut p99 = Vec::new();
     let mut conns = Vec::new();
-    let mut prev = 0;
     for p in tl.points() {
-        sent.push((p.t, (p.sent - prev.min(p.sent)) as f64 / secs));
-        prev = p.sent;
-        received.push((p.t, p.latency.len() as f64 / secs));
+        sent.push((p.t, p.sent_per_sec));
+        received.push((p.t, p.received_per_sec));
         if !p.latency.is_empty() {
             p50.push((p.t, p.latency.value_at_quantile(0.5) as f64));
             p99.push((p.t, p.latency.value_at_quantile(0.99) as f64));

@@ -159,7 +159,9 @@ async fn open(run: &Run, i: usize, stats: &Stats) -> Option<Client> {
 /// Runs executor `exec`'s share of the scenario; connect-storm returns its waves.
 pub async fn executor(run: Arc<Run>, exec: usize, stats: Arc<Stats>) -> Vec<Wave> {
     match run.kind.clone() {
-        Kind::Idle => spawn_paced(&run, exec, |i| idle_one(run.clone(), i, stats.clone())).await,
+        Kind::Idle => {
+            spawn_paced(&run, exec, run.start, |i, _| idle_one(run.clone(), i, stats.clone())).await;
+        }
         Kind::AckRtt { msg_rate, payload_bytes, send_event } => {
             ack_rtt(&run, exec, &stats, msg_rate, payload_bytes, send_event, false).await
         }
@@ -174,24 +176,29 @@ pub async fn executor(run: Arc<Run>, exec: usize, stats: Arc<Stats>) -> Vec<Wave
     Vec::new()
 }
 
-/// Spawns `one(i)` for each of the executor's connections at its share of the rate, then
-/// waits for them all.
-async fn spawn_paced<F, Fut>(run: &Run, exec: usize, mut one: F)
+/// Spawns `one(i, due)` for each of the executor's connections at its share of the rate
+/// counted from `began` (`due` is when connection i was scheduled), until the deadline;
+/// then waits for them all and returns what they returned.
+async fn spawn_paced<F, Fut, T>(run: &Run, exec: usize, began: Instant, mut one: F) -> Vec<T>
 where
-    F: FnMut(usize) -> Fut,
-    Fut: std::future::Future<Output = ()> + 'static,
+    F: FnMut(usize, Instant) -> Fut,
+    Fut: std::future::Future<Output = T> + 'static,
+    T: 'static,
 {
     let mut tasks = Vec::new();
     for (k, i) in run.mine(exec).enumerate() {
-        sleep_until(run.start + Duration::from_secs_f64(k as f64 / run.slot_rate())).await;
+        let due = began + Duration::from_secs_f64(k as f64 / run.slot_rate());
+        sleep_until(due).await;
         if Instant::now() >= run.deadline {
             break;
         }
-        tasks.push(glommio::spawn_local(one(i)));
+        tasks.push(glommio::spawn_local(one(i, due)));
     }
+    let mut out = Vec::with_capacity(tasks.len());
     for t in tasks {
-        t.await;
+        out.push(t.await);
     }
+    out
 }
 
 /// One idle connection: connect, join a room, hold until the deadline.
@@ -229,7 +236,7 @@ async fn ack_rtt(
     let interval = Duration::from_secs_f64(n as f64 / msg_rate.max(0.001));
     let sends = Rc::new(Sends { exec, interval, send_event, content: "x".repeat(payload_bytes), direct });
     let begin = run.sending_from();
-    spawn_paced(run, exec, |i| {
+    spawn_paced(run, exec, run.start, |i, _| {
         // Spread the connections' schedules over one interval so sends do not bunch up.
         let first = begin + interval.mul_f64(i as f64 / n as f64);
         ack_rtt_one(run.clone(), sends.clone(), i, stats.clone(), first)
@@ -315,7 +322,7 @@ async fn fanout(
         direct: false,
     });
     let begin = run.sending_from();
-    spawn_paced(run, exec, |i| {
+    spawn_paced(run, exec, run.start, |i, _| {
         let first = (i < publishers).then(|| begin + interval.mul_f64(i as f64 / publishers as f64));
         fanout_one(run.clone(), sends.clone(), i, stats.clone(), first)
     })
@@ -363,28 +370,18 @@ async fn storm(run: &Arc<Run>, exec: usize, stats: &Arc<Stats>) -> Vec<Wave> {
     for _ in 0..2 {
         let hist = Rc::new(RefCell::new(new_hist()));
         let began = Instant::now();
-        let mut tasks = Vec::new();
-        for (k, i) in run.mine(exec).enumerate() {
-            let due = began + Duration::from_secs_f64(k as f64 / run.slot_rate());
-            sleep_until(due).await;
-            if Instant::now() >= run.deadline {
-                break;
-            }
+        let opened = spawn_paced(run, exec, began, |i, due| {
             let (run, stats, hist) = (run.clone(), stats.clone(), hist.clone());
-            tasks.push(glommio::spawn_local(async move {
+            async move {
                 let c = open(&run, i, &stats).await;
                 if c.is_some() {
                     hist.borrow_mut().saturating_record((due.elapsed().as_micros() as u64).max(1));
                 }
                 c
-            }));
-        }
-        let mut clients = Vec::new();
-        for t in tasks {
-            if let Some(c) = t.await {
-                clients.push(c);
             }
-        }
+        })
+        .await;
+        let clients: Vec<Client> = opened.into_iter().flatten().collect();
         let seconds = began.elapsed().as_secs_f64();
         // Everyone drops at once: the server sees the whole wave go.
         let n = clients.len() as u64;

@@ -141,6 +141,21 @@ pub struct Wave {
     pub connected: u64,
 }
 
+/// Adds `from` into `into` wave by wave (executors of a process, or processes): a wave
+/// lasts as long as its slowest part.
+pub fn merge_waves(into: &mut Vec<Wave>, from: Vec<Wave>) {
+    for (i, w) in from.into_iter().enumerate() {
+        match into.get_mut(i) {
+            Some(m) => {
+                let _ = m.latency.add(&w.latency);
+                m.seconds = m.seconds.max(w.seconds);
+                m.connected += w.connected;
+            }
+            None => into.push(w),
+        }
+    }
+}
+
 /// What a process reports.
 #[derive(Serialize, Deserialize)]
 pub enum Report {
@@ -194,6 +209,10 @@ pub struct Point {
     pub t: f64,
     pub connected: u64,
     pub sent: u64,
+    /// Messages sent, and latencies recorded (acks or deliveries), per second over the
+    /// interval ending at `t`.
+    pub sent_per_sec: f64,
+    pub received_per_sec: f64,
     pub errors: u64,
     /// Latencies recorded in the interval ending at `t`.
     pub latency: Histogram<u64>,
@@ -250,16 +269,7 @@ impl Timeline {
                 let _ = self.delivery.add(&rest.delivery);
                 self.latest[proc] = Some(rest);
                 self.peak += peak;
-                for (i, w) in waves.into_iter().enumerate() {
-                    match self.waves.get_mut(i) {
-                        Some(m) => {
-                            let _ = m.latency.add(&w.latency);
-                            m.seconds = m.seconds.max(w.seconds);
-                            m.connected += w.connected;
-                        }
-                        None => self.waves.push(w),
-                    }
-                }
+                merge_waves(&mut self.waves, waves);
                 self.finals += 1;
                 None
             }
@@ -283,10 +293,13 @@ impl Timeline {
     /// Point `k`, once every process reported it.
     pub fn point(&self, k: usize) -> Option<Point> {
         let (seen, s) = self.points.get(k)?;
+        let before = k.checked_sub(1).and_then(|j| self.points.get(j)).map_or(0, |(_, p)| p.sent);
         (*seen == self.procs).then(|| Point {
             t: s.t,
             connected: s.connected,
             sent: s.sent,
+            sent_per_sec: s.sent.saturating_sub(before) as f64 / SAMPLE_EVERY.as_secs_f64(),
+            received_per_sec: s.latency.len() as f64 / SAMPLE_EVERY.as_secs_f64(),
             errors: s.errors.iter().sum(),
             latency: s.latency.clone(),
         })
