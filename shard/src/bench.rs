@@ -1,4 +1,5 @@
-//! Shard internals driven directly, for criterion benchmarks (`benches/fanout.rs`). Not
+//! Shard internals driven directly, for criterion benchmarks (`benches/fanout.rs`) and unit
+//! tests. Not
 //! a stable API: it exists so the in-shard costs can be measured without sockets.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +12,26 @@ use crate::msg::{key, Frame, Key};
 use crate::runtime::Shared;
 use crate::slab::ConnId;
 use crate::state::{event_frame, ConnEntry, State};
+
+/// What one shard of a process shares, with the default configuration, the embedded
+/// bus and no listener of its own: enough to drive a `State` directly.
+pub fn shared() -> std::io::Result<Arc<Shared>> {
+    let (mesh, _bells) = crate::mesh::Mesh::new(1)?;
+    Ok(Arc::new(Shared {
+        config: Default::default(),
+        verifier: crate::auth::Verifier::hs256(b"bench-secret-0123456789", 0, 10),
+        mesh,
+        metrics: vec![crate::metrics::ShardMetrics::default()].into_boxed_slice(),
+        ready: Default::default(),
+        stopping: Default::default(),
+        epoch: std::time::Instant::now(),
+        listen: ([127, 0, 0, 1], 0).into(),
+        static_metrics: String::new(),
+        bridge: None,
+        server_id: "bench".into(),
+        persist: None,
+    }))
+}
 
 /// Counts wake-ups, standing in for the connection tasks.
 struct Wakes(AtomicU64);
@@ -37,21 +58,7 @@ pub struct RoomFanout {
 impl RoomFanout {
     /// A shard (default configuration, embedded bus) with a room of `members`.
     pub fn new(members: usize) -> std::io::Result<RoomFanout> {
-        let (mesh, _bells) = crate::mesh::Mesh::new(1)?;
-        let shared = Arc::new(Shared {
-            config: Default::default(),
-            verifier: crate::auth::Verifier::hs256(b"bench-secret-0123456789", 0, 10),
-            mesh,
-            metrics: vec![crate::metrics::ShardMetrics::default()].into_boxed_slice(),
-            ready: Default::default(),
-            stopping: Default::default(),
-            epoch: std::time::Instant::now(),
-            listen: ([127, 0, 0, 1], 0).into(),
-            static_metrics: String::new(),
-            bridge: None,
-            server_id: "bench".into(),
-            persist: None,
-        });
+        let shared = shared()?;
         let mut state = State::new(0, shared);
         let wakes = Arc::new(Wakes(AtomicU64::new(0)));
         let waker = Waker::from(wakes.clone());

@@ -512,21 +512,7 @@ mod tests {
                 let l = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
                 let addr = l.local_addr().unwrap();
                 let c = glommio::net::TcpStream::connect(addr).await.unwrap();
-                let (mesh, _bells) = crate::mesh::Mesh::new(1).unwrap();
-                let shared = std::sync::Arc::new(crate::runtime::Shared {
-                    config: Default::default(),
-                    verifier: crate::auth::Verifier::hs256(b"x", 0, 10),
-                    mesh,
-                    metrics: vec![crate::metrics::ShardMetrics::default()].into_boxed_slice(),
-                    ready: Default::default(),
-                    stopping: Default::default(),
-                    epoch: std::time::Instant::now(),
-                    listen: addr,
-                    static_metrics: String::new(),
-                    bridge: None,
-                    server_id: "test".into(),
-                    persist: None,
-                });
+                let shared = crate::bench::shared().unwrap();
                 let shard = std::rc::Rc::new(crate::runtime::Shard {
                     id: 0,
                     state: std::cell::RefCell::new(crate::state::State::new(0, shared.clone())),
