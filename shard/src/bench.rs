@@ -1,6 +1,5 @@
 //! Shard internals driven directly, for criterion benchmarks (`benches/fanout.rs`) and unit
-//! tests. Not
-//! a stable API: it exists so the in-shard costs can be measured without sockets.
+//! tests. Not a stable API: it exists so in-shard costs can be measured without sockets.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
