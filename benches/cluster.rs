@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde_json::json;
-use shardgate::bridge::{scripts, RedisConn, RedisUrl};
+use shardgate::cluster::redis::RedisConn;
+use shardgate::cluster::scripts;
+use shardgate::config::RedisUrl;
 use shardgate_io::resp;
 use support::redis::RedisServer;
 use support::{token, Client, Incoming, Server};

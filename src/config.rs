@@ -5,7 +5,18 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use shardgate_shard::config::InvalidConfig;
 use shardgate_shard::RuntimeConfig;
+
+/// Most shards one process runs (a sanity bound, far above any core count).
+const MAX_SHARDS: usize = 1024;
+/// Shortest HS256 secret accepted.
+const MIN_SECRET_LEN: usize = 16;
+/// Shortest liveness key lifetime: the node refreshes it every third, and a shorter one
+/// would make a busy node look dead.
+const MIN_LIVENESS_TTL_MS: u64 = 300;
+/// Compression codecs librdkafka knows.
+const COMPRESSIONS: [&str; 5] = ["none", "gzip", "snappy", "lz4", "zstd"];
 
 /// HS256 secret used when none is configured and the node listens on loopback only.
 pub const DEV_SECRET: &str = "shardgate-dev-secret-do-not-use-in-production";
@@ -109,6 +120,70 @@ pub struct AuthConfig {
     pub leeway_secs: u64,
 }
 
+impl KafkaSettings {
+    /// Checks the producer settings (only when persistence is on).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.brokers.is_none() {
+            return Ok(());
+        }
+        if !COMPRESSIONS.contains(&self.compression.as_str()) {
+            return Err(invalid("kafka.compression", "must be none, gzip, snappy, lz4 or zstd"));
+        }
+        if self.partitions < 1 || self.replication < 1 || self.producer_queue == 0 || self.buffer_records == 0
+        {
+            return Err(invalid(
+                "kafka",
+                "partitions, replication, producer_queue and buffer_records must be >= 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ClusterConfig {
+    /// Checks the cluster settings (only when cluster mode is on).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let Some(url) = &self.redis else {
+            return Ok(());
+        };
+        RedisUrl::parse(url)?;
+        if let Some(id) = &self.server_id {
+            let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+            if id.is_empty() || id.len() > 64 || !id.chars().all(ok) {
+                return Err(invalid("cluster.server_id", "1..=64 characters of A-Z a-z 0-9 - _ ."));
+            }
+        }
+        if self.liveness_ttl_ms < MIN_LIVENESS_TTL_MS || self.presence_ttl_secs < 2 {
+            return Err(invalid("cluster", "liveness_ttl_ms must be >= 300 and presence_ttl_secs >= 2"));
+        }
+        Ok(())
+    }
+}
+
+impl AuthConfig {
+    /// Checks the token settings for a node listening on `listen`.
+    pub fn validate(&self, listen: SocketAddr) -> Result<(), ConfigError> {
+        if self.jwt_secret.is_some() && self.jwt_public_key.is_some() {
+            return Err(invalid("auth", "set either jwt_secret or jwt_public_key, not both"));
+        }
+        if matches!(&self.jwt_secret, Some(s) if s.len() < MIN_SECRET_LEN) {
+            return Err(invalid("auth.jwt_secret", "must be at least 16 bytes"));
+        }
+        if let Some(p) = &self.jwt_public_key {
+            if !p.exists() {
+                return Err(invalid("auth.jwt_public_key", &format!("{} does not exist", p.display())));
+            }
+        }
+        if self.jwt_secret.is_none() && self.jwt_public_key.is_none() && !listen.ip().is_loopback() {
+            return Err(invalid(
+                "auth",
+                "a jwt_secret or jwt_public_key is required when listening beyond loopback",
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -124,61 +199,54 @@ impl Default for Config {
     }
 }
 
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for [`Config`] (unknown keys are errors).
+    #[error("{}: {source}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the TOML parser said, with the line.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or values contradict each other.
+    #[error(transparent)]
+    Invalid(#[from] InvalidConfig),
+    /// `cluster.redis` is not a Redis URL.
+    #[error("cluster.redis: {0}")]
+    RedisUrl(#[from] UrlError),
+}
+
+fn invalid(field: &str, reason: &str) -> ConfigError {
+    ConfigError::Invalid(InvalidConfig::new(field, reason))
+}
+
 impl Config {
     /// Reads a TOML file; unknown keys are errors, missing keys take defaults.
-    pub fn from_file(path: &Path) -> Result<Config, String> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), source: Box::new(e) })
     }
 
-    /// Checks the whole configuration; the message names what to change.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the whole configuration, section by section; the error names the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         self.runtime.validate()?;
-        if self.auth.jwt_secret.is_some() && self.auth.jwt_public_key.is_some() {
-            return Err("auth: set either jwt_secret or jwt_public_key, not both".into());
-        }
-        if matches!(&self.auth.jwt_secret, Some(s) if s.len() < 16) {
-            return Err("auth.jwt_secret must be at least 16 bytes".into());
-        }
-        if let Some(p) = &self.auth.jwt_public_key {
-            if !p.exists() {
-                return Err(format!("auth.jwt_public_key: {} does not exist", p.display()));
-            }
-        }
-        if self.auth.jwt_secret.is_none()
-            && self.auth.jwt_public_key.is_none()
-            && !self.listen.ip().is_loopback()
-        {
-            return Err(
-                "auth: a jwt_secret or jwt_public_key is required when listening beyond loopback".into()
-            );
-        }
-        if let Some(url) = &self.cluster.redis {
-            crate::bridge::RedisUrl::parse(url).map_err(|e| format!("cluster.redis: {e}"))?;
-            if let Some(id) = &self.cluster.server_id {
-                let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-                if id.is_empty() || id.len() > 64 || !id.chars().all(ok) {
-                    return Err("cluster.server_id: 1..=64 characters of A-Z a-z 0-9 - _ .".into());
-                }
-            }
-            if self.cluster.liveness_ttl_ms < 300 || self.cluster.presence_ttl_secs < 2 {
-                return Err("cluster.liveness_ttl_ms must be >= 300 and presence_ttl_secs >= 2".into());
-            }
-        }
-        if self.kafka.brokers.is_some() {
-            let k = &self.kafka;
-            if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&k.compression.as_str()) {
-                return Err("kafka.compression must be none, gzip, snappy, lz4 or zstd".into());
-            }
-            if k.partitions < 1 || k.replication < 1 || k.producer_queue == 0 || k.buffer_records == 0 {
-                return Err(
-                    "kafka: partitions, replication, producer_queue and buffer_records must be >= 1".into()
-                );
-            }
-        }
-        if self.shards > 1024 {
-            return Err("shards must be at most 1024".into());
+        self.auth.validate(self.listen)?;
+        self.cluster.validate()?;
+        self.kafka.validate()?;
+        if self.shards > MAX_SHARDS {
+            return Err(invalid("shards", "must be at most 1024"));
         }
         Ok(())
     }
@@ -209,6 +277,73 @@ impl Config {
     }
 }
 
+/// Where Redis is: `redis://[user[:password]@]host[:port][/db]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisUrl {
+    /// Host name or address.
+    pub host: String,
+    /// Port (6379 by default).
+    pub port: u16,
+    /// ACL user name (Redis 6+), if any.
+    pub username: Option<String>,
+    /// Password, if any.
+    pub password: Option<String>,
+    /// Database index.
+    pub db: u32,
+}
+
+/// What is wrong with a Redis URL (the URL itself is not repeated: it may hold a
+/// password).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum UrlError {
+    /// Not `redis://`.
+    #[error("expected redis://[user[:password]@]host[:port][/db]")]
+    Scheme,
+    /// The database index is not a number.
+    #[error("the database (after /) must be a number")]
+    Database,
+    /// The port is not a number.
+    #[error("the port must be a number from 1 to 65535")]
+    Port,
+    /// No host.
+    #[error("missing host")]
+    Host,
+}
+
+/// Redis's default port.
+const REDIS_PORT: u16 = 6379;
+
+impl RedisUrl {
+    /// Parses a `redis://` URL.
+    pub fn parse(url: &str) -> Result<RedisUrl, UrlError> {
+        let rest = url.strip_prefix("redis://").ok_or(UrlError::Scheme)?;
+        let (auth, hostpart) = match rest.rsplit_once('@') {
+            Some((a, h)) => (Some(a), h),
+            None => (None, rest),
+        };
+        let (hostport, db) = match hostpart.split_once('/') {
+            Some((h, d)) if !d.is_empty() => (h, d.parse().map_err(|_| UrlError::Database)?),
+            Some((h, _)) => (h, 0),
+            None => (hostpart, 0),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse().map_err(|_| UrlError::Port)?),
+            None => (hostport, REDIS_PORT),
+        };
+        if host.is_empty() {
+            return Err(UrlError::Host);
+        }
+        let (username, password) = match auth {
+            None => (None, None),
+            Some(a) => match a.split_once(':') {
+                Some((u, p)) => ((!u.is_empty()).then(|| u.to_string()), Some(p.to_string())),
+                None => (None, Some(a.to_string())),
+            },
+        };
+        Ok(RedisUrl { host: host.to_string(), port, username, password, db })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,8 +355,23 @@ mod tests {
         assert_eq!(c.listen.port(), 4000);
         assert_eq!(c.runtime.ping_interval_ms, 1000);
         assert_eq!(c.runtime.ping_timeout_ms, RuntimeConfig::default().ping_timeout_ms);
-        assert!(c.validate().unwrap_err().contains("required when listening beyond loopback"));
+        assert!(c.validate().unwrap_err().to_string().contains("required when listening beyond loopback"));
         assert!(toml::from_str::<Config>("bogus = 1").is_err());
         assert!(Config::default().validate().is_ok());
+    }
+
+    #[test]
+    fn parses_urls() {
+        let u = RedisUrl::parse("redis://127.0.0.1:6380/2").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.db, u.password), ("127.0.0.1", 6380, 2, None));
+        let u = RedisUrl::parse("redis://app:s3cret@redis.local").unwrap();
+        assert_eq!(
+            (u.username.as_deref(), u.password.as_deref(), u.port),
+            (Some("app"), Some("s3cret"), 6379)
+        );
+        let u = RedisUrl::parse("redis://:pw@h:1/").unwrap();
+        assert_eq!((u.username, u.password.as_deref()), (None, Some("pw")));
+        assert_eq!(RedisUrl::parse("http://x"), Err(UrlError::Scheme));
+        assert_eq!(RedisUrl::parse("redis://h:port"), Err(UrlError::Port));
     }
 }

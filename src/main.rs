@@ -6,6 +6,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
@@ -15,7 +16,10 @@ use shardgate_shard::runtime::StartOptions;
 use tracing::{info, warn};
 
 use shardgate::bridge;
+use shardgate::cluster::{self, ClusterPart};
 use shardgate::config::{Config, DEV_SECRET};
+use shardgate::persist::PersistPart;
+use shardgate_shard::mesh::{Inbox, Owner};
 
 /// Thread-per-core Socket.IO v4 WebSocket edge server for real-time chat.
 #[derive(Parser)]
@@ -136,8 +140,8 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::CheckConfig { file } => {
-            let cfg = Config::from_file(&file).map_err(anyhow::Error::msg)?;
-            cfg.validate().map_err(anyhow::Error::msg)?;
+            let cfg = Config::from_file(&file)?;
+            cfg.validate()?;
             build_verifier(&cfg)?;
             println!(
                 "{}: OK (listen {}, {} shards, ping {}ms/{}ms, max payload {} bytes)",
@@ -155,7 +159,7 @@ fn main() -> anyhow::Result<()> {
 
 fn load(args: &ServeArgs) -> anyhow::Result<Config> {
     let mut cfg = match &args.config {
-        Some(p) => Config::from_file(p).map_err(anyhow::Error::msg)?,
+        Some(p) => Config::from_file(p)?,
         None => Config::default(),
     };
     macro_rules! set {
@@ -195,7 +199,7 @@ fn load(args: &ServeArgs) -> anyhow::Result<Config> {
     if args.kafka.is_some() {
         cfg.kafka.brokers = args.kafka.clone();
     }
-    cfg.validate().map_err(anyhow::Error::msg)?;
+    cfg.validate()?;
     Ok(cfg)
 }
 
@@ -204,7 +208,7 @@ fn build_verifier(cfg: &Config) -> anyhow::Result<Verifier> {
     let max_id = cfg.runtime.max_id_len;
     if let Some(path) = &cfg.auth.jwt_public_key {
         let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        return Verifier::public_key_pem(&pem, leeway, max_id).map_err(anyhow::Error::msg);
+        return Ok(Verifier::public_key_pem(&pem, leeway, max_id)?);
     }
     let secret = cfg.auth.jwt_secret.as_deref().unwrap_or(DEV_SECRET);
     Ok(Verifier::hs256(secret.as_bytes(), leeway, max_id))
@@ -243,23 +247,26 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         capacity.min(cfg.runtime.max_connections as u64)
     );
     let sigs = block_signals();
-    let server_id: std::sync::Arc<str> = cfg
+    let server_id: Arc<str> = cfg
         .cluster
         .server_id
         .clone()
         .unwrap_or_else(|| format!("{:016x}", ulid::Ulid::new().random() as u64))
         .into();
-    let bridge_inbox = match &cfg.cluster.redis {
-        Some(_) => {
-            let (inbox, bell) = shardgate_shard::mesh::Inbox::new(usize::MAX)?;
-            Some((std::sync::Arc::new(inbox), bell))
+    // The bridge's two inboxes, created before the shards so that every shard gets their
+    // send ends; the doorbells go to the bridge thread.
+    let cluster_settings = cluster::Settings::from_config(&cfg, server_id.clone())?;
+    let cluster_inbox = match cluster_settings {
+        Some(settings) => {
+            let (inbox, bell) = Inbox::new(Owner::Bridge)?;
+            Some(ClusterPart { settings, inbox: Arc::new(inbox), bell })
         }
         None => None,
     };
     let persist_inbox = match &cfg.kafka.brokers {
         Some(_) => {
-            let (inbox, bell) = shardgate_shard::mesh::Inbox::new(usize::MAX - 1)?;
-            Some((std::sync::Arc::new(inbox), bell))
+            let (inbox, bell) = Inbox::new(Owner::Records)?;
+            Some(PersistPart { settings: cfg.kafka.clone(), inbox: Arc::new(inbox), bell })
         }
         None => None,
     };
@@ -269,37 +276,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cpus: cfg.placement(),
         config: cfg.runtime.clone(),
         static_metrics,
-        bridge: bridge_inbox.as_ref().map(|(i, _)| i.clone()),
+        bridge: cluster_inbox.as_ref().map(|p| p.inbox.clone()),
         server_id: server_id.clone(),
-        persist: persist_inbox.as_ref().map(|(i, _)| i.clone()),
-        extra_metric_blocks: 2,
+        persist: persist_inbox.as_ref().map(|p| p.inbox.clone()),
     };
     let shards = opts.shards;
     let handle =
         shardgate_shard::start(opts, verifier).with_context(|| format!("starting on {}", cfg.listen))?;
     let addr = handle.local_addr();
-    let cluster_part = match (&cfg.cluster.redis, bridge_inbox) {
-        (Some(url), Some((inbox, bell))) => Some(bridge::ClusterPart {
-            cfg: bridge::BridgeConfig {
-                redis: bridge::RedisUrl::parse(url).map_err(anyhow::Error::msg)?,
-                prefix: cfg.cluster.prefix.clone(),
-                server_id: server_id.clone(),
-                liveness_ttl_ms: cfg.cluster.liveness_ttl_ms,
-                presence_ttl_secs: cfg.cluster.presence_ttl_secs,
-                presence_retention_secs: cfg.runtime.presence_retention_secs,
-                offline_queue_len: cfg.runtime.offline_queue_len,
-                offline_ttl_secs: cfg.runtime.offline_ttl_secs,
-                typing_ttl_ms: cfg.runtime.typing_ttl_ms,
-            },
-            inbox,
-            bell,
-        }),
-        _ => None,
-    };
-    let persist_part = match (&cfg.kafka.brokers, persist_inbox) {
-        (Some(_), Some((inbox, bell))) => Some(bridge::PersistPart { cfg: cfg.kafka.clone(), inbox, bell }),
-        _ => None,
-    };
+    let (cluster_part, persist_part) = (cluster_inbox, persist_inbox);
     let mut bridge_thread = None;
     if cluster_part.is_some() || persist_part.is_some() {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);

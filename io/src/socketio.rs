@@ -34,7 +34,8 @@ pub enum PacketType {
 }
 
 impl PacketType {
-    fn digit(self) -> char {
+    /// The digit that starts this packet type on the wire.
+    pub fn digit(self) -> char {
         match self {
             PacketType::Connect => '0',
             PacketType::Disconnect => '1',

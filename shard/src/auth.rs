@@ -109,6 +109,11 @@ impl std::fmt::Debug for Verifier {
     }
 }
 
+/// A configured public key that cannot verify tokens.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("public key is neither an RSA (RS256) nor a P-256 (ES256) PEM key: {0}")]
+pub struct KeyError(String);
+
 impl Verifier {
     /// Verifies HS256 tokens signed with `secret`.
     pub fn hs256(secret: &[u8], leeway_secs: u64, max_id_len: usize) -> Verifier {
@@ -116,13 +121,13 @@ impl Verifier {
     }
 
     /// Verifies RS256 (RSA key) or ES256 (P-256 key) tokens with a PEM public key.
-    pub fn public_key_pem(pem: &[u8], leeway_secs: u64, max_id_len: usize) -> Result<Verifier, String> {
+    pub fn public_key_pem(pem: &[u8], leeway_secs: u64, max_id_len: usize) -> Result<Verifier, KeyError> {
         if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
             return Ok(Verifier::with(k, Algorithm::RS256, leeway_secs, max_id_len));
         }
         match DecodingKey::from_ec_pem(pem) {
             Ok(k) => Ok(Verifier::with(k, Algorithm::ES256, leeway_secs, max_id_len)),
-            Err(e) => Err(format!("public key is neither an RSA nor an EC PEM key: {e}")),
+            Err(e) => Err(KeyError(e.to_string())),
         }
     }
 

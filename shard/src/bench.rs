@@ -16,20 +16,9 @@ use crate::state::{event_frame, ConnEntry, State};
 /// bus and no listener of its own: enough to drive a `State` directly.
 pub fn shared() -> std::io::Result<Arc<Shared>> {
     let (mesh, _bells) = crate::mesh::Mesh::new(1)?;
-    Ok(Arc::new(Shared {
-        config: Default::default(),
-        verifier: crate::auth::Verifier::hs256(b"bench-secret-0123456789", 0, 10),
-        mesh,
-        metrics: vec![crate::metrics::ShardMetrics::default()].into_boxed_slice(),
-        ready: Default::default(),
-        stopping: Default::default(),
-        epoch: std::time::Instant::now(),
-        listen: ([127, 0, 0, 1], 0).into(),
-        static_metrics: String::new(),
-        bridge: None,
-        server_id: "bench".into(),
-        persist: None,
-    }))
+    let opts = crate::runtime::StartOptions { server_id: "bench".into(), ..Default::default() };
+    let verifier = crate::auth::Verifier::hs256(b"bench-secret-0123456789", 0, 10);
+    Ok(Arc::new(Shared::new(opts, verifier, mesh, ([127, 0, 0, 1], 0).into())))
 }
 
 /// Counts wake-ups, standing in for the connection tasks.

@@ -5,6 +5,29 @@
 
 use serde::{Deserialize, Serialize};
 
+/// A configuration value that cannot be used: which field, and what to change.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {reason}")]
+pub struct InvalidConfig {
+    /// Dotted path of the field in the configuration file (`runtime.max_payload`).
+    pub field: String,
+    /// What is wrong and what is accepted.
+    pub reason: String,
+}
+
+impl InvalidConfig {
+    /// An error about `field`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> InvalidConfig {
+        InvalidConfig { field: field.into(), reason: reason.into() }
+    }
+}
+
+/// Smallest outbound queue accepted (unless `max_payload` is smaller): one full write
+/// buffer of frames.
+const MIN_OUTBOUND_QUEUE: usize = 64 * 1024;
+/// Largest `max_payload` accepted: a message is held whole in memory while assembled.
+const MAX_PAYLOAD_LIMIT: usize = 64 << 20;
+
 /// Protocol timers and per-connection bounds, shared read-only by every shard.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -72,7 +95,7 @@ impl Default for RuntimeConfig {
 
 impl RuntimeConfig {
     /// Checks that every value is usable; the message names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
         let positive = [
             ("ping_interval_ms", self.ping_interval_ms),
             ("ping_timeout_ms", self.ping_timeout_ms),
@@ -89,14 +112,17 @@ impl RuntimeConfig {
         ];
         for (name, v) in positive {
             if v == 0 {
-                return Err(format!("runtime.{name} must be greater than 0"));
+                return Err(InvalidConfig::new(format!("runtime.{name}"), "must be greater than 0"));
             }
         }
-        if self.outbound_queue_bytes < self.max_payload.min(64 * 1024) {
-            return Err("runtime.outbound_queue_bytes must be at least 64 KiB or max_payload".into());
+        if self.outbound_queue_bytes < self.max_payload.min(MIN_OUTBOUND_QUEUE) {
+            return Err(InvalidConfig::new(
+                "runtime.outbound_queue_bytes",
+                "must be at least 64 KiB or max_payload",
+            ));
         }
-        if self.max_payload > 64 << 20 {
-            return Err("runtime.max_payload must be at most 64 MiB".into());
+        if self.max_payload > MAX_PAYLOAD_LIMIT {
+            return Err(InvalidConfig::new("runtime.max_payload", "must be at most 64 MiB"));
         }
         Ok(())
     }

@@ -15,6 +15,7 @@ pub mod auth;
 pub mod bench;
 pub mod config;
 mod conn;
+pub mod ids;
 pub mod mesh;
 pub mod metrics;
 pub mod msg;

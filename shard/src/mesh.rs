@@ -16,10 +16,8 @@ use std::sync::Arc;
 
 use crossbeam_queue::SegQueue;
 
+pub use crate::ids::ShardId;
 use crate::msg::ShardMsg;
-
-/// Index of a shard inside one process.
-pub type ShardId = usize;
 
 /// A lock-free MPSC inbox with a doorbell; `T` is what it carries.
 pub struct Inbox<T> {
@@ -29,17 +27,59 @@ pub struct Inbox<T> {
     rings: AtomicU64,
 }
 
+/// Who drains an inbox: a shard, or one of the bridge thread's two tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// Shard `i`'s inbox task.
+    Shard(ShardId),
+    /// The bridge's Redis side (cluster messages).
+    Bridge,
+    /// The bridge's Kafka side (records).
+    Records,
+}
+
 /// The read end of an inbox's doorbell, handed once to the task that owns the inbox.
 pub struct Doorbell {
-    /// Shard this doorbell wakes (the bridge's is `usize::MAX`).
-    pub shard: ShardId,
+    /// Whom this doorbell wakes.
+    pub owner: Owner,
     /// Non-blocking read end of the socket pair.
     pub fd: OwnedFd,
 }
 
+impl Doorbell {
+    /// The read end as a glommio stream, for the owner's executor (call it on that
+    /// executor's thread: the stream registers with its io_uring).
+    pub fn into_stream(self) -> glommio::net::UnixStream {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        // SAFETY: the doorbell owns its descriptor; `into_raw_fd` hands that ownership to
+        // the stream, and nothing else holds it.
+        unsafe { glommio::net::UnixStream::from_raw_fd(self.fd.into_raw_fd()) }
+    }
+}
+
+/// Waits until `inbox` has work (its doorbell rang) or `max` passes.
+pub async fn wait_ring<T>(inbox: &Inbox<T>, bell: &mut glommio::net::UnixStream, max: std::time::Duration) {
+    use futures_lite::{AsyncRead, FutureExt};
+    let mut ring = [0u8; RING_READ];
+    let ready = std::future::poll_fn(|cx| {
+        if inbox.backlog() > 0 {
+            return std::task::Poll::Ready(());
+        }
+        match std::pin::Pin::new(&mut *bell).poll_read(cx, &mut ring) {
+            std::task::Poll::Ready(_) => std::task::Poll::Ready(()),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    });
+    ready.or(async { glommio::timer::sleep(max).await }).await;
+}
+
+/// Doorbell bytes consumed per read: any number of rings means "look at the queue", so
+/// one read of a few bytes re-arms it.
+pub const RING_READ: usize = 64;
+
 impl<T> Inbox<T> {
     /// A new inbox and the doorbell its owner waits on.
-    pub fn new(owner: ShardId) -> std::io::Result<(Inbox<T>, Doorbell)> {
+    pub fn new(owner: Owner) -> std::io::Result<(Inbox<T>, Doorbell)> {
         let (tx, rx) = UnixStream::pair()?;
         tx.set_nonblocking(true)?;
         rx.set_nonblocking(true)?;
@@ -49,7 +89,7 @@ impl<T> Inbox<T> {
             bell: tx,
             rings: AtomicU64::new(0),
         };
-        Ok((inbox, Doorbell { shard: owner, fd: rx.into() }))
+        Ok((inbox, Doorbell { owner, fd: rx.into() }))
     }
 
     /// Queues `msg` and wakes the owner if it may be asleep.
@@ -100,7 +140,7 @@ impl Mesh {
         let mut inboxes = Vec::with_capacity(n);
         let mut bells = Vec::with_capacity(n);
         for shard in 0..n {
-            let (inbox, bell) = Inbox::new(shard)?;
+            let (inbox, bell) = Inbox::new(Owner::Shard(shard))?;
             inboxes.push(inbox);
             bells.push(bell);
         }

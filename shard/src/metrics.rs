@@ -106,6 +106,8 @@ labels! {
         SweptSockets => "cluster_swept_sockets_total",
         /// 1:1 messages routed from the bridge's route cache (no registry lookup).
         RouteCacheHits => "cluster_route_cache_hits_total",
+        /// Payloads on this node's channels that were not envelopes (dropped).
+        BadEnvelopes => "cluster_bad_envelopes_total",
         /// Records handed to librdkafka.
         KafkaProduced => "kafka_produced_total",
         /// Records Kafka acknowledged.

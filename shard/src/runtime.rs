@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::Verifier;
 use crate::config::RuntimeConfig;
-use crate::mesh::{Doorbell, Inbox, Mesh, ShardId};
+use crate::mesh::{Doorbell, Inbox, Mesh, Owner, ShardId};
 use crate::metrics::{Counter, ShardMetrics};
 use crate::msg::{BridgeMsg, ShardMsg};
 use crate::record::Record;
@@ -60,6 +60,26 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Process-wide state for the shards of `mesh`, configured by `opts`, listening on
+    /// `listen` (the resolved address); not ready until the shards run.
+    pub fn new(opts: StartOptions, verifier: Verifier, mesh: Arc<Mesh>, listen: SocketAddr) -> Shared {
+        let blocks = mesh.len() + EXTRA_METRIC_BLOCKS;
+        Shared {
+            config: opts.config,
+            verifier,
+            mesh,
+            metrics: (0..blocks).map(|_| ShardMetrics::default()).collect(),
+            ready: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            epoch: Instant::now(),
+            listen,
+            static_metrics: opts.static_metrics,
+            bridge: opts.bridge,
+            server_id: opts.server_id,
+            persist: opts.persist,
+        }
+    }
+
     /// Milliseconds since the process started (shard time).
     pub fn now(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
@@ -70,11 +90,33 @@ impl Shared {
         self.metrics.iter().map(|m| m.get(Counter::Open)).sum()
     }
 
-    /// Counters of shard `id` (or of the bridge, at index `mesh.len()`).
-    pub fn metrics_of(&self, id: usize) -> &ShardMetrics {
-        &self.metrics[id.min(self.metrics.len() - 1)]
+    /// The counter block `block` (each has exactly one writing thread).
+    pub fn block(&self, block: MetricsBlock) -> &ShardMetrics {
+        let shards = self.mesh.len();
+        let i = match block {
+            MetricsBlock::Shard(id) => id.min(shards),
+            MetricsBlock::Bridge => shards,
+            MetricsBlock::KafkaReports => shards + 1,
+        };
+        &self.metrics[i]
     }
 }
+
+/// Which counter block a thread writes: one per shard, one for the bridge thread and
+/// one for librdkafka's delivery-report thread. Summed at scrape time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsBlock {
+    /// Shard `i`.
+    Shard(ShardId),
+    /// The bridge thread (Redis and the Kafka producer task).
+    Bridge,
+    /// librdkafka's delivery-report thread.
+    KafkaReports,
+}
+
+/// Counter blocks beyond the shards' ([`MetricsBlock::Bridge`],
+/// [`MetricsBlock::KafkaReports`]).
+const EXTRA_METRIC_BLOCKS: usize = 2;
 
 /// How to start the shards.
 pub struct StartOptions {
@@ -94,8 +136,23 @@ pub struct StartOptions {
     pub server_id: Arc<str>,
     /// The record inbox (persistence on).
     pub persist: Option<Arc<Inbox<Record>>>,
-    /// Counter blocks beyond the shards' (the bridge's).
-    pub extra_metric_blocks: usize,
+}
+
+impl Default for StartOptions {
+    /// One unpinned shard on a free loopback port, default limits, the embedded bus, no
+    /// persistence.
+    fn default() -> StartOptions {
+        StartOptions {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            shards: 1,
+            cpus: Vec::new(),
+            config: RuntimeConfig::default(),
+            static_metrics: String::new(),
+            bridge: None,
+            server_id: "local".into(),
+            persist: None,
+        }
+    }
 }
 
 /// Running shards.
@@ -173,23 +230,11 @@ pub fn start(opts: StartOptions, verifier: Verifier) -> std::io::Result<ShardsHa
         sockets.push(bind(listen)?);
     }
     let (mesh, bells) = Mesh::new(n)?;
-    let shared = Arc::new(Shared {
-        config: opts.config,
-        verifier,
-        mesh,
-        metrics: (0..n + opts.extra_metric_blocks).map(|_| ShardMetrics::default()).collect(),
-        ready: AtomicBool::new(false),
-        stopping: AtomicBool::new(false),
-        epoch: Instant::now(),
-        listen,
-        static_metrics: opts.static_metrics,
-        bridge: opts.bridge,
-        server_id: opts.server_id,
-        persist: opts.persist,
-    });
+    let cpus = opts.cpus.clone();
+    let shared = Arc::new(Shared::new(opts, verifier, mesh, listen));
     let mut handles = Vec::with_capacity(n);
     for ((id, sock), bell) in sockets.into_iter().enumerate().zip(bells) {
-        let placement = match opts.cpus.get(id).copied().flatten() {
+        let placement = match cpus.get(id).copied().flatten() {
             Some(cpu) => Placement::Fixed(cpu),
             None => Placement::Unbound,
         };
@@ -254,9 +299,8 @@ async fn run_shard(id: ShardId, shared: Arc<Shared>, listener: TcpListener, bell
         wbuf: RefCell::new(Vec::with_capacity(SCRATCH)),
         stop_waker: RefCell::new(None),
     });
-    debug_assert_eq!(bell.shard, id);
-    // SAFETY: the doorbell's read end belongs to this shard alone.
-    let bell = unsafe { UnixStream::from_raw_fd(bell.fd.into_raw_fd()) };
+    debug_assert_eq!(bell.owner, Owner::Shard(id));
+    let bell = bell.into_stream();
     let inbox = glommio::spawn_local(inbox_task(shard.clone(), bell));
     let tick = glommio::spawn_local(tick_task(shard.clone()));
     debug!(shard = id, "shard started");

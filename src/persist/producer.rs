@@ -24,21 +24,30 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
-use shardgate_shard::mesh::Inbox;
+use shardgate_shard::mesh::{wait_ring, Inbox};
 use shardgate_shard::metrics::{Counter, ShardMetrics};
 use shardgate_shard::msg::ShardMsg;
 use shardgate_shard::record::{Receipt, Record, Topic};
+use shardgate_shard::runtime::MetricsBlock;
 use shardgate_shard::Shared;
 use tracing::{info, warn};
 
-/// Producer settings: the `[kafka]` section of the configuration.
-pub type KafkaConfig = crate::config::KafkaSettings;
+use crate::config::KafkaSettings as KafkaConfig;
+
+/// Longest sleep of the producer task when no record arrives (it re-checks shutdown).
+const IDLE_WAKE: Duration = Duration::from_millis(100);
+/// Pause before asking again for a topic whose creation failed.
+const TOPIC_RETRY: Duration = Duration::from_secs(1);
+/// Timeout of one admin request (topic creation).
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// At shutdown, how long librdkafka may take to deliver what it holds.
+const FLUSH_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs on librdkafka's polling thread: counts outcomes, sends receipts.
 struct Reports {
     shared: Arc<Shared>,
     /// Counter block of this thread (its only writer).
-    block: usize,
+    block: MetricsBlock,
 }
 
 impl ClientContext for Reports {
@@ -80,7 +89,7 @@ impl ProducerContext for Reports {
     type DeliveryOpaque = Box<Option<Receipt>>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, receipt: Self::DeliveryOpaque) {
-        let m = self.shared.metrics_of(self.block);
+        let m = self.shared.block(self.block);
         match result {
             Ok(_) => {
                 m.inc(Counter::KafkaDelivered);
@@ -98,7 +107,7 @@ impl ProducerContext for Reports {
 }
 
 /// The producer side of the bridge thread.
-pub struct Persister {
+pub struct RecordProducer {
     cfg: KafkaConfig,
     shared: Arc<Shared>,
     inbox: Arc<Inbox<Record>>,
@@ -117,14 +126,14 @@ fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
-impl Persister {
+impl RecordProducer {
     /// Builds the producer and the admin client; connects lazily.
     pub fn new(
         cfg: KafkaConfig,
         shared: Arc<Shared>,
         inbox: Arc<Inbox<Record>>,
-        block: usize,
-    ) -> Result<Persister, KafkaError> {
+        block: MetricsBlock,
+    ) -> Result<RecordProducer, KafkaError> {
         let producer: ThreadedProducer<Reports> = client_config(&cfg)
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -134,7 +143,7 @@ impl Persister {
             .set("queue.buffering.max.messages", cfg.producer_queue.to_string())
             .set("message.timeout.ms", "0")
             .create_with_context(Reports { shared: shared.clone(), block })?;
-        Ok(Persister {
+        Ok(RecordProducer {
             cfg,
             shared,
             inbox,
@@ -146,7 +155,7 @@ impl Persister {
     }
 
     fn m(&self) -> &ShardMetrics {
-        self.shared.metrics_of(self.shared.mesh.len())
+        self.shared.block(MetricsBlock::Bridge)
     }
 
     /// Creates `names` if missing; returns those that exist now.
@@ -158,9 +167,7 @@ impl Persister {
         let names: Vec<String> = names
             .into_iter()
             .filter(|n| !self.topics.contains(n))
-            .filter(|n| {
-                self.creating.get(n).map(|t| now.duration_since(*t) > Duration::from_secs(1)).unwrap_or(true)
-            })
+            .filter(|n| self.creating.get(n).map(|t| now.duration_since(*t) > TOPIC_RETRY).unwrap_or(true))
             .collect();
         if names.is_empty() {
             return;
@@ -169,7 +176,7 @@ impl Persister {
             .iter()
             .map(|n| NewTopic::new(n, self.cfg.partitions, TopicReplication::Fixed(self.cfg.replication)))
             .collect();
-        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(2)));
+        let opts = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT));
         // A fresh admin client per attempt: one that first met a dead broker may have
         // settled on fallback protocol versions the broker then refuses.
         let admin: AdminClient<QuietContext> =
@@ -270,14 +277,14 @@ impl Persister {
 }
 
 /// The producer task on the bridge executor.
-pub async fn run(mut p: Persister, mut bell: glommio::net::UnixStream) {
+pub async fn run(mut p: RecordProducer, mut bell: glommio::net::UnixStream) {
     info!(brokers = p.cfg.brokers.as_deref().unwrap_or_default(), "persistence on: producing to kafka");
     let fixed: Vec<String> =
         [Topic::SocketEvents, Topic::Presence, Topic::Notifications].iter().map(Topic::name).collect();
     p.ensure_topics(fixed).await;
     let mut last_gauge = 0u64;
     while !p.shared.stopping.load(std::sync::atomic::Ordering::Relaxed) || p.inbox.backlog() > 0 {
-        super::wait_bell(&p.inbox, &mut bell, Duration::from_millis(100)).await;
+        wait_ring(&p.inbox, &mut bell, IDLE_WAKE).await;
         p.take();
         let missing = p.flush();
         if !missing.is_empty() {
@@ -292,6 +299,6 @@ pub async fn run(mut p: Persister, mut bell: glommio::net::UnixStream) {
         last_gauge = now;
     }
     // Shutdown: give librdkafka a bounded moment to deliver what it holds.
-    let _ = p.producer.flush(Duration::from_secs(5));
+    let _ = p.producer.flush(FLUSH_GRACE);
     info!("kafka producer stopped");
 }

@@ -9,55 +9,7 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use shardgate_io::resp::{self, Reply};
 
-/// Where Redis is: `redis://[user[:password]@]host[:port][/db]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RedisUrl {
-    /// Host name or address.
-    pub host: String,
-    /// Port (6379 by default).
-    pub port: u16,
-    /// ACL user name (Redis 6+), if any.
-    pub username: Option<String>,
-    /// Password, if any.
-    pub password: Option<String>,
-    /// Database index.
-    pub db: u32,
-}
-
-impl RedisUrl {
-    /// Parses a `redis://` URL.
-    pub fn parse(url: &str) -> Result<RedisUrl, String> {
-        let rest = url
-            .strip_prefix("redis://")
-            .ok_or_else(|| format!("{url}: expected redis://host[:port][/db]"))?;
-        let (auth, hostpart) = match rest.rsplit_once('@') {
-            Some((a, h)) => (Some(a), h),
-            None => (None, rest),
-        };
-        let (hostport, db) = match hostpart.split_once('/') {
-            Some((h, d)) if !d.is_empty() => {
-                (h, d.parse().map_err(|_| format!("{url}: database must be a number"))?)
-            }
-            Some((h, _)) => (h, 0),
-            None => (hostpart, 0),
-        };
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse().map_err(|_| format!("{url}: port must be a number"))?),
-            None => (hostport, 6379),
-        };
-        if host.is_empty() {
-            return Err(format!("{url}: missing host"));
-        }
-        let (username, password) = match auth {
-            None => (None, None),
-            Some(a) => match a.split_once(':') {
-                Some((u, p)) => ((!u.is_empty()).then(|| u.to_string()), Some(p.to_string())),
-                None => (None, Some(a.to_string())),
-            },
-        };
-        Ok(RedisUrl { host: host.to_string(), port, username, password, db })
-    }
-}
+use crate::config::RedisUrl;
 
 /// A connected Redis socket with its read buffer.
 pub struct RedisConn {
@@ -192,25 +144,5 @@ impl RedisConn {
             }
             self.rbuf.extend_from_slice(&chunk[..n]);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_urls() {
-        let u = RedisUrl::parse("redis://127.0.0.1:6380/2").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.db, u.password), ("127.0.0.1", 6380, 2, None));
-        let u = RedisUrl::parse("redis://app:s3cret@redis.local").unwrap();
-        assert_eq!(
-            (u.username.as_deref(), u.password.as_deref(), u.port),
-            (Some("app"), Some("s3cret"), 6379)
-        );
-        let u = RedisUrl::parse("redis://:pw@h:1/").unwrap();
-        assert_eq!((u.username, u.password.as_deref()), (None, Some("pw")));
-        assert!(RedisUrl::parse("http://x").is_err());
-        assert!(RedisUrl::parse("redis://h:port").is_err());
     }
 }

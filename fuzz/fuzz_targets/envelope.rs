@@ -1,0 +1,16 @@
+//! Any bytes as a node-to-node envelope (server and room channels); what decodes must
+//! encode back to the same bytes.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use shardgate_io::envelope;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(env) = envelope::decode(data) {
+        let again = env.to_vec().expect("a decoded envelope encodes");
+        assert_eq!(again, data);
+    }
+    if let Ok(room) = envelope::decode_room(data) {
+        let again = room.to_vec().expect("a decoded room envelope encodes");
+        assert_eq!(again, data);
+    }
+});

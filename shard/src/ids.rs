@@ -1,0 +1,89 @@
+//! The names every part of a shard uses: shards, tenant-qualified keys, socket ids,
+//! sockets anywhere in the process or the cluster, and the frame type they carry.
+//!
+//! A leaf module: it imports nothing of this crate but the connection slab's id.
+
+use std::sync::Arc;
+
+pub use crate::slab::ConnId;
+
+/// Index of a shard inside one process.
+pub type ShardId = usize;
+
+/// One or more complete WebSocket frames, shared by every recipient.
+pub type Frame = Arc<[u8]>;
+
+/// A tenant-qualified id: `"{tenant}\x1f{id}"`. Tenants can never collide.
+pub type Key = Arc<str>;
+
+/// Builds the tenant-qualified key of `id`.
+pub fn key(tenant: &str, id: &str) -> Key {
+    let mut s = String::with_capacity(tenant.len() + id.len() + 1);
+    s.push_str(tenant);
+    s.push('\x1f');
+    s.push_str(id);
+    s.into()
+}
+
+/// The id part of a tenant-qualified key.
+pub fn key_id(key: &str) -> &str {
+    key.split_once('\x1f').map(|(_, id)| id).unwrap_or(key)
+}
+
+/// Scrambles the slot/generation pair so socket ids do not read as counters.
+const SID_XOR: u64 = 0x5bd1_e995_9e37_79b9;
+
+/// The socket id (Engine.IO `sid`) of connection `conn` on `shard`: two hex digits of
+/// shard, then the connection. Also the socket's name in the cluster registry.
+pub fn sid(shard: ShardId, conn: ConnId) -> String {
+    format!("{shard:02x}{:016x}", conn.as_u64() ^ SID_XOR)
+}
+
+/// Inverse of [`sid`]; `None` for anything that is not one.
+pub fn parse_sid(sid: &str) -> Option<(ShardId, ConnId)> {
+    let shard = usize::from_str_radix(sid.get(..2)?, 16).ok()?;
+    let conn = u64::from_str_radix(sid.get(2..)?, 16).ok()?;
+    Some((shard, ConnId::from_u64(conn ^ SID_XOR)))
+}
+
+/// A connection anywhere in the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketRef {
+    /// Owning shard.
+    pub shard: ShardId,
+    /// Connection within that shard.
+    pub conn: ConnId,
+}
+
+/// The sender of a 1:1 message: a socket in this process (`server: None`) or in another
+/// cluster member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// Server id of another process, or `None` for this one.
+    pub server: Option<Arc<str>>,
+    /// Shard of the sender inside its process.
+    pub shard: ShardId,
+    /// Connection of the sender.
+    pub conn: ConnId,
+}
+
+impl From<SocketRef> for Origin {
+    fn from(s: SocketRef) -> Origin {
+        Origin { server: None, shard: s.shard, conn: s.conn }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_ids_round_trip() {
+        let conn = ConnId::from_u64(0x0000_0003_0000_0011);
+        let s = sid(5, conn);
+        assert_eq!((s.len(), &s[..2]), (18, "05"));
+        assert_eq!(parse_sid(&s), Some((5, conn)));
+        assert_eq!(parse_sid("zz"), None);
+        assert_eq!(parse_sid(""), None);
+    }
+}

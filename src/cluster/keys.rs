@@ -1,0 +1,174 @@
+//! Every Redis key and channel name the bridge uses, built and parsed here only.
+//!
+//! Names follow docs/redis.md: an optional global prefix, then the seed's names, with
+//! tenant-qualified ids written as `{tenant}:{id}` ([`redis_id`]). The Lua scripts
+//! (`scripts.rs`) receive the prefix and build the same names; the table in docs/redis.md
+//! is the contract both sides keep.
+
+use shardgate_shard::msg::{key, Key};
+
+/// A tenant-qualified key as it appears inside Redis keys: `{tenant}:{id}` with `%` and
+/// `:` of the tenant percent-encoded, so the mapping stays one-to-one.
+pub fn redis_id(k: &str) -> String {
+    let (tenant, id) = k.split_once('\x1f').unwrap_or(("", k));
+    let mut s = String::with_capacity(k.len() + 4);
+    for c in tenant.chars() {
+        match c {
+            '%' => s.push_str("%25"),
+            ':' => s.push_str("%3A"),
+            c => s.push(c),
+        }
+    }
+    s.push(':');
+    s.push_str(id);
+    s
+}
+
+/// Inverse of [`redis_id`].
+pub fn from_redis_id(s: &str) -> Option<Key> {
+    let (tenant, id) = s.split_once(':')?;
+    let tenant = tenant.replace("%3A", ":").replace("%25", "%");
+    Some(key(&tenant, id))
+}
+
+/// A channel the pub/sub connection receives, as the bridge understands it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Channel {
+    /// `room:{tenant}:{room}`: a room broadcast.
+    Room(Key),
+    /// `server:{id}`: directed delivery and delivery acks for one node.
+    Server,
+    /// `registry:changes`: a user's socket set changed somewhere.
+    RegistryChanges,
+    /// `presence:updates`: a user went online or offline cluster-wide.
+    PresenceUpdates,
+}
+
+/// The names of one deployment (one prefix).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// Names under `prefix` (may be empty).
+    pub fn new(prefix: &str) -> Keys {
+        Keys { prefix: prefix.to_string() }
+    }
+
+    /// The global prefix, as the scripts receive it.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn name(&self, parts: &[&str]) -> String {
+        let mut s = String::with_capacity(self.prefix.len() + parts.iter().map(|p| p.len()).sum::<usize>());
+        s.push_str(&self.prefix);
+        for p in parts {
+            s.push_str(p);
+        }
+        s
+    }
+
+    /// `room:{room}`: the room's member set (`server|sid`) and its broadcast channel.
+    pub fn room(&self, room: &str) -> String {
+        self.name(&["room:", &redis_id(room)])
+    }
+
+    /// `rooms:{server}`: rooms with members on `server` (for the sweep of a dead node).
+    pub fn server_rooms(&self, server: &str) -> String {
+        self.name(&["rooms:", server])
+    }
+
+    /// `server:{id}`: the node's own channel.
+    pub fn server(&self, server: &str) -> String {
+        self.name(&["server:", server])
+    }
+
+    /// `presence:{user}`: `online|ts` or `offline|lastSeen`.
+    pub fn presence(&self, user: &str) -> String {
+        self.name(&["presence:", &redis_id(user)])
+    }
+
+    /// `typing:{room}`: hash user -> expiry.
+    pub fn typing(&self, room: &str) -> String {
+        self.name(&["typing:", &redis_id(room)])
+    }
+
+    /// `node:{id}`: the node's liveness key.
+    pub fn node(&self, server: &str) -> String {
+        self.name(&["node:", server])
+    }
+
+    /// `nodes`: every node that registered.
+    pub fn nodes(&self) -> String {
+        self.name(&["nodes"])
+    }
+
+    /// `registry:changes` channel.
+    pub fn registry_changes(&self) -> String {
+        self.name(&["registry:changes"])
+    }
+
+    /// `presence:updates` channel.
+    pub fn presence_updates(&self) -> String {
+        self.name(&["presence:updates"])
+    }
+
+    /// A room member as stored in `room:{room}`: `{server}|{sid}`.
+    pub fn room_member(server: &str, sid: &str) -> String {
+        format!("{server}|{sid}")
+    }
+
+    /// What `channel` (as received on the pub/sub connection) is; `None` for anything
+    /// this deployment does not publish.
+    pub fn parse_channel(&self, channel: &[u8]) -> Option<Channel> {
+        let name = std::str::from_utf8(channel).ok()?.strip_prefix(self.prefix.as_str())?;
+        if let Some(room) = name.strip_prefix("room:") {
+            return from_redis_id(room).map(Channel::Room);
+        }
+        match name {
+            "registry:changes" => Some(Channel::RegistryChanges),
+            "presence:updates" => Some(Channel::PresenceUpdates),
+            _ if name.starts_with("server:") => Some(Channel::Server),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_ids_are_one_to_one() {
+        let a = key("t:1", "u");
+        let b = key("t", "1:u");
+        assert_ne!(redis_id(&a), redis_id(&b));
+        assert_eq!(from_redis_id(&redis_id(&a)).unwrap(), a);
+        assert_eq!(from_redis_id(&redis_id(&b)).unwrap(), b);
+        let c = key("50%", "x");
+        assert_eq!(from_redis_id(&redis_id(&c)).unwrap(), c);
+    }
+
+    #[test]
+    fn names_are_built_and_parsed_in_one_place() {
+        let k = Keys::new("sg:");
+        let room = key("acme", "lobby");
+        assert_eq!(k.room(&room), "sg:room:acme:lobby");
+        assert_eq!(k.parse_channel(k.room(&room).as_bytes()), Some(Channel::Room(room)));
+        assert_eq!(k.parse_channel(k.server("n1").as_bytes()), Some(Channel::Server));
+        assert_eq!(k.parse_channel(k.registry_changes().as_bytes()), Some(Channel::RegistryChanges));
+        assert_eq!(k.parse_channel(k.presence_updates().as_bytes()), Some(Channel::PresenceUpdates));
+        assert_eq!(k.parse_channel(b"other:room:acme:lobby"), None);
+        assert_eq!(k.parse_channel(b"sg:room:no-tenant-separator"), None);
+        assert_eq!(k.parse_channel(b"sg:\xff"), None);
+        assert_eq!(k.presence(&key("acme", "bob")), "sg:presence:acme:bob");
+        assert_eq!(k.typing(&key("acme", "r")), "sg:typing:acme:r");
+        assert_eq!(
+            (k.node("n1"), k.nodes(), k.server_rooms("n1")),
+            ("sg:node:n1".to_string(), "sg:nodes".to_string(), "sg:rooms:n1".to_string())
+        );
+        assert_eq!(Keys::room_member("n1", "00ab"), "n1|00ab");
+    }
+}

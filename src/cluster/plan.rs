@@ -1,0 +1,423 @@
+//! The planner: turns each message from the shards into pipelined Redis commands, each
+//! with what to do with its reply ([`Then`], carried out by `apply.rs`).
+//!
+//! Planning is synchronous and touches only the bridge's own state: it updates the
+//! mirror first, answers what needs no Redis (room joins of an already subscribed room,
+//! 1:1 messages whose route is cached and local), and appends commands to a [`Batch`].
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use shardgate_io::envelope::{AckStatus, Envelope, RemoteSocket, RoomEnvelope};
+use shardgate_io::resp;
+use shardgate_shard::metrics::Counter;
+use shardgate_shard::msg::{BridgeMsg, DeliveryStatus, Frame, Key, Origin, ShardMsg, SocketRef};
+
+use super::keys::{redis_id, Keys};
+use super::scripts;
+use super::state::{now_ms, Cluster};
+
+/// What to do with the reply of one pipelined command.
+#[derive(Debug)]
+pub enum Then {
+    /// Nothing (errors are logged).
+    Ignore,
+    /// UP script: the offline queue to drain to the socket; `answer` answers its CONNECT.
+    Drain {
+        /// The registered socket.
+        socket: SocketRef,
+        /// Answer the socket's CONNECT (false when re-registering after a reconnect).
+        answer: bool,
+        /// Its user.
+        user: Key,
+    },
+    /// DOWN script: 1 when it was the user's last socket.
+    Down(Key),
+    /// ROUTE script; `epoch` is the route cache epoch when it was sent.
+    Route {
+        /// Recipient.
+        user: Key,
+        /// Encoded `message:new`.
+        frame: Frame,
+        /// Message id.
+        msg_id: u128,
+        /// Sender.
+        origin: SocketRef,
+        /// Route cache epoch at send time.
+        epoch: u64,
+    },
+    /// PUBLISH to a cached server; `tally` counts (replies pending, receivers) over all
+    /// of the message's PUBLISHes; when none reached anybody and nothing was delivered
+    /// locally, the message is routed again through the registry.
+    Cached {
+        /// Recipient.
+        user: Key,
+        /// Encoded `message:new`.
+        frame: Frame,
+        /// Message id.
+        msg_id: u128,
+        /// Sender.
+        origin: SocketRef,
+        /// Shared by the message's PUBLISHes.
+        tally: Tally,
+        /// Some sockets of the recipient are local (delivered already).
+        local: bool,
+    },
+    /// QUEUE_IF_OFFLINE for a bounce.
+    Bounced {
+        /// Sender, here or on another node.
+        origin: Origin,
+        /// Message id.
+        msg_id: u128,
+    },
+    /// GET presence.
+    Presence {
+        /// Watched user.
+        user: Key,
+        /// Subscriber.
+        socket: SocketRef,
+    },
+    /// SMEMBERS nodes: sweep the others.
+    Nodes,
+    /// SWEEP script: count what was swept.
+    Swept,
+}
+
+/// Replies pending and receivers counted over the PUBLISHes of one cached route.
+pub type Tally = Rc<std::cell::Cell<(usize, i64)>>;
+
+/// A batch of pipelined commands and what to do with each reply, in order.
+#[derive(Default)]
+pub struct Batch {
+    /// RESP-encoded commands.
+    pub buf: Vec<u8>,
+    /// One entry per command.
+    pub then: Vec<Then>,
+}
+
+impl Batch {
+    /// Appends one command.
+    pub fn cmd<A: AsRef<[u8]>>(&mut self, args: &[A], then: Then) {
+        resp::encode_command(args, &mut self.buf);
+        self.then.push(then);
+    }
+
+    /// No command planned.
+    pub fn is_empty(&self) -> bool {
+        self.then.is_empty()
+    }
+}
+
+pub(crate) fn ack_status(s: DeliveryStatus) -> AckStatus {
+    match s {
+        DeliveryStatus::Delivered => AckStatus::Delivered,
+        DeliveryStatus::Queued => AckStatus::Queued,
+        DeliveryStatus::Sent => AckStatus::Sent,
+    }
+}
+
+fn remote(origin: SocketRef) -> RemoteSocket {
+    RemoteSocket { shard: origin.shard as u16, conn: origin.conn.as_u64() }
+}
+
+/// The `D` envelope of a 1:1 message from `origin` on this node.
+fn deliver_envelope(c: &Cluster, user: &str, msg_id: u128, origin: SocketRef, frame: &[u8]) -> Vec<u8> {
+    let env = Envelope::Deliver { user, msg_id, origin_server: c.me(), origin: remote(origin), frame };
+    // User keys are bounded by max_id_len and server ids by validation: both fit a u16.
+    env.to_vec().unwrap_or_default()
+}
+
+/// Registers socket `sid` of `user` (the UP script), answering its CONNECT or not.
+pub fn register(c: &Cluster, batch: &mut Batch, user: &Key, sid: &str, socket: SocketRef, answer: bool) {
+    let s = &c.settings;
+    let (now, ttl) = (now_ms().to_string(), s.presence_ttl_secs.to_string());
+    batch.cmd(
+        &["EVAL", scripts::UP, "0", c.keys.prefix(), c.me(), sid, &redis_id(user), &now, &ttl],
+        Then::Drain { socket, answer, user: user.clone() },
+    );
+}
+
+/// Sweeps what server `server` registered (SWEEP script); `force` for this node's own.
+pub fn sweep(c: &Cluster, batch: &mut Batch, server: &str, force: bool, then: Then) {
+    let (now, keep) = (now_ms().to_string(), c.settings.presence_retention_secs.to_string());
+    let mode = if force { "force" } else { "check" };
+    batch.cmd(&["EVAL", scripts::SWEEP, "0", c.keys.prefix(), server, &now, &keep, mode], then);
+}
+
+/// Refreshes this node's liveness key and membership.
+pub fn liveness(c: &Cluster, batch: &mut Batch) {
+    let me = c.me();
+    let ttl = c.settings.liveness_ttl_ms.to_string();
+    batch.cmd(&["SET", &c.keys.node(me), "1", "PX", &ttl], Then::Ignore);
+    batch.cmd(&["SADD", &c.keys.nodes(), me], Then::Ignore);
+}
+
+/// Refreshes the presence key of every user with local sockets.
+pub fn refresh_presence(c: &Cluster, batch: &mut Batch) {
+    let (ts, ttl) = (now_ms(), c.settings.presence_ttl_secs.to_string());
+    let users: Vec<Key> = c.mirror.borrow().users().cloned().collect();
+    for u in users {
+        batch.cmd(&["SET", &c.keys.presence(&u), &format!("online|{ts}"), "EX", &ttl], Then::Ignore);
+    }
+}
+
+/// Turns one shard message into commands.
+pub fn plan(c: &Cluster, msg: BridgeMsg, batch: &mut Batch) {
+    let s = &c.settings;
+    let me = c.me();
+    c.mirror.borrow_mut().observe(&msg);
+    match msg {
+        BridgeMsg::SocketUp { user, sid, socket } => register(c, batch, &user, &sid, socket, true),
+        BridgeMsg::SocketDown { user, sid, .. } => {
+            let (now, keep) = (now_ms().to_string(), s.presence_retention_secs.to_string());
+            batch.cmd(
+                &["EVAL", scripts::DOWN, "0", c.keys.prefix(), me, &sid, &redis_id(&user), &now, &keep],
+                Then::Down(user.clone()),
+            );
+        }
+        BridgeMsg::RoomJoin { room, sid, socket, ack } => {
+            let channel = c.keys.room(&room);
+            batch.cmd(&["SADD", &channel, &Keys::room_member(me, &sid)], Then::Ignore);
+            let first = c.mirror.borrow().members(&room) == 1;
+            let mut pending = c.pending_subs.borrow_mut();
+            if first {
+                batch.cmd(&["SADD", &c.keys.server_rooms(me), &redis_id(&room)], Then::Ignore);
+                c.subscribe("SUBSCRIBE", &channel);
+                pending.entry(channel).or_default().push((socket, room, ack));
+            } else if let Some(waiters) = pending.get_mut(&channel) {
+                waiters.push((socket, room, ack));
+            } else {
+                c.shared.mesh.send(socket.shard, ShardMsg::RoomReady { conn: socket.conn, room, ack });
+            }
+        }
+        BridgeMsg::RoomLeave { room, sid } => {
+            let channel = c.keys.room(&room);
+            batch.cmd(&["SREM", &channel, &Keys::room_member(me, &sid)], Then::Ignore);
+            if c.mirror.borrow().members(&room) == 0 {
+                batch.cmd(&["SREM", &c.keys.server_rooms(me), &redis_id(&room)], Then::Ignore);
+                c.subscribe("UNSUBSCRIBE", &channel);
+            }
+        }
+        BridgeMsg::RoomPublish { room, frame } => {
+            let env = RoomEnvelope { origin_server: me, frame: &frame }.to_vec().unwrap_or_default();
+            batch.cmd(&[b"PUBLISH".as_slice(), c.keys.room(&room).as_bytes(), &env], Then::Ignore);
+        }
+        BridgeMsg::ToUser { user, frame, msg_id, origin } => route(c, batch, user, frame, msg_id, origin),
+        BridgeMsg::Ack { origin, msg_id, status } => {
+            let Some(server) = origin.server.as_deref() else { return };
+            let at = RemoteSocket { shard: origin.shard as u16, conn: origin.conn.as_u64() };
+            let env = Envelope::Ack { msg_id, origin: at, status: ack_status(status) };
+            let env = env.to_vec().unwrap_or_default();
+            batch.cmd(&[b"PUBLISH".as_slice(), c.keys.server(server).as_bytes(), &env], Then::Ignore);
+        }
+        BridgeMsg::Bounce { user, frame, msg_id, origin } => {
+            let (cap, ttl) = (s.offline_queue_len.max(1).to_string(), s.offline_ttl_secs.to_string());
+            let u = redis_id(&user);
+            let args: [&[u8]; 8] = [
+                b"EVAL",
+                scripts::QUEUE_IF_OFFLINE.as_bytes(),
+                b"0",
+                c.keys.prefix().as_bytes(),
+                u.as_bytes(),
+                cap.as_bytes(),
+                ttl.as_bytes(),
+                &frame,
+            ];
+            batch.cmd(&args, Then::Bounced { origin, msg_id });
+        }
+        BridgeMsg::Watch { user, socket } => {
+            batch.cmd(&["GET", &c.keys.presence(&user)], Then::Presence { user, socket });
+        }
+        BridgeMsg::Typing { room, user, on } => {
+            let k = c.keys.typing(&room);
+            if on {
+                let until = (now_ms() + s.typing_ttl_ms).to_string();
+                batch.cmd(&["HSET", &k, &user, &until], Then::Ignore);
+                batch.cmd(&["PEXPIRE", &k, &s.typing_ttl_ms.to_string()], Then::Ignore);
+            } else {
+                batch.cmd(&["HDEL", &k, &user], Then::Ignore);
+            }
+        }
+    }
+}
+
+/// Routes a 1:1 message: through the route cache when it knows the recipient's servers,
+/// else through the registry (the ROUTE script, which also queues for offline users).
+fn route(c: &Cluster, batch: &mut Batch, user: Key, frame: Frame, msg_id: u128, origin: SocketRef) {
+    let cached = c.routes.borrow_mut().get(&user);
+    if let Some(servers) = cached {
+        let local = c.mirror.borrow().shards_of(&user);
+        if !(servers.is_empty() && local.is_empty()) {
+            c.m().inc(Counter::RouteCacheHits);
+            c.deliver(&local, &user, &frame, msg_id, origin.into());
+            let env = deliver_envelope(c, &user, msg_id, origin, &frame);
+            let tally = Rc::new(std::cell::Cell::new((servers.len(), 0)));
+            for server in servers.iter() {
+                let then = Then::Cached {
+                    user: user.clone(),
+                    frame: frame.clone(),
+                    msg_id,
+                    origin,
+                    tally: tally.clone(),
+                    local: !local.is_empty(),
+                };
+                batch.cmd(&[b"PUBLISH".as_slice(), c.keys.server(server).as_bytes(), &env], then);
+            }
+            return;
+        }
+        c.routes.borrow_mut().invalidate(&user);
+    }
+    let s = &c.settings;
+    let epoch = c.routes.borrow().epoch();
+    let env = deliver_envelope(c, &user, msg_id, origin, &frame);
+    let (cap, ttl) = (s.offline_queue_len.max(1).to_string(), s.offline_ttl_secs.to_string());
+    let u = redis_id(&user);
+    let f = frame.clone();
+    let args: [&[u8]; 10] = [
+        b"EVAL",
+        scripts::ROUTE.as_bytes(),
+        b"0",
+        c.keys.prefix().as_bytes(),
+        c.me().as_bytes(),
+        u.as_bytes(),
+        &env,
+        cap.as_bytes(),
+        ttl.as_bytes(),
+        &f,
+    ];
+    batch.cmd(&args, Then::Route { user, frame, msg_id, origin, epoch });
+}
+
+/// Other servers as the ROUTE script lists them (`a,b,c`).
+pub fn parse_servers(csv: &str) -> Rc<[Arc<str>]> {
+    csv.split(',').filter(|s| !s.is_empty()).map(Arc::from).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{cluster, commands, commands_raw, drain_shard};
+    use super::*;
+    use shardgate_shard::msg::key;
+    use shardgate_shard::ConnId;
+
+    fn socket() -> SocketRef {
+        SocketRef { shard: 0, conn: ConnId::from_u64(7) }
+    }
+
+    #[test]
+    fn socket_up_registers_through_the_up_script() {
+        let c = cluster();
+        let mut b = Batch::default();
+        plan(&c, BridgeMsg::SocketUp { user: key("t", "bob"), sid: "00ab".into(), socket: socket() }, &mut b);
+        let cmds = commands(&b);
+        assert_eq!(cmds.len(), 1);
+        assert_eq!((cmds[0][0].as_str(), cmds[0][2].as_str()), ("EVAL", "0"));
+        assert_eq!(&cmds[0][3..7], ["p:", "me", "00ab", "t:bob"]);
+        assert!(matches!(b.then[0], Then::Drain { answer: true, .. }));
+        assert_eq!(c.mirror.borrow().shards_of(&key("t", "bob")), vec![0]);
+    }
+
+    #[test]
+    fn the_first_local_member_subscribes_and_later_joins_wait_for_it() {
+        let c = cluster();
+        *c.subs.borrow_mut() = Some(Vec::new());
+        let room = key("t", "lobby");
+        let mut b = Batch::default();
+        let join = |sid: &str| BridgeMsg::RoomJoin {
+            room: room.clone(),
+            sid: sid.into(),
+            socket: socket(),
+            ack: Some(1),
+        };
+        plan(&c, join("a"), &mut b);
+        plan(&c, join("b"), &mut b);
+        let cmds = commands(&b);
+        assert_eq!(cmds[0], ["SADD", "p:room:t:lobby", "me|a"]);
+        assert_eq!(cmds[1], ["SADD", "p:rooms:me", "t:lobby"]);
+        assert_eq!(cmds[2], ["SADD", "p:room:t:lobby", "me|b"]);
+        assert_eq!(cmds.len(), 3);
+        let subs = c.subs.borrow().clone().unwrap();
+        assert_eq!(String::from_utf8_lossy(&subs).matches("SUBSCRIBE").count(), 1);
+        assert!(drain_shard(&c, 0).is_empty(), "nobody is answered before the subscription");
+        c.release_joins("p:room:t:lobby");
+        let ready = drain_shard(&c, 0);
+        assert_eq!(ready.len(), 2);
+        assert!(ready.iter().all(|m| matches!(m, ShardMsg::RoomReady { ack: Some(1), .. })));
+        // A third member of a subscribed room is answered at once.
+        plan(&c, join("c"), &mut b);
+        assert_eq!(drain_shard(&c, 0).len(), 1);
+        // The last one out unsubscribes.
+        let mut b = Batch::default();
+        for sid in ["a", "b", "c"] {
+            plan(&c, BridgeMsg::RoomLeave { room: room.clone(), sid: sid.into() }, &mut b);
+        }
+        let cmds = commands(&b);
+        assert_eq!(cmds.last().unwrap(), &["SREM", "p:rooms:me", "t:lobby"]);
+        assert_eq!(cmds.len(), 4);
+        let subs = c.subs.borrow().clone().unwrap();
+        assert_eq!(String::from_utf8_lossy(&subs).matches("UNSUBSCRIBE").count(), 1);
+    }
+
+    #[test]
+    fn direct_messages_use_the_route_cache_when_it_knows() {
+        let c = cluster();
+        let bob = key("t", "bob");
+        let frame: Frame = Arc::from(&b"frame"[..]);
+        let to = |b: &mut Batch| {
+            plan(
+                &c,
+                BridgeMsg::ToUser { user: bob.clone(), frame: frame.clone(), msg_id: 9, origin: socket() },
+                b,
+            )
+        };
+        // Unknown: ask the registry.
+        let mut b = Batch::default();
+        to(&mut b);
+        assert!(matches!(b.then[..], [Then::Route { msg_id: 9, .. }]));
+        // Known on another server: one PUBLISH with a Deliver envelope.
+        let epoch = c.routes.borrow().epoch();
+        c.routes.borrow_mut().put(bob.clone(), parse_servers("n2"), epoch);
+        let mut b = Batch::default();
+        to(&mut b);
+        let cmds = commands(&b);
+        assert_eq!((cmds.len(), cmds[0][0].as_str(), cmds[0][1].as_str()), (1, "PUBLISH", "p:server:n2"));
+        assert!(matches!(b.then[..], [Then::Cached { local: false, .. }]));
+        // Known all-local: no Redis command, delivered on the shard.
+        c.mirror.borrow_mut().observe(&BridgeMsg::SocketUp {
+            user: bob.clone(),
+            sid: "x".into(),
+            socket: socket(),
+        });
+        let epoch = c.routes.borrow().epoch();
+        c.routes.borrow_mut().put(bob.clone(), parse_servers(""), epoch);
+        let mut b = Batch::default();
+        to(&mut b);
+        assert!(b.is_empty());
+        assert!(matches!(drain_shard(&c, 0)[..], [ShardMsg::DeliverUser { msg_id: 9, .. }]));
+    }
+
+    #[test]
+    fn acks_to_other_nodes_carry_an_ack_envelope() {
+        let c = cluster();
+        let origin = Origin { server: Some("n2".into()), shard: 1, conn: ConnId::from_u64(5) };
+        let mut b = Batch::default();
+        plan(&c, BridgeMsg::Ack { origin, msg_id: 3, status: DeliveryStatus::Queued }, &mut b);
+        let cmds = commands(&b);
+        assert_eq!(cmds[0][1], "p:server:n2");
+        let raw = commands_raw(&b);
+        let env = shardgate_io::envelope::decode(&raw[0][2]).unwrap();
+        assert_eq!(
+            env,
+            Envelope::Ack {
+                msg_id: 3,
+                origin: RemoteSocket { shard: 1, conn: 5 },
+                status: AckStatus::Queued
+            }
+        );
+        // An ack for a sender on this node is not published.
+        let local = Origin { server: None, shard: 0, conn: ConnId::from_u64(5) };
+        let mut b = Batch::default();
+        plan(&c, BridgeMsg::Ack { origin: local, msg_id: 3, status: DeliveryStatus::Queued }, &mut b);
+        assert!(b.is_empty());
+    }
+}

@@ -1,0 +1,151 @@
+//! Which other servers hold sockets of a user, learnt from ROUTE replies, so that later
+//! messages to that user skip the registry lookup: a direct PUBLISH to each server (or no
+//! Redis command at all when every socket is local, delivered from the mirror).
+//!
+//! How it stays correct: every change of a user's socket set (UP, DOWN, SWEEP scripts)
+//! publishes the user on `registry:changes`, and every node drops that user's entry when
+//! it hears it. A ROUTE reply is cached only if no change at all arrived between sending
+//! the ROUTE and reading its reply (the `epoch` check), so a reply that raced a change is
+//! never cached. Entries live at most [`ROUTE_TTL`]; the cache is emptied whenever the
+//! pub/sub connection is (re)established, since changes may have been missed. A cached
+//! server that no longer listens (PUBLISH reaches nobody) drops the entry, and a message
+//! that reached nobody is routed again through the registry. What remains is the pub/sub
+//! propagation window: a socket registered on another node becomes visible here when
+//! its `registry:changes` push arrives (typically well under a millisecond on a LAN).
+
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shardgate_shard::msg::Key;
+
+/// Longest life of a route cache entry.
+pub const ROUTE_TTL: Duration = Duration::from_secs(30);
+/// Most users cached; past it the cache starts over.
+pub const ROUTE_CACHE_MAX: usize = 100_000;
+
+/// Other servers holding a user's sockets (empty: every socket is on this node).
+pub type Servers = Rc<[Arc<str>]>;
+
+/// The route cache of one bridge.
+#[derive(Default)]
+pub struct RouteCache {
+    /// user -> (other servers, when learnt).
+    entries: HashMap<Key, (Servers, Instant)>,
+    /// Bumped by every `registry:changes` push.
+    epoch: u64,
+}
+
+impl RouteCache {
+    /// The epoch to remember when sending a ROUTE, for [`RouteCache::put`].
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The cached servers of `user`, if fresh.
+    pub fn get(&mut self, user: &str) -> Option<Servers> {
+        self.get_at(user, Instant::now())
+    }
+
+    fn get_at(&mut self, user: &str, now: Instant) -> Option<Servers> {
+        match self.entries.get(user) {
+            Some((servers, at)) if now.saturating_duration_since(*at) < ROUTE_TTL => Some(servers.clone()),
+            Some(_) => {
+                self.entries.remove(user);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Caches a ROUTE reply sent at `epoch`; ignored if any change arrived since.
+    pub fn put(&mut self, user: Key, servers: Servers, epoch: u64) {
+        self.put_at(user, servers, epoch, Instant::now())
+    }
+
+    fn put_at(&mut self, user: Key, servers: Servers, epoch: u64, now: Instant) {
+        if epoch != self.epoch {
+            return;
+        }
+        if self.entries.len() >= ROUTE_CACHE_MAX {
+            self.entries.clear();
+        }
+        self.entries.insert(user, (servers, now));
+    }
+
+    /// `user`'s socket set changed (or a cached server proved gone).
+    pub fn invalidate(&mut self, user: &str) {
+        self.epoch += 1;
+        self.entries.remove(user);
+    }
+
+    /// Forgets everything (the pub/sub connection was re-established).
+    pub fn clear(&mut self) {
+        self.epoch += 1;
+        self.entries.clear();
+    }
+
+    /// Users cached.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Nothing cached.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn servers(names: &[&str]) -> Servers {
+        names.iter().map(|&n| Arc::from(n)).collect()
+    }
+
+    #[test]
+    fn caches_a_reply_only_if_nothing_changed_since_it_was_asked() {
+        let mut c = RouteCache::default();
+        let asked = c.epoch();
+        c.put("t\x1fbob".into(), servers(&["n2"]), asked);
+        assert_eq!(c.get("t\x1fbob").as_deref(), Some(&servers(&["n2"])[..]));
+
+        // A change for anybody between ROUTE and its reply: the reply is not cached.
+        let asked = c.epoch();
+        c.invalidate("t\x1fsomeone-else");
+        c.put("t\x1fann".into(), servers(&["n3"]), asked);
+        assert!(c.get("t\x1fann").is_none());
+        // Bob's entry survives a change of somebody else.
+        assert!(c.get("t\x1fbob").is_some());
+    }
+
+    #[test]
+    fn invalidation_and_clear_drop_entries() {
+        let mut c = RouteCache::default();
+        c.put("t\x1fbob".into(), servers(&[]), c.epoch());
+        assert_eq!(c.get("t\x1fbob").map(|s| s.len()), Some(0), "all-local routes are cached too");
+        c.invalidate("t\x1fbob");
+        assert!(c.get("t\x1fbob").is_none());
+        c.put("t\x1fbob".into(), servers(&["n2"]), c.epoch());
+        c.clear();
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn entries_expire_and_the_cache_is_bounded() {
+        let mut c = RouteCache::default();
+        let t0 = Instant::now();
+        c.put_at("t\x1fbob".into(), servers(&["n2"]), c.epoch(), t0);
+        assert!(c.get_at("t\x1fbob", t0 + ROUTE_TTL - Duration::from_millis(1)).is_some());
+        assert!(c.get_at("t\x1fbob", t0 + ROUTE_TTL).is_none());
+        assert!(c.is_empty(), "an expired entry is removed when read");
+        for i in 0..ROUTE_CACHE_MAX {
+            c.put_at(format!("t\x1fu{i}").into(), servers(&[]), c.epoch(), t0);
+        }
+        assert_eq!(c.len(), ROUTE_CACHE_MAX);
+        c.put_at("t\x1fone-more".into(), servers(&[]), c.epoch(), t0);
+        assert_eq!(c.len(), 1, "past the bound the cache starts over");
+    }
+}

@@ -1,0 +1,132 @@
+//! The cluster side's state on the bridge thread, and the effects it has on shards.
+//!
+//! One [`Cluster`] lives on the bridge executor (single-threaded: `RefCell`s, never held
+//! across an `.await`). It owns the mirror of this process's registrations, the route
+//! cache, the room channels whose SUBSCRIBE is not confirmed yet, and the buffer of
+//! (un)subscribe commands for the pub/sub connection. Its methods are the bridge's only
+//! ways to reach shards (through the mesh) and Kafka (through the record inbox).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use shardgate_io::resp;
+use shardgate_shard::mesh::Inbox;
+use shardgate_shard::metrics::ShardMetrics;
+use shardgate_shard::msg::{BridgeMsg, DeliveryStatus, Frame, Key, Origin, ShardId, ShardMsg, SocketRef};
+use shardgate_shard::runtime::MetricsBlock;
+use shardgate_shard::Shared;
+
+use super::keys::Keys;
+use super::mirror::Mirror;
+use super::route_cache::RouteCache;
+use super::Settings;
+
+/// A `join_room` waiting for its room channel's subscription: socket, room, ack id.
+pub type JoinWaiter = (SocketRef, Key, Option<u64>);
+
+/// The bridge's cluster state (see the module doc).
+pub struct Cluster {
+    /// Settings of this node.
+    pub settings: Settings,
+    /// Key and channel names.
+    pub keys: Keys,
+    /// The process's shards.
+    pub shared: Arc<Shared>,
+    /// What shards send to the bridge.
+    pub inbox: Arc<Inbox<BridgeMsg>>,
+    /// This process's registrations.
+    pub mirror: RefCell<Mirror>,
+    /// `Some` while connected: (un)subscribe commands waiting for the pub/sub connection.
+    pub subs: RefCell<Option<Vec<u8>>>,
+    /// user -> other servers holding their sockets.
+    pub routes: RefCell<RouteCache>,
+    /// Room channels whose SUBSCRIBE is not confirmed yet, with the joins waiting on it.
+    pub pending_subs: RefCell<HashMap<String, Vec<JoinWaiter>>>,
+}
+
+impl Cluster {
+    /// A disconnected cluster state for `shared`'s shards.
+    pub fn new(settings: Settings, shared: Arc<Shared>, inbox: Arc<Inbox<BridgeMsg>>) -> Cluster {
+        Cluster {
+            keys: Keys::new(&settings.prefix),
+            settings,
+            shared,
+            inbox,
+            mirror: Default::default(),
+            subs: RefCell::new(None),
+            routes: Default::default(),
+            pending_subs: Default::default(),
+        }
+    }
+
+    /// This node's server id.
+    pub fn me(&self) -> &str {
+        &self.settings.server_id
+    }
+
+    /// The bridge thread's counters.
+    pub fn m(&self) -> &ShardMetrics {
+        self.shared.block(MetricsBlock::Bridge)
+    }
+
+    /// Tells the sender's shard the outcome of its message.
+    pub fn status(&self, origin: SocketRef, msg_id: u128, status: DeliveryStatus) {
+        self.shared.mesh.send(origin.shard, ShardMsg::Status { conn: origin.conn, msg_id, status });
+    }
+
+    /// Queues `SUBSCRIBE` / `UNSUBSCRIBE` of `channel` for the pub/sub connection; a no-op
+    /// while disconnected (everything is subscribed again on reconnect).
+    pub fn subscribe(&self, verb: &str, channel: &str) {
+        if let Some(out) = self.subs.borrow_mut().as_mut() {
+            resp::encode_command(&[verb, channel], out);
+        }
+    }
+
+    /// Hands a 1:1 frame to the local shards holding sockets of `user`.
+    pub fn deliver(&self, shards: &[ShardId], user: &Key, frame: &Frame, msg_id: u128, origin: Origin) {
+        for &s in shards {
+            let msg = ShardMsg::DeliverUser {
+                user: user.clone(),
+                frame: frame.clone(),
+                msg_id,
+                origin: origin.clone(),
+            };
+            self.shared.mesh.send(s, msg);
+        }
+    }
+
+    /// Queues a `presence.changes` record (cluster mode decides first / last socket in
+    /// Redis, so the bridge, not a home shard, reports it).
+    pub fn persist_presence(&self, user: &str, online: bool) {
+        if let Some(inbox) = &self.shared.persist {
+            let (tenant, id) = user.split_once('\x1f').unwrap_or(("", user));
+            inbox.send(shardgate_shard::record::presence(tenant, id, online, now_ms()));
+        }
+    }
+
+    /// Answers the joins that waited for `channel`'s subscription.
+    pub fn release_joins(&self, channel: &str) {
+        let waiters = self.pending_subs.borrow_mut().remove(channel).unwrap_or_default();
+        for (socket, room, ack) in waiters {
+            self.shared.mesh.send(socket.shard, ShardMsg::RoomReady { conn: socket.conn, room, ack });
+        }
+    }
+
+    /// Answers every join still waiting (the pub/sub connection is gone; the channels
+    /// are subscribed again on reconnect).
+    pub fn release_all_joins(&self) {
+        let channels: Vec<String> = self.pending_subs.borrow().keys().cloned().collect();
+        for ch in channels {
+            self.release_joins(&ch);
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

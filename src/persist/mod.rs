@@ -1,0 +1,22 @@
+//! Persistence: every message, socket event, presence change and notification produced
+//! to Kafka from the bridge thread ([`producer`]). Shards build the records
+//! (`shardgate_shard::record`) and hand them to the record inbox.
+
+pub mod producer;
+
+use std::sync::Arc;
+
+use shardgate_shard::mesh::{Doorbell, Inbox};
+use shardgate_shard::record::Record;
+
+use crate::config::KafkaSettings;
+
+/// What the bridge thread needs to run the producer.
+pub struct PersistPart {
+    /// Producer settings.
+    pub settings: KafkaSettings,
+    /// Inbox of records.
+    pub inbox: Arc<Inbox<Record>>,
+    /// Its doorbell.
+    pub bell: Doorbell,
+}
