@@ -35,7 +35,7 @@ pub enum PacketType {
 
 impl PacketType {
     /// The digit that starts this packet type on the wire.
-    pub fn digit(self) -> char {
+    pub const fn digit(self) -> char {
         match self {
             PacketType::Connect => '0',
             PacketType::Disconnect => '1',

@@ -8,9 +8,16 @@ use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
-use shardgate_io::engineio;
 use shardgate_io::socketio::{self, PacketType};
 use shardgate_io::ws::{self, OpKind, Role};
+use shardgate_io::{engineio, packet};
+
+/// Socket.IO packet type digits as the header reader sees them.
+const EVENT: u8 = PacketType::Event.digit() as u8;
+const BINARY_EVENT: u8 = PacketType::BinaryEvent.digit() as u8;
+const ACK: u8 = PacketType::Ack.digit() as u8;
+const BINARY_ACK: u8 = PacketType::BinaryAck.digit() as u8;
+const DISCONNECT: u8 = PacketType::Disconnect.digit() as u8;
 
 /// Why a connection attempt or a session failed; counted by kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -147,12 +154,10 @@ impl Client {
             }
             // Engine.IO open.
             match c.next_text().await?.as_bytes().first() {
-                Some(b'0') => {}
+                Some(&engineio::kind::OPEN) => {}
                 _ => return Err(ErrorKind::Closed),
             }
-            let mut s = String::from("4");
-            socketio::encode(PacketType::Connect, &c.nsp, None, 0, Some(&auth.to_string()), &mut s);
-            c.send_text(&s).await?;
+            c.send_text(&packet::connect_request(&c.nsp, auth)).await?;
             loop {
                 let text = c.next_text().await?;
                 if let Ok(engineio::Packet::Message(m)) = engineio::decode(&text) {
@@ -192,8 +197,8 @@ impl Client {
                     match f.op {
                         OpKind::Text => {
                             let text = String::from_utf8(payload).map_err(|_| ErrorKind::Closed)?;
-                            if text == "2" {
-                                self.send_text("3").await?;
+                            if text == packet::PING {
+                                self.send_text(packet::PONG).await?;
                                 continue;
                             }
                             return Ok(text);
@@ -223,10 +228,7 @@ impl Client {
             self.next_ack += 1;
             self.next_ack
         });
-        let data = serde_json::json!([event, arg]).to_string();
-        let mut s = String::from("4");
-        socketio::encode(PacketType::Event, &self.nsp, id, 0, Some(&data), &mut s);
-        self.send_text(&s).await?;
+        self.send_text(&packet::event(&self.nsp, event, arg, id)).await?;
         Ok(id)
     }
 
@@ -234,14 +236,15 @@ impl Client {
     pub async fn next_event(&mut self) -> Result<Event, ErrorKind> {
         loop {
             let text = self.next_text().await?;
-            // Engine.IO message packets start with '4'; anything else is skipped.
-            let Some(head) = text.strip_prefix('4').and_then(Head::parse) else { continue };
+            // Only Engine.IO message packets carry Socket.IO packets; anything else is skipped.
+            let message = engineio::kind::MESSAGE as char;
+            let Some(head) = text.strip_prefix(message).and_then(Head::parse) else { continue };
             match head.kind {
-                b'2' | b'5' => {
+                EVENT | BINARY_EVENT => {
                     return Ok(Event::Event { name: head.event_name().to_string(), t: find_t(head.data) })
                 }
-                b'3' | b'6' => return Ok(Event::Ack(head.ack_id.unwrap_or(0))),
-                b'1' => return Err(ErrorKind::Closed),
+                ACK | BINARY_ACK => return Ok(Event::Ack(head.ack_id.unwrap_or(0))),
+                DISCONNECT => return Err(ErrorKind::Closed),
                 _ => {}
             }
         }

@@ -7,10 +7,10 @@ use std::task::{Wake, Waker};
 
 use serde_json::json;
 
-use crate::msg::{key, Frame, Key};
-use crate::runtime::Shared;
-use crate::slab::ConnId;
-use crate::state::{event_frame, ConnEntry, State};
+use crate::ids::{key, ConnId, Frame, Key};
+use crate::shared::Shared;
+use crate::state::conns::ConnEntry;
+use crate::state::{event_frame, State};
 
 /// What one shard of a process shares, with the default configuration, the embedded
 /// bus and no listener of its own: enough to drive a `State` directly.
@@ -54,7 +54,7 @@ impl RoomFanout {
         let members: Vec<ConnId> = (0..members)
             .map(|_| state.conns.insert(ConnEntry { waker: Some(waker.clone()), ..Default::default() }))
             .collect();
-        state.rooms.insert(room.clone(), members.clone());
+        state.rooms.set(room.clone(), members.clone());
         Ok(RoomFanout { state, room, members, waker, wakes })
     }
 

@@ -21,10 +21,28 @@ use shardgate_io::socketio;
 use shardgate_io::ws::{self, close_code, Assembler, DataKind, OpKind, Role, WsError};
 use tracing::{debug, info};
 
+use shardgate_io::packet;
+
+use crate::ids::{sid, ConnId};
+use crate::local::{Shard, SCRATCH};
 use crate::metrics::{CloseReason, Counter};
-use crate::runtime::Shard;
-use crate::slab::ConnId;
-use crate::state::{text_frame, ConnEntry};
+use crate::state::conns::ConnEntry;
+
+/// First allocation for a request head; most heads of Socket.IO clients fit.
+const HEAD_BUF: usize = 1024;
+/// Bytes read per call while reading a request head (bounded by http's 8 KiB limit).
+const HEAD_CHUNK: usize = 2048;
+/// Frames at least this large are written straight from the queue, not coalesced.
+const DIRECT_WRITE: usize = 16 * 1024;
+/// Read/flush rounds one connection may take per poll before it yields to the others.
+const POLL_ROUNDS: usize = 32;
+/// A partial-frame buffer larger than this is freed once it empties.
+const RBUF_KEEP: usize = 4096;
+/// Engine.IO's maxPayload counts the packet; a frame may carry this much more (the
+/// packet type prefix and a Socket.IO header).
+const FRAME_SLACK: usize = 16;
+/// Longest a single write of a handshake answer or goodbye may block.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A binary packet waiting for its attachments.
 struct PendingBinary {
@@ -61,7 +79,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream, full: bool) {
 /// Reads the request head; answers plain HTTP, or upgrades, registers the connection and
 /// sends the Engine.IO open packet.
 async fn handshake(shard: &Shard, mut stream: TcpStream, full: bool) -> Option<ConnIo> {
-    let m = &shard.shared.metrics[shard.id];
+    let m = &shard.metrics();
     let _ = stream.set_nodelay(true);
     let timeout = Duration::from_millis(shard.shared.config.handshake_timeout_ms);
     let (req, rest) = match read_head(&mut stream, timeout).await {
@@ -115,8 +133,6 @@ async fn handshake(shard: &Shard, mut stream: TcpStream, full: bool) -> Option<C
     Some(io)
 }
 
-pub(crate) use crate::msg::sid;
-
 enum HeadError {
     Timeout,
     Bad(Vec<u8>),
@@ -126,8 +142,8 @@ async fn read_head(
     stream: &mut TcpStream,
     timeout: Duration,
 ) -> Result<Option<(Request, Vec<u8>)>, HeadError> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = vec![0u8; 2048];
+    let mut buf = Vec::with_capacity(HEAD_BUF);
+    let mut chunk = vec![0u8; HEAD_CHUNK];
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -207,7 +223,7 @@ fn plain_response(shard: &Shard, req: &Request, full: bool) -> Option<Vec<u8>> {
         return refuse(3, "Bad request", "an upgrade request carries no body");
     }
     if full || shared.stopping.load(std::sync::atomic::Ordering::Relaxed) {
-        shared.metrics[shard.id].inc(Counter::Refused);
+        shard.metrics().inc(Counter::Refused);
         return Some(http::response(
             503,
             "application/json",
@@ -218,7 +234,7 @@ fn plain_response(shard: &Shard, req: &Request, full: bool) -> Option<Vec<u8>> {
 }
 
 async fn write_all(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let r = stream.write_all(bytes).await;
     let _ = stream.set_write_timeout(None);
     r
@@ -237,7 +253,7 @@ async fn run(shard: &Shard, io: &mut ConnIo) -> CloseReason {
 }
 
 fn poll_conn(shard: &Shard, io: &mut ConnIo, cx: &mut Context<'_>) -> Poll<CloseReason> {
-    for _ in 0..32 {
+    for _ in 0..POLL_ROUNDS {
         if let Err(r) = flush(shard, io, cx) {
             return Poll::Ready(r);
         }
@@ -256,7 +272,7 @@ fn poll_conn(shard: &Shard, io: &mut ConnIo, cx: &mut Context<'_>) -> Poll<Close
         match Pin::new(&mut io.stream).poll_read(cx, &mut scratch[..]) {
             Poll::Ready(Ok(0)) => return Poll::Ready(CloseReason::ClientClosed),
             Poll::Ready(Ok(n)) => {
-                shard.shared.metrics[shard.id].add(Counter::BytesIn, n as u64);
+                shard.metrics().add(Counter::BytesIn, n as u64);
                 if let Err(r) = process(shard, io, &mut scratch[..n]) {
                     return Poll::Ready(r);
                 }
@@ -282,7 +298,7 @@ fn poll_conn(shard: &Shard, io: &mut ConnIo, cx: &mut Context<'_>) -> Poll<Close
 /// Writes queued frames until the queue is empty or the socket is full.
 fn flush(shard: &Shard, io: &mut ConnIo, cx: &mut Context<'_>) -> Result<(), CloseReason> {
     let mut st = shard.state.borrow_mut();
-    let m = &shard.shared.metrics[shard.id];
+    let m = &shard.metrics();
     let Some(c) = st.conns.get_mut(io.id) else {
         return Ok(());
     };
@@ -295,14 +311,14 @@ fn flush(shard: &Shard, io: &mut ConnIo, cx: &mut Context<'_>) -> Result<(), Clo
             return Ok(());
         };
         let first = &front[c.head_off..];
-        let res = if c.outbox.len() == 1 || first.len() >= 16 * 1024 {
+        let res = if c.outbox.len() == 1 || first.len() >= DIRECT_WRITE {
             Pin::new(&mut io.stream).poll_write(cx, first)
         } else {
             let mut wbuf = shard.wbuf.borrow_mut();
             wbuf.clear();
             wbuf.extend_from_slice(first);
             for f in c.outbox.iter().skip(1) {
-                if wbuf.len() + f.len() > crate::runtime::SCRATCH {
+                if wbuf.len() + f.len() > SCRATCH {
                     break;
                 }
                 wbuf.extend_from_slice(f);
@@ -345,7 +361,7 @@ fn process(shard: &Shard, io: &mut ConnIo, data: &mut [u8]) -> Result<(), CloseR
         buf.extend_from_slice(data);
         let used = decode_all(shard, io, &mut buf, max)?;
         buf.drain(..used);
-        if buf.is_empty() && buf.capacity() > 4096 {
+        if buf.is_empty() && buf.capacity() > RBUF_KEEP {
             buf = Vec::new();
         }
         io.rbuf = buf;
@@ -355,9 +371,8 @@ fn process(shard: &Shard, io: &mut ConnIo, data: &mut [u8]) -> Result<(), CloseR
 
 fn decode_all(shard: &Shard, io: &mut ConnIo, buf: &mut [u8], max: usize) -> Result<usize, CloseReason> {
     let mut pos = 0;
-    // Engine.IO's maxPayload counts the packet; allow the frame the type prefix.
     while let Some((frame, used)) =
-        ws::decode_frame(&mut buf[pos..], max + 16, Role::Server).map_err(ws_reason)?
+        ws::decode_frame(&mut buf[pos..], max + FRAME_SLACK, Role::Server).map_err(ws_reason)?
     {
         let payload = &buf[pos + frame.payload.start..pos + frame.payload.end];
         match frame.op {
@@ -369,7 +384,7 @@ fn decode_all(shard: &Shard, io: &mut ConnIo, buf: &mut [u8], max: usize) -> Res
             OpKind::Pong => {}
             OpKind::Close => return Err(CloseReason::ClientClosed),
             op => {
-                let msg = io.assembler.push(op, frame.fin, payload, max + 16).map_err(ws_reason)?;
+                let msg = io.assembler.push(op, frame.fin, payload, max + FRAME_SLACK).map_err(ws_reason)?;
                 if let Some((kind, bytes)) = msg {
                     on_message(shard, io, kind, &bytes)?;
                 }
@@ -421,8 +436,8 @@ fn on_message(shard: &Shard, io: &mut ConnIo, kind: DataKind, bytes: &[u8]) -> R
             }
         }
         engineio::Packet::Ping(data) => {
-            let frame = text_frame(&format!("3{data}"));
-            shard.state.borrow_mut().push(io.id, &frame);
+            let pong = packet::server_frame(packet::pong(data).as_bytes());
+            shard.state.borrow_mut().push_new(io.id, pong);
         }
         engineio::Packet::Close => return Err(CloseReason::ClientDisconnect),
         engineio::Packet::Message(payload) => {
@@ -464,7 +479,7 @@ fn close_code_for(r: CloseReason) -> u16 {
 /// Removes the connection from the shard, then says goodbye on the socket.
 async fn finish(shard: &Shard, mut io: ConnIo, reason: CloseReason) {
     let now = shard.shared.now();
-    let m = &shard.shared.metrics[shard.id];
+    let m = &shard.metrics();
     let leftover = {
         let mut st = shard.state.borrow_mut();
         let entry = st.conns.remove(io.id);
@@ -513,18 +528,11 @@ mod tests {
                 let addr = l.local_addr().unwrap();
                 let c = glommio::net::TcpStream::connect(addr).await.unwrap();
                 let shared = crate::bench::shared().unwrap();
-                let shard = std::rc::Rc::new(crate::runtime::Shard {
-                    id: 0,
-                    state: std::cell::RefCell::new(crate::state::State::new(0, shared.clone())),
-                    shared,
-                    scratch: Default::default(),
-                    wbuf: Default::default(),
-                    stop_waker: Default::default(),
-                });
+                let shard = std::rc::Rc::new(crate::local::Shard::new(0, shared));
                 let task = super::serve(shard, c, false);
                 let size = std::mem::size_of_val(&task);
                 assert!(size <= 512, "connection task grew to {size} bytes");
-                assert!(std::mem::size_of::<crate::state::ConnEntry>() <= 128);
+                assert!(std::mem::size_of::<crate::state::conns::ConnEntry>() <= 128);
             })
             .unwrap()
             .join()

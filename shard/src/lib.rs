@@ -16,16 +16,19 @@ pub mod bench;
 pub mod config;
 mod conn;
 pub mod ids;
+mod local;
 pub mod mesh;
 pub mod metrics;
 pub mod msg;
 pub mod record;
 pub mod runtime;
 mod session;
+pub mod shared;
 mod slab;
+mod state;
+mod timers;
 
 pub use slab::ConnId;
-mod state;
 
 pub use config::RuntimeConfig;
 pub use runtime::{start, ShardsHandle, Shared};

@@ -7,7 +7,7 @@
 
 use serde_json::{json, Value};
 
-use crate::mesh::ShardId;
+use crate::ids::ShardId;
 use crate::slab::ConnId;
 
 /// Version of every record's JSON shape.

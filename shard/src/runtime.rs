@@ -7,13 +7,12 @@
 //! shard's mesh inbox in batches) and the tick task (timers: pings, timeouts, typing
 //! expiry, delivery-report expiry, directory upkeep).
 
-use std::cell::RefCell;
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -24,136 +23,28 @@ use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use tracing::{debug, info, warn};
 
 use crate::auth::Verifier;
-use crate::config::RuntimeConfig;
-use crate::mesh::{Doorbell, Inbox, Mesh, Owner, ShardId};
-use crate::metrics::{Counter, ShardMetrics};
-use crate::msg::{BridgeMsg, ShardMsg};
-use crate::record::Record;
-use crate::state::State;
+use crate::ids::ShardId;
+use crate::local::Shard;
+use crate::mesh::{Doorbell, Mesh, Owner, RING_READ};
+use crate::metrics::Counter;
+use crate::msg::ShardMsg;
+pub use crate::shared::{MetricsBlock, Shared, StartOptions};
 
-/// Read-only state of the whole process, shared by every shard.
-pub struct Shared {
-    /// Protocol timers and limits.
-    pub config: RuntimeConfig,
-    /// Token verification.
-    pub verifier: Verifier,
-    /// Cross-core queues.
-    pub mesh: Arc<Mesh>,
-    /// One counter block per shard.
-    pub metrics: Box<[ShardMetrics]>,
-    /// `/readyz` answers 200 while set.
-    pub ready: AtomicBool,
-    /// Set once shutdown began: accept loops stop, connections close.
-    pub stopping: AtomicBool,
-    /// Start of shard time.
-    pub epoch: Instant,
-    /// Address every shard listens on.
-    pub listen: SocketAddr,
-    /// Extra Prometheus text appended to `/metrics` (process-level facts).
-    pub static_metrics: String,
-    /// The bridge's inbox in cluster mode; `None` runs the embedded bus.
-    pub bridge: Option<Arc<Inbox<BridgeMsg>>>,
-    /// This process's cluster-unique server id.
-    pub server_id: Arc<str>,
-    /// The record inbox when persistence (Kafka) is on.
-    pub persist: Option<Arc<Inbox<Record>>>,
-}
-
-impl Shared {
-    /// Process-wide state for the shards of `mesh`, configured by `opts`, listening on
-    /// `listen` (the resolved address); not ready until the shards run.
-    pub fn new(opts: StartOptions, verifier: Verifier, mesh: Arc<Mesh>, listen: SocketAddr) -> Shared {
-        let blocks = mesh.len() + EXTRA_METRIC_BLOCKS;
-        Shared {
-            config: opts.config,
-            verifier,
-            mesh,
-            metrics: (0..blocks).map(|_| ShardMetrics::default()).collect(),
-            ready: AtomicBool::new(false),
-            stopping: AtomicBool::new(false),
-            epoch: Instant::now(),
-            listen,
-            static_metrics: opts.static_metrics,
-            bridge: opts.bridge,
-            server_id: opts.server_id,
-            persist: opts.persist,
-        }
-    }
-
-    /// Milliseconds since the process started (shard time).
-    pub fn now(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
-    /// WebSocket connections open in the whole process.
-    pub fn open_connections(&self) -> u64 {
-        self.metrics.iter().map(|m| m.get(Counter::Open)).sum()
-    }
-
-    /// The counter block `block` (each has exactly one writing thread).
-    pub fn block(&self, block: MetricsBlock) -> &ShardMetrics {
-        let shards = self.mesh.len();
-        let i = match block {
-            MetricsBlock::Shard(id) => id.min(shards),
-            MetricsBlock::Bridge => shards,
-            MetricsBlock::KafkaReports => shards + 1,
-        };
-        &self.metrics[i]
-    }
-}
-
-/// Which counter block a thread writes: one per shard, one for the bridge thread and
-/// one for librdkafka's delivery-report thread. Summed at scrape time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MetricsBlock {
-    /// Shard `i`.
-    Shard(ShardId),
-    /// The bridge thread (Redis and the Kafka producer task).
-    Bridge,
-    /// librdkafka's delivery-report thread.
-    KafkaReports,
-}
-
-/// Counter blocks beyond the shards' ([`MetricsBlock::Bridge`],
-/// [`MetricsBlock::KafkaReports`]).
-const EXTRA_METRIC_BLOCKS: usize = 2;
-
-/// How to start the shards.
-pub struct StartOptions {
-    /// Listen address (port 0 picks a free port).
-    pub listen: SocketAddr,
-    /// Number of shards.
-    pub shards: usize,
-    /// CPU of each shard; `None` leaves a shard unpinned.
-    pub cpus: Vec<Option<usize>>,
-    /// Protocol timers and limits.
-    pub config: RuntimeConfig,
-    /// Extra process-level Prometheus text.
-    pub static_metrics: String,
-    /// The bridge's inbox (cluster mode).
-    pub bridge: Option<Arc<Inbox<BridgeMsg>>>,
-    /// This process's server id.
-    pub server_id: Arc<str>,
-    /// The record inbox (persistence on).
-    pub persist: Option<Arc<Inbox<Record>>>,
-}
-
-impl Default for StartOptions {
-    /// One unpinned shard on a free loopback port, default limits, the embedded bus, no
-    /// persistence.
-    fn default() -> StartOptions {
-        StartOptions {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            shards: 1,
-            cpus: Vec::new(),
-            config: RuntimeConfig::default(),
-            static_metrics: String::new(),
-            bridge: None,
-            server_id: "local".into(),
-            persist: None,
-        }
-    }
-}
+/// Mesh messages handled per wake-up of the inbox task: large enough to amortise the
+/// wake-up, small enough that connection tasks run between batches.
+const INBOX_BATCH: usize = 256;
+/// Messages from the shard to itself handled per wake-up (same trade-off).
+const LOCAL_BATCH: usize = 1024;
+/// Pause after a failed accept (EMFILE and friends) instead of spinning on the error.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
+/// How long a stopping shard waits for its connections to send their close frames.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// Poll period of that wait.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(10);
+/// Period of the home-shard directory upkeep (expired offline messages, old users).
+const DIRECTORY_SWEEP_MS: u64 = 10_000;
+/// Backlog of each listening socket.
+const LISTEN_BACKLOG: i32 = 4096;
 
 /// Running shards.
 pub struct ShardsHandle {
@@ -213,7 +104,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
     sock.set_reuse_port(true)?;
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
-    sock.listen(4096)?;
+    sock.listen(LISTEN_BACKLOG)?;
     Ok(sock)
 }
 
@@ -254,19 +145,6 @@ pub fn start(opts: StartOptions, verifier: Verifier) -> std::io::Result<ShardsHa
     Ok(ShardsHandle { shared, handles })
 }
 
-/// What a shard's tasks share: its state and scratch buffers. Lives on one thread.
-pub(crate) struct Shard {
-    pub id: ShardId,
-    pub shared: Arc<Shared>,
-    pub state: RefCell<State>,
-    /// Read buffer used by every connection of this shard in turn.
-    pub scratch: RefCell<Box<[u8]>>,
-    /// Write-coalescing buffer used by every connection in turn.
-    pub wbuf: RefCell<Vec<u8>>,
-    /// Wakes the shard's main task at shutdown.
-    pub stop_waker: RefCell<Option<std::task::Waker>>,
-}
-
 /// Accepts clients until cancelled; one connection task each.
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     let shared = &shard.shared;
@@ -274,31 +152,21 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok(stream) => {
-                shared.metrics[shard.id].inc(Counter::Accepted);
+                shared.block(MetricsBlock::Shard(shard.id)).inc(Counter::Accepted);
                 let full = shared.open_connections() >= max_open;
                 glommio::spawn_local(crate::conn::serve(shard.clone(), stream, full)).detach();
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning on the error.
                 warn!(shard = shard.id, "accept failed: {e}");
-                glommio::timer::sleep(Duration::from_millis(20)).await;
+                glommio::timer::sleep(ACCEPT_BACKOFF).await;
             }
         }
     }
 }
 
-/// Bytes read from a socket per call; one buffer per shard, not per connection.
-pub(crate) const SCRATCH: usize = 64 * 1024;
-
 async fn run_shard(id: ShardId, shared: Arc<Shared>, listener: TcpListener, bell: Doorbell) {
-    let shard = Rc::new(Shard {
-        id,
-        state: RefCell::new(State::new(id, shared.clone())),
-        shared: shared.clone(),
-        scratch: RefCell::new(vec![0u8; SCRATCH].into_boxed_slice()),
-        wbuf: RefCell::new(Vec::with_capacity(SCRATCH)),
-        stop_waker: RefCell::new(None),
-    });
+    let shard = Rc::new(Shard::new(id, shared.clone()));
     debug_assert_eq!(bell.owner, Owner::Shard(id));
     let bell = bell.into_stream();
     let inbox = glommio::spawn_local(inbox_task(shard.clone(), bell));
@@ -326,9 +194,9 @@ async fn run_shard(id: ShardId, shared: Arc<Shared>, listener: TcpListener, bell
             st.close(cid, crate::metrics::CloseReason::ServerShutdown, true, now);
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
     while shard.state.borrow().conns.len() > 0 && Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(10)).await;
+        glommio::timer::sleep(SHUTDOWN_POLL).await;
     }
     drop(inbox);
     drop(tick);
@@ -337,8 +205,8 @@ async fn run_shard(id: ShardId, shared: Arc<Shared>, listener: TcpListener, bell
 
 /// Drains the mesh inbox and the shard's local queue, in batches.
 async fn inbox_task(shard: Rc<Shard>, mut bell: UnixStream) {
-    let mut batch = Vec::with_capacity(256);
-    let mut ring = [0u8; 64];
+    let mut batch = Vec::with_capacity(INBOX_BATCH);
+    let mut ring = [0u8; RING_READ];
     let mesh = shard.shared.mesh.clone();
     loop {
         poll_fn(|cx| {
@@ -352,7 +220,7 @@ async fn inbox_task(shard: Rc<Shard>, mut bell: UnixStream) {
             }
         })
         .await;
-        mesh.drain(shard.id, 256, &mut batch);
+        mesh.drain(shard.id, INBOX_BATCH, &mut batch);
         let now = shard.shared.now();
         let mut stop = false;
         {
@@ -364,7 +232,7 @@ async fn inbox_task(shard: Rc<Shard>, mut bell: UnixStream) {
                 }
                 st.handle(m, now);
             }
-            let mut budget = 1024;
+            let mut budget = LOCAL_BATCH;
             while let Some(m) = st.local.pop_front() {
                 st.handle(m, now);
                 budget -= 1;
@@ -391,8 +259,8 @@ async fn tick_task(shard: Rc<Shard>) {
         glommio::timer::sleep(period).await;
         let now = shard.shared.now();
         let mut st = shard.state.borrow_mut();
-        crate::session::tick(&mut st, now);
-        if now - last_sweep >= 10_000 {
+        crate::timers::tick(&mut st, now);
+        if now - last_sweep >= DIRECTORY_SWEEP_MS {
             last_sweep = now;
             st.sweep_directory(now);
         }

@@ -1,20 +1,23 @@
 //! Socket.IO sessions on the default namespace: CONNECT with auth, then the chat events.
 //!
-//! Runs synchronously on the shard's state for one packet at a time; anything that
-//! concerns another shard leaves as a [`ShardMsg`]. Also holds the per-shard timer scan
-//! ([`tick`]) because every timer it checks belongs to a session or its connection.
+//! Runs synchronously on the shard's state for one packet at a time. Every change goes
+//! through the state's owners (`st.rooms`, `st.users`, `st.watchers`, `st.pending`, the
+//! session in `st.conns`); anything that concerns another shard or node is a
+//! [`Dispatch`](crate::state::router::Dispatch) decided by `st.router`.
 
 use serde_json::{json, Value};
+use shardgate_io::packet;
 use shardgate_io::socketio::{Packet, PacketType};
 
 use crate::auth::Perms;
+use crate::ids::{key, key_id, sid, ConnId, Frame, Key};
 use crate::metrics::{CloseReason, Counter};
-use crate::msg::{key, DeliveryStatus, Key, SocketRef};
+use crate::msg::DeliveryStatus;
 use crate::record::{self, Receipt};
-use crate::slab::ConnId;
-use crate::state::{
-    ack_frame, binary_event_frame, event_frame, text_frame, wall_ms, Pending, Session, State,
-};
+use crate::state::conns::Session;
+use crate::state::pending::Pending;
+use crate::state::router::Dispatch;
+use crate::state::{event_frame, wall_ms, State};
 
 /// Presence subscriptions one socket may hold.
 const MAX_WATCHED: usize = 1000;
@@ -28,7 +31,7 @@ pub(crate) fn on_packet(
     attachments: Vec<Vec<u8>>,
     now: u64,
 ) -> Result<(), CloseReason> {
-    let connected = st.conns.get(id).map(|c| c.session.is_some()).unwrap_or(false);
+    let connected = st.conns.session(id).is_some();
     match p.kind {
         PacketType::Connect => on_connect(st, id, upgrade_token, p, connected, now),
         PacketType::Disconnect if p.nsp == "/" => Err(CloseReason::ClientDisconnect),
@@ -43,11 +46,8 @@ pub(crate) fn on_packet(
     }
 }
 
-fn connect_error(nsp: &str, message: &str, code: &str) -> crate::msg::Frame {
-    let data = json!({ "message": message, "data": { "code": code } }).to_string();
-    let mut s = String::from("4");
-    shardgate_io::socketio::encode(PacketType::ConnectError, nsp, None, 0, Some(&data), &mut s);
-    text_frame(&s)
+fn connect_error(nsp: &str, message: &str, code: &str) -> Frame {
+    packet::server_frame(packet::connect_error(nsp, message, code).as_bytes()).into()
 }
 
 fn on_connect(
@@ -90,7 +90,6 @@ fn on_connect(
     *upgrade_token = None;
     let user_key = key(&identity.tenant, &identity.user);
     let burst = st.shared.config.event_burst as f64;
-    let sid = crate::conn::sid(st.shard, id);
     if let Some(c) = st.conns.get_mut(id) {
         c.connect_deadline = 0;
         c.session = Some(Box::new(Session {
@@ -107,26 +106,26 @@ fn on_connect(
     st.metrics().inc(Counter::Sessions);
     // The CONNECT is answered when the user's directory (home shard, or the cluster
     // registry) has the socket: `ShardMsg::Registered`. A connected client is reachable.
-    st.users.entry(user_key.clone()).or_default().push(id);
-    let socket = SocketRef { shard: st.shard, conn: id };
-    if let Some(s) = session_of(st, id) {
+    st.users.add(&user_key, id);
+    if let Some(s) = st.conns.session(id) {
         socket_event(st, id, s, "connect", json!({}));
     }
-    st.user_up(user_key, socket, sid);
+    let d = st.router.user_up(user_key, st.socket(id));
+    st.dispatch(d);
     Ok(())
 }
 
 /// Replies to an event: the ack (when asked for) with `body`.
 fn reply(st: &mut State, id: ConnId, ack: Option<u64>, body: &Value) {
     if let Some(a) = ack {
-        st.push(id, &ack_frame(a, body));
+        st.push_new(id, packet::ack_frame(a, body));
     }
 }
 
 /// Refuses an event: an `error` event, and the ack (when asked for) with the same error.
 fn refuse(st: &mut State, id: ConnId, ack: Option<u64>, event: &str, code: &str, message: &str) {
     let body = json!({ "ok": false, "code": code, "message": message, "event": event });
-    st.push(id, &event_frame("error", &body));
+    st.push_new(id, packet::event_frame("error", &body));
     reply(st, id, ack, &body);
 }
 
@@ -134,7 +133,7 @@ fn refuse(st: &mut State, id: ConnId, ack: Option<u64>, event: &str, code: &str,
 fn admit(st: &mut State, id: ConnId, now: u64) -> Result<bool, CloseReason> {
     let cfg = &st.shared.config;
     let (rate, burst) = (cfg.events_per_second as f64, cfg.event_burst as f64);
-    let Some(s) = st.conns.get_mut(id).and_then(|c| c.session.as_mut()) else {
+    let Some(s) = st.conns.session_mut(id) else {
         return Ok(false);
     };
     s.tokens = (s.tokens + (now.saturating_sub(s.refilled)) as f64 * rate / 1000.0).min(burst);
@@ -167,8 +166,7 @@ fn on_event(
     }
     let args = p.event_args();
     let ack = p.ack_id;
-    let perms =
-        st.conns.get(id).and_then(|c| c.session.as_ref()).map(|s| s.identity.perms).unwrap_or(Perms(0));
+    let perms = st.conns.session(id).map(|s| s.identity.perms).unwrap_or(Perms(0));
     let need = match name.as_str() {
         "message:send" => Perms::SEND,
         "join_room" => Perms::JOIN,
@@ -211,10 +209,6 @@ fn room_arg(args: &[Value]) -> Option<&str> {
     }
 }
 
-fn session_of(st: &State, id: ConnId) -> Option<&Session> {
-    st.conns.get(id).and_then(|c| c.session.as_deref())
-}
-
 fn join_room(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value]) {
     let max_id = st.shared.config.max_id_len;
     let max_rooms = st.shared.config.max_rooms_per_socket;
@@ -228,7 +222,7 @@ fn join_room(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value]) {
             "room id must be a non-empty string of at most max_id_len bytes",
         );
     };
-    let Some(s) = session_of(st, id) else { return };
+    let Some(s) = st.conns.session(id) else { return };
     let k = key(&s.identity.tenant, &room);
     let already = s.rooms.contains(&k);
     if !already && s.rooms.len() >= max_rooms {
@@ -242,14 +236,20 @@ fn join_room(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value]) {
         );
     }
     if !already {
-        if let Some(s) = st.conns.get_mut(id).and_then(|c| c.session.as_mut()) {
+        if let Some(s) = st.conns.session_mut(id) {
             s.rooms.push(k.clone());
         }
-        st.rooms.entry(k.clone()).or_default().push(id);
-        if let Some(s) = session_of(st, id) {
+        st.rooms.add(&k, id);
+        if let Some(s) = st.conns.session(id) {
             socket_event(st, id, s, "join", json!({ "room": room }));
         }
-        return st.room_joined(&k, id, ack);
+        // Answered now on the embedded bus; in cluster mode by the bridge, once this
+        // node receives the room's channel.
+        match st.router.room_joined(&k, st.socket(id), ack) {
+            Dispatch::Nothing => st.answer_join(id, &k, ack),
+            d => st.dispatch(d),
+        }
+        return;
     }
     st.answer_join(id, &k, ack);
 }
@@ -258,33 +258,23 @@ fn leave_room(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value]) {
     let Some(room) = room_arg(args).map(str::to_string) else {
         return refuse(st, id, ack, "leave_room", "invalid_room", "room id must be a string");
     };
-    let Some(s) = session_of(st, id) else { return };
+    let Some(s) = st.conns.session(id) else { return };
     let k = key(&s.identity.tenant, &room);
     if !s.rooms.contains(&k) {
         return refuse(st, id, ack, "leave_room", "not_in_room", "this socket is not in that room");
     }
     stop_typing(st, id, &k);
-    if let Some(s) = st.conns.get_mut(id).and_then(|c| c.session.as_mut()) {
+    if let Some(s) = st.conns.session_mut(id) {
         s.rooms.retain(|r| *r != k);
     }
-    remove_member(st, &k, id);
-    st.push(id, &event_frame("room_left", &json!({ "room": room })));
-    st.room_left(&k, crate::conn::sid(st.shard, id));
-    if let Some(s) = session_of(st, id) {
+    st.rooms.remove(&k, id);
+    st.push_new(id, packet::event_frame("room_left", &json!({ "room": room })));
+    let d = st.router.room_left(&k, st.shard, id);
+    st.dispatch(d);
+    if let Some(s) = st.conns.session(id) {
         socket_event(st, id, s, "leave", json!({ "room": room }));
     }
     reply(st, id, ack, &json!({ "ok": true, "room": room }));
-}
-
-fn remove_member(st: &mut State, k: &Key, id: ConnId) {
-    if let Some(members) = st.rooms.get_mut(k) {
-        if let Some(pos) = members.iter().position(|&m| m == id) {
-            members.swap_remove(pos);
-        }
-        if members.is_empty() {
-            st.rooms.remove(k);
-        }
-    }
 }
 
 fn send_message(
@@ -308,7 +298,7 @@ fn send_message(
     };
     let client_msg_id = body.get("clientMsgId").cloned();
     let wants_receipt = body.get("persistedReceipt") == Some(&Value::Bool(true));
-    let Some(s) = session_of(st, id) else { return };
+    let Some(s) = st.conns.session(id) else { return };
     let (tenant, from) = (s.identity.tenant.clone(), s.identity.user.clone());
     let msg_id = match st.ids.generate() {
         Ok(u) => u,
@@ -324,7 +314,7 @@ fn send_message(
         }
         (None, Some(room)) if valid_id(room, max_id) => {
             let k = key(&tenant, room);
-            if !session_of(st, id).map(|s| s.rooms.contains(&k)).unwrap_or(false) {
+            if !st.conns.session(id).map(|s| s.rooms.contains(&k)).unwrap_or(false) {
                 return refuse(st, id, ack, EV, "not_in_room", "join the room before sending to it");
             }
             let payload = json!({ "id": msg_id.to_string(), "from": &*from, "room": room, "content": content, "ts": ts });
@@ -335,7 +325,7 @@ fn send_message(
             return refuse(st, id, ack, EV, "invalid_message", why);
         }
     };
-    let frame = binary_event_frame("message:new", &payload, &attachments);
+    let frame: Frame = packet::binary_event_frames("message:new", &payload, &attachments).into();
     st.persist(|| {
         let receipt = wants_receipt.then_some(Receipt { shard: st.shard, conn: id, msg_id: msg_id.0 });
         let mut msg = payload.clone();
@@ -349,23 +339,23 @@ fn send_message(
         st.metrics().inc(Counter::RoomMessages);
         st.deliver_room(&target, &frame, Some(id));
         st.broadcast_room(&target, &frame);
-        st.pending
-            .insert(msg_id.0, Pending { conn: id, ack_id: ack, client_msg_id, deadline: now, to: None });
+        let p = Pending { conn: id, ack_id: ack, client_msg_id, deadline: now, to: None };
+        st.pending.insert(msg_id.0, p);
         st.resolve(msg_id.0, DeliveryStatus::Sent);
     } else {
         st.metrics().inc(Counter::DirectMessages);
         let deadline = now + st.shared.config.delivery_report_timeout_ms;
         let to = Some((target.clone(), from.clone()));
         st.pending.insert(msg_id.0, Pending { conn: id, ack_id: ack, client_msg_id, deadline, to });
-        let origin = SocketRef { shard: st.shard, conn: id };
-        st.route_direct(target, frame, msg_id.0, origin);
+        let d = st.router.direct(target, frame, msg_id.0, st.socket(id));
+        st.dispatch(d);
     }
 }
 
 /// A socket event record for session `s` of connection `id`.
 fn socket_event(st: &State, id: ConnId, s: &Session, kind: &str, extra: Value) {
     st.persist(|| {
-        let sid = crate::conn::sid(st.shard, id);
+        let sid = sid(st.shard, id);
         record::socket_event(
             kind,
             &s.identity.tenant,
@@ -378,7 +368,7 @@ fn socket_event(st: &State, id: ConnId, s: &Session, kind: &str, extra: Value) {
     });
 }
 
-fn typing_frame(room: &str, user: &str, on: bool) -> crate::msg::Frame {
+fn typing_frame(room: &str, user: &str, on: bool) -> Frame {
     event_frame("typing", &json!({ "room": room, "userId": user, "typing": on }))
 }
 
@@ -388,7 +378,7 @@ fn typing(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value], on: bool
         return refuse(st, id, ack, ev, "invalid_room", "expected {room}");
     };
     let ttl = st.shared.config.typing_ttl_ms;
-    let Some(s) = session_of(st, id) else { return };
+    let Some(s) = st.conns.session(id) else { return };
     let k = key(&s.identity.tenant, &room);
     if !s.rooms.contains(&k) {
         return refuse(st, id, ack, ev, "not_in_room", "join the room first");
@@ -398,7 +388,7 @@ fn typing(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value], on: bool
         return reply(st, id, ack, &json!({ "ok": true }));
     }
     let user = s.identity.user.clone();
-    let Some(s) = st.conns.get_mut(id).and_then(|c| c.session.as_mut()) else {
+    let Some(s) = st.conns.session_mut(id) else {
         return;
     };
     match s.typing.iter_mut().find(|(r, _)| *r == k) {
@@ -408,15 +398,16 @@ fn typing(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value], on: bool
             let frame = typing_frame(&room, &user, true);
             st.deliver_room(&k, &frame, Some(id));
             st.broadcast_room(&k, &frame);
-            st.typing_key(&k, user, true);
+            let d = st.router.typing(&k, user, true);
+            st.dispatch(d);
         }
     }
     reply(st, id, ack, &json!({ "ok": true }));
 }
 
 /// Ends a typing indicator of `id` in room `k`, telling the room.
-fn stop_typing(st: &mut State, id: ConnId, k: &Key) {
-    let Some(s) = st.conns.get_mut(id).and_then(|c| c.session.as_mut()) else {
+pub(crate) fn stop_typing(st: &mut State, id: ConnId, k: &Key) {
+    let Some(s) = st.conns.session_mut(id) else {
         return;
     };
     let Some(pos) = s.typing.iter().position(|(r, _)| r == k) else {
@@ -424,10 +415,11 @@ fn stop_typing(st: &mut State, id: ConnId, k: &Key) {
     };
     s.typing.swap_remove(pos);
     let user = s.identity.user.clone();
-    let frame = typing_frame(crate::msg::key_id(k), &user, false);
+    let frame = typing_frame(key_id(k), &user, false);
     st.deliver_room(k, &frame, Some(id));
     st.broadcast_room(k, &frame);
-    st.typing_key(k, user, false);
+    let d = st.router.typing(k, user, false);
+    st.dispatch(d);
 }
 
 fn presence(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value], on: bool) {
@@ -446,22 +438,23 @@ fn presence(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value], on: bo
     if ids.is_empty() || ids.iter().any(|u| !valid_id(u, max_id)) {
         return refuse(st, id, ack, ev, "invalid_users", "expected a non-empty array of user ids");
     }
-    let Some(s) = session_of(st, id) else { return };
+    let Some(s) = st.conns.session(id) else { return };
     let tenant = s.identity.tenant.clone();
     if on && s.watching.len() + ids.len() > MAX_WATCHED {
         return refuse(st, id, ack, ev, "too_many_subscriptions", "a socket may watch at most 1000 users");
     }
-    let socket = SocketRef { shard: st.shard, conn: id };
+    let socket = st.socket(id);
     for u in &ids {
         let k = key(&tenant, u);
-        let Some(s) = st.conns.get_mut(id).and_then(|c| c.session.as_mut()) else {
+        let Some(s) = st.conns.session_mut(id) else {
             return;
         };
         let watching = s.watching.contains(&k);
         if on && !watching {
             s.watching.push(k.clone());
-            st.watchers.entry(k.clone()).or_default().push(id);
-            st.watch(k, socket);
+            st.watchers.add(&k, id);
+            let d = st.router.watch(k, socket);
+            st.dispatch(d);
         } else if !on && watching {
             s.watching.retain(|w| *w != k);
             unwatch(st, &k, id);
@@ -471,96 +464,34 @@ fn presence(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value], on: bo
 }
 
 fn unwatch(st: &mut State, k: &Key, id: ConnId) {
-    if let Some(list) = st.watchers.get_mut(k) {
-        list.retain(|&c| c != id);
-        if list.is_empty() {
-            st.watchers.remove(k);
-        }
-    }
-    st.unwatch_home(k.clone());
+    st.watchers.remove(k, id);
+    let d = st.router.unwatch(k.clone(), st.shard);
+    st.dispatch(d);
 }
 
 /// Undoes everything a closed session registered.
 pub(crate) fn teardown(st: &mut State, id: ConnId, s: Session, _now: u64, reason: CloseReason) {
     for room in &s.rooms {
-        socket_event(st, id, &s, "leave", json!({ "room": crate::msg::key_id(room) }));
+        socket_event(st, id, &s, "leave", json!({ "room": key_id(room) }));
     }
     socket_event(st, id, &s, "disconnect", json!({ "reason": reason.as_str() }));
     st.metrics().dec(Counter::Sessions);
     for (room, _) in &s.typing {
-        let frame = typing_frame(crate::msg::key_id(room), &s.identity.user, false);
+        let frame = typing_frame(key_id(room), &s.identity.user, false);
         st.deliver_room(room, &frame, Some(id));
         st.broadcast_room(room, &frame);
-        st.typing_key(room, s.identity.user.clone(), false);
+        let d = st.router.typing(room, s.identity.user.clone(), false);
+        st.dispatch(d);
     }
-    let sid = crate::conn::sid(st.shard, id);
     for room in &s.rooms {
-        remove_member(st, room, id);
-        st.room_left(room, sid.clone());
+        st.rooms.remove(room, id);
+        let d = st.router.room_left(room, st.shard, id);
+        st.dispatch(d);
     }
     for k in &s.watching {
         unwatch(st, k, id);
     }
-    if let Some(list) = st.users.get_mut(&s.user_key) {
-        list.retain(|&c| c != id);
-        if list.is_empty() {
-            st.users.remove(&s.user_key);
-        }
-    }
-    st.user_down(s.user_key, sid);
-}
-
-/// The shard's timer scan: pings, pong and connect timeouts, forced closes, typing
-/// expiry and delivery-report expiry.
-pub(crate) fn tick(st: &mut State, now: u64) {
-    let (interval, timeout) = (st.shared.config.ping_interval_ms, st.shared.config.ping_timeout_ms);
-    let ping = st.ping.clone();
-    let mut closes = Vec::new();
-    let mut typing_expired = Vec::new();
-    for (id, c) in st.conns.iter_mut() {
-        if c.close.is_some() {
-            if now >= c.close_by && !c.close_now {
-                c.close_now = true;
-                if let Some(w) = c.waker.take() {
-                    w.wake();
-                }
-            }
-            continue;
-        }
-        if c.connect_deadline != 0 && now >= c.connect_deadline {
-            closes.push((id, CloseReason::ConnectTimeout));
-            continue;
-        }
-        if c.pong_deadline != 0 && now >= c.pong_deadline {
-            closes.push((id, CloseReason::PingTimeout));
-            continue;
-        }
-        if now >= c.next_ping && c.pong_deadline == 0 {
-            c.next_ping = now + interval;
-            c.pong_deadline = now + timeout;
-            c.outbox.push_back(ping.clone());
-            c.out_bytes += ping.len();
-            if let Some(w) = c.waker.take() {
-                w.wake();
-            }
-        }
-        if let Some(s) = c.session.as_ref() {
-            for (room, until) in &s.typing {
-                if now >= *until {
-                    typing_expired.push((id, room.clone()));
-                }
-            }
-        }
-    }
-    for (id, reason) in closes {
-        st.close(id, reason, true, now);
-    }
-    for (id, room) in typing_expired {
-        stop_typing(st, id, &room);
-    }
-    let expired: Vec<u128> = st.pending.iter().filter(|(_, p)| now >= p.deadline).map(|(k, _)| *k).collect();
-    for msg_id in expired {
-        st.metrics().inc(Counter::ReportTimeouts);
-        st.resolve(msg_id, DeliveryStatus::Sent);
-    }
+    st.users.remove(&s.user_key, id);
+    let d = st.router.user_down(s.user_key, st.socket(id));
+    st.dispatch(d);
 }

@@ -1,0 +1,51 @@
+//! What one shard's tasks share on its thread: the shard's state and the buffers every
+//! connection of the shard uses in turn. `!Send` by construction (`RefCell`, `Rc`): it
+//! never leaves the executor that created it.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::task::Waker;
+
+use crate::ids::ShardId;
+use crate::metrics::ShardMetrics;
+use crate::shared::{MetricsBlock, Shared};
+use crate::state::State;
+
+/// Bytes read from a socket per call, and the most a write coalesces: one buffer per
+/// shard, not per connection.
+pub(crate) const SCRATCH: usize = 64 * 1024;
+
+/// What a shard's tasks share: its state and scratch buffers. Lives on one thread.
+pub(crate) struct Shard {
+    /// This shard.
+    pub id: ShardId,
+    /// What the process shares.
+    pub shared: Arc<Shared>,
+    /// The shard's state (never borrowed across an `.await`).
+    pub state: RefCell<State>,
+    /// Read buffer used by every connection of this shard in turn.
+    pub scratch: RefCell<Box<[u8]>>,
+    /// Write-coalescing buffer used by every connection in turn.
+    pub wbuf: RefCell<Vec<u8>>,
+    /// Wakes the shard's main task at shutdown.
+    pub stop_waker: RefCell<Option<Waker>>,
+}
+
+impl Shard {
+    /// Shard `id` of the process, with empty state.
+    pub fn new(id: ShardId, shared: Arc<Shared>) -> Shard {
+        Shard {
+            id,
+            state: RefCell::new(State::new(id, shared.clone())),
+            shared,
+            scratch: RefCell::new(vec![0u8; SCRATCH].into_boxed_slice()),
+            wbuf: RefCell::new(Vec::with_capacity(SCRATCH)),
+            stop_waker: RefCell::new(None),
+        }
+    }
+
+    /// This shard's counters.
+    pub fn metrics(&self) -> &ShardMetrics {
+        self.shared.block(MetricsBlock::Shard(self.id))
+    }
+}

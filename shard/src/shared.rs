@@ -1,0 +1,141 @@
+//! What every shard of a process shares, read-only: configuration, token verification,
+//! the mesh, the counter blocks, readiness and shutdown flags, and the send ends of the
+//! bridge's inboxes. Built once by [`crate::runtime::start`] (or by a test or benchmark)
+//! through [`Shared::new`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::auth::Verifier;
+use crate::config::RuntimeConfig;
+use crate::ids::ShardId;
+use crate::mesh::{Inbox, Mesh};
+use crate::metrics::{Counter, ShardMetrics};
+use crate::msg::BridgeMsg;
+use crate::record::Record;
+
+/// Read-only state of the whole process, shared by every shard.
+pub struct Shared {
+    /// Protocol timers and limits.
+    pub config: RuntimeConfig,
+    /// Token verification.
+    pub verifier: Verifier,
+    /// Cross-core queues.
+    pub mesh: Arc<Mesh>,
+    /// One counter block per shard.
+    pub metrics: Box<[ShardMetrics]>,
+    /// `/readyz` answers 200 while set.
+    pub ready: AtomicBool,
+    /// Set once shutdown began: accept loops stop, connections close.
+    pub stopping: AtomicBool,
+    /// Start of shard time.
+    pub epoch: Instant,
+    /// Address every shard listens on.
+    pub listen: SocketAddr,
+    /// Extra Prometheus text appended to `/metrics` (process-level facts).
+    pub static_metrics: String,
+    /// The bridge's inbox in cluster mode; `None` runs the embedded bus.
+    pub bridge: Option<Arc<Inbox<BridgeMsg>>>,
+    /// This process's cluster-unique server id.
+    pub server_id: Arc<str>,
+    /// The record inbox when persistence (Kafka) is on.
+    pub persist: Option<Arc<Inbox<Record>>>,
+}
+
+impl Shared {
+    /// Process-wide state for the shards of `mesh`, configured by `opts`, listening on
+    /// `listen` (the resolved address); not ready until the shards run.
+    pub fn new(opts: StartOptions, verifier: Verifier, mesh: Arc<Mesh>, listen: SocketAddr) -> Shared {
+        let blocks = mesh.len() + EXTRA_METRIC_BLOCKS;
+        Shared {
+            config: opts.config,
+            verifier,
+            mesh,
+            metrics: (0..blocks).map(|_| ShardMetrics::default()).collect(),
+            ready: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            epoch: Instant::now(),
+            listen,
+            static_metrics: opts.static_metrics,
+            bridge: opts.bridge,
+            server_id: opts.server_id,
+            persist: opts.persist,
+        }
+    }
+
+    /// Milliseconds since the process started (shard time).
+    pub fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// WebSocket connections open in the whole process.
+    pub fn open_connections(&self) -> u64 {
+        self.metrics.iter().map(|m| m.get(Counter::Open)).sum()
+    }
+
+    /// The counter block `block` (each has exactly one writing thread).
+    pub fn block(&self, block: MetricsBlock) -> &ShardMetrics {
+        let shards = self.mesh.len();
+        let i = match block {
+            MetricsBlock::Shard(id) => id.min(shards),
+            MetricsBlock::Bridge => shards,
+            MetricsBlock::KafkaReports => shards + 1,
+        };
+        &self.metrics[i]
+    }
+}
+
+/// Which counter block a thread writes: one per shard, one for the bridge thread and
+/// one for librdkafka's delivery-report thread. Summed at scrape time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsBlock {
+    /// Shard `i`.
+    Shard(ShardId),
+    /// The bridge thread (Redis and the Kafka producer task).
+    Bridge,
+    /// librdkafka's delivery-report thread.
+    KafkaReports,
+}
+
+/// Counter blocks beyond the shards' ([`MetricsBlock::Bridge`],
+/// [`MetricsBlock::KafkaReports`]).
+const EXTRA_METRIC_BLOCKS: usize = 2;
+
+/// How to start the shards.
+pub struct StartOptions {
+    /// Listen address (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Number of shards.
+    pub shards: usize,
+    /// CPU of each shard; `None` leaves a shard unpinned.
+    pub cpus: Vec<Option<usize>>,
+    /// Protocol timers and limits.
+    pub config: RuntimeConfig,
+    /// Extra process-level Prometheus text.
+    pub static_metrics: String,
+    /// The bridge's inbox (cluster mode).
+    pub bridge: Option<Arc<Inbox<BridgeMsg>>>,
+    /// This process's server id.
+    pub server_id: Arc<str>,
+    /// The record inbox (persistence on).
+    pub persist: Option<Arc<Inbox<Record>>>,
+}
+
+impl Default for StartOptions {
+    /// One unpinned shard on a free loopback port, default limits, the embedded bus, no
+    /// persistence.
+    fn default() -> StartOptions {
+        StartOptions {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            shards: 1,
+            cpus: Vec::new(),
+            config: RuntimeConfig::default(),
+            static_metrics: String::new(),
+            bridge: None,
+            server_id: "local".into(),
+            persist: None,
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The shard's connections as other tasks see them: the outbound queue, the timers and
+//! the Socket.IO session of each, in a generational slab.
+//!
+//! The socket itself lives in its connection task (`conn.rs`); everything here is what
+//! other tasks of the shard touch to reach it: [`Conns::push`] queues a frame (closing a
+//! slow consumer past its bound) and wakes the task, [`Conns::close`] asks it to close.
+
+use std::collections::VecDeque;
+use std::task::Waker;
+
+use crate::auth::Identity;
+use crate::ids::{ConnId, Frame, Key};
+use crate::metrics::{CloseReason, Counter, ShardMetrics};
+use crate::slab::Slab;
+
+/// How long a closing connection may take to flush its queue before it is dropped.
+pub(crate) const CLOSE_FLUSH_MS: u64 = 2_000;
+
+/// One client connection as the shard sees it.
+#[derive(Default)]
+pub(crate) struct ConnEntry {
+    /// Frames waiting to be written, oldest first.
+    pub outbox: VecDeque<Frame>,
+    /// Bytes of the front frame already written.
+    pub head_off: usize,
+    /// Bytes queued in `outbox` (minus `head_off`).
+    pub out_bytes: usize,
+    /// Wakes the connection task when something is queued or it must close.
+    pub waker: Option<Waker>,
+    /// Set when the connection must close; frames still queued are flushed first unless
+    /// `close_now`.
+    pub close: Option<CloseReason>,
+    /// Drop the outbox instead of flushing it.
+    pub close_now: bool,
+    /// Shard time (ms) after which a close is forced even if the flush is stuck.
+    pub close_by: u64,
+    /// Shard time (ms) of the next Engine.IO ping.
+    pub next_ping: u64,
+    /// Shard time (ms) by which a pong must arrive; 0 when no ping is outstanding.
+    pub pong_deadline: u64,
+    /// Shard time (ms) by which the Socket.IO CONNECT must arrive; 0 once connected.
+    pub connect_deadline: u64,
+    /// The authenticated session, once the namespace CONNECT succeeded.
+    pub session: Option<Box<Session>>,
+}
+
+impl ConnEntry {
+    /// Drops everything queued.
+    fn discard_outbox(&mut self) {
+        self.outbox.clear();
+        self.out_bytes = 0;
+        self.head_off = 0;
+    }
+
+    /// Queues `frame` without a bound (server pings: tiny and at most one outstanding).
+    pub fn push_unbounded(&mut self, frame: &Frame) {
+        self.outbox.push_back(frame.clone());
+        self.out_bytes += frame.len();
+        self.wake();
+    }
+
+    /// Wakes the connection task, if it is parked.
+    pub fn wake(&mut self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+/// An authenticated Socket.IO session on the default namespace.
+pub(crate) struct Session {
+    /// Who the token says this is.
+    pub identity: Identity,
+    /// Tenant-qualified user key.
+    pub user_key: Key,
+    /// Rooms joined (tenant-qualified).
+    pub rooms: Vec<Key>,
+    /// Users whose presence this socket watches (tenant-qualified).
+    pub watching: Vec<Key>,
+    /// Rooms this socket is typing in, with the shard time the indicator expires.
+    pub typing: Vec<(Key, u64)>,
+    /// Token bucket: events available now.
+    pub tokens: f64,
+    /// Shard time (ms) of the last refill.
+    pub refilled: u64,
+    /// Consecutive refused events; past a bound the socket is closed.
+    pub strikes: u32,
+}
+
+/// Every connection of one shard.
+#[derive(Default)]
+pub(crate) struct Conns {
+    slab: Slab<ConnEntry>,
+}
+
+impl Conns {
+    /// Registers a new connection.
+    pub fn insert(&mut self, entry: ConnEntry) -> ConnId {
+        self.slab.insert(entry)
+    }
+
+    /// Forgets a closed connection.
+    pub fn remove(&mut self, id: ConnId) -> Option<ConnEntry> {
+        self.slab.remove(id)
+    }
+
+    /// Connection `id`, if it is still open.
+    pub fn get(&self, id: ConnId) -> Option<&ConnEntry> {
+        self.slab.get(id)
+    }
+
+    /// Connection `id`, if it is still open.
+    pub fn get_mut(&mut self, id: ConnId) -> Option<&mut ConnEntry> {
+        self.slab.get_mut(id)
+    }
+
+    /// The session of connection `id`, once connected.
+    pub fn session(&self, id: ConnId) -> Option<&Session> {
+        self.slab.get(id).and_then(|c| c.session.as_deref())
+    }
+
+    /// The session of connection `id`, once connected.
+    pub fn session_mut(&mut self, id: ConnId) -> Option<&mut Session> {
+        self.slab.get_mut(id).and_then(|c| c.session.as_deref_mut())
+    }
+
+    /// Open connections.
+    pub fn len(&self) -> usize {
+        self.slab.len()
+    }
+
+    /// Every open connection.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (ConnId, &mut ConnEntry)> {
+        self.slab.iter_mut()
+    }
+
+    /// Queues `frame` on connection `id` and wakes its task; past `limit` bytes queued
+    /// the connection is closed as a slow consumer and its queue dropped. True if queued.
+    pub fn push(&mut self, m: &ShardMetrics, limit: usize, id: ConnId, frame: &Frame) -> bool {
+        let Some(c) = self.slab.get_mut(id) else {
+            return false;
+        };
+        if c.close.is_some() {
+            return false;
+        }
+        if c.out_bytes + frame.len() > limit {
+            c.close = Some(CloseReason::SlowConsumer);
+            c.close_now = true;
+            c.discard_outbox();
+        } else {
+            c.outbox.push_back(frame.clone());
+            c.out_bytes += frame.len();
+            m.inc(Counter::Deliveries);
+        }
+        c.wake();
+        c.close.is_none()
+    }
+
+    /// Asks connection `id` to close; queued frames are flushed first (for at most
+    /// [`CLOSE_FLUSH_MS`]) unless `now`. The first reason given is the one reported.
+    pub fn close(&mut self, id: ConnId, reason: CloseReason, now: bool, at: u64) {
+        let Some(c) = self.slab.get_mut(id) else {
+            return;
+        };
+        if c.close.is_none() {
+            c.close = Some(reason);
+            c.close_by = at + CLOSE_FLUSH_MS;
+        }
+        if now {
+            c.close_now = true;
+            c.discard_outbox();
+        }
+        c.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_consumer_is_closed_and_its_queue_dropped() {
+        let (mut conns, m) = (Conns::default(), ShardMetrics::default());
+        let id = conns.insert(ConnEntry::default());
+        let frame = Frame::from(&[0u8; 40][..]);
+        assert!(conns.push(&m, 100, id, &frame));
+        assert!(conns.push(&m, 100, id, &frame));
+        assert!(!conns.push(&m, 100, id, &frame), "the third frame passes the bound");
+        let c = conns.get(id).unwrap();
+        assert_eq!(
+            (c.close, c.close_now, c.outbox.len(), c.out_bytes),
+            (Some(CloseReason::SlowConsumer), true, 0, 0)
+        );
+        assert_eq!(m.get(Counter::Deliveries), 2);
+        assert!(!conns.push(&m, 100, id, &frame), "nothing is queued on a closing connection");
+    }
+
+    #[test]
+    fn the_first_close_reason_wins_and_now_drops_the_queue() {
+        let (mut conns, m) = (Conns::default(), ShardMetrics::default());
+        let id = conns.insert(ConnEntry::default());
+        conns.push(&m, 1000, id, &Frame::from(&b"x"[..]));
+        conns.close(id, CloseReason::PingTimeout, false, 10);
+        conns.close(id, CloseReason::ServerShutdown, true, 20);
+        let c = conns.get(id).unwrap();
+        assert_eq!(
+            (c.close, c.close_by, c.outbox.len()),
+            (Some(CloseReason::PingTimeout), 10 + CLOSE_FLUSH_MS, 0)
+        );
+    }
+}

@@ -1,0 +1,55 @@
+//! The shard's timer scan, run every tick by the shard's tick task: Engine.IO pings,
+//! pong and connect timeouts, forced closes of stuck flushes, typing expiry and
+//! delivery-report expiry. One pass over the shard's connections per tick.
+
+use crate::metrics::{CloseReason, Counter};
+use crate::msg::DeliveryStatus;
+use crate::session::stop_typing;
+use crate::state::State;
+
+/// One pass of the timer scan at shard time `now`.
+pub(crate) fn tick(st: &mut State, now: u64) {
+    let (interval, timeout) = (st.shared.config.ping_interval_ms, st.shared.config.ping_timeout_ms);
+    let ping = st.ping.clone();
+    let mut closes = Vec::new();
+    let mut typing_expired = Vec::new();
+    for (id, c) in st.conns.iter_mut() {
+        if c.close.is_some() {
+            if now >= c.close_by && !c.close_now {
+                c.close_now = true;
+                c.wake();
+            }
+            continue;
+        }
+        if c.connect_deadline != 0 && now >= c.connect_deadline {
+            closes.push((id, CloseReason::ConnectTimeout));
+            continue;
+        }
+        if c.pong_deadline != 0 && now >= c.pong_deadline {
+            closes.push((id, CloseReason::PingTimeout));
+            continue;
+        }
+        if now >= c.next_ping && c.pong_deadline == 0 {
+            c.next_ping = now + interval;
+            c.pong_deadline = now + timeout;
+            c.push_unbounded(&ping);
+        }
+        if let Some(s) = c.session.as_ref() {
+            for (room, until) in &s.typing {
+                if now >= *until {
+                    typing_expired.push((id, room.clone()));
+                }
+            }
+        }
+    }
+    for (id, reason) in closes {
+        st.close(id, reason, true, now);
+    }
+    for (id, room) in typing_expired {
+        stop_typing(st, id, &room);
+    }
+    for msg_id in st.pending.expired(now) {
+        st.metrics().inc(Counter::ReportTimeouts);
+        st.resolve(msg_id, DeliveryStatus::Sent);
+    }
+}
