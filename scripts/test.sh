@@ -23,6 +23,7 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 # librdkafka is built from source by rdkafka-sys: a C toolchain, make, zlib headers.
 command -v cc >/dev/null && command -v make >/dev/null || missing+=(build-essential)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
+command -v python3 >/dev/null || missing+=(python3)
 dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing from Debian packages: ${missing[*]}"
@@ -45,6 +46,9 @@ npm ci --prefix tests/interop --no-audit --no-fund --loglevel=error
 log "npm packages of the socket.io peer (benches/peers/node/package-lock.json)"
 npm ci --prefix benches/peers/node --no-audit --no-fund --loglevel=error
 node --check benches/peers/compare.mjs
+
+log "layout: no module loops, no source file over 700 lines (scripts/check-layout.py)"
+python3 scripts/check-layout.py
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
