@@ -6,6 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The protocol revision served: the `EIO` query parameter of every request.
+pub const PROTOCOL_VERSION: &str = "4";
+
 /// Engine.IO packet types (the digit that starts a text frame).
 pub mod kind {
     /// `0` open.

@@ -195,7 +195,7 @@ fn plain_response(shard: &Shard, req: &Request, full: bool) -> Option<Vec<u8>> {
         _ => return Some(http::response(404, "text/plain", "not found\n")),
     }
     let refuse = |code, msg, detail| Some(http::engineio_error(code, msg, detail));
-    if req.query_param("EIO") != Some("4") {
+    if req.query_param("EIO") != Some(engineio::PROTOCOL_VERSION) {
         return refuse(
             5,
             "Unsupported protocol version",

@@ -4,10 +4,12 @@
 //! with its own `SO_REUSEPORT` listener, owning the connections it accepted and their
 //! rooms. Shards share nothing mutable; they talk through the lock-free [`mesh`].
 //!
-//! Read top-down: [`runtime`] (executors, listener, tasks) -> [`conn`] (one task per
-//! connection: HTTP upgrade, WebSocket frames, Engine.IO) -> [`session`] (Socket.IO
-//! namespace connect, auth, chat events) -> [`state`] (the shard's connections, rooms,
-//! users and the home-shard directory) -> [`mesh`] (cross-core queues, [`msg::ShardMsg`]).
+//! Read top-down: [`runtime`] (executors, listener, tasks; [`shared`] is what they share)
+//! -> `conn` (one task per connection: HTTP upgrade, WebSocket frames, Engine.IO) ->
+//! `session` (Socket.IO namespace connect, auth, chat events) -> `state` (the shard's
+//! state as a composition of owners: connections, members, pending reports, the
+//! home-shard directory, the router) -> `timers` (the per-tick scan) -> [`mesh`]
+//! (cross-core queues, [`msg::ShardMsg`]) and [`ids`] (the names everything uses).
 #![warn(missing_docs)]
 
 pub mod auth;

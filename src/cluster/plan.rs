@@ -17,6 +17,9 @@ use super::keys::{redis_id, Keys};
 use super::scripts;
 use super::state::{now_ms, Cluster};
 
+/// EVAL's key count: the scripts take the prefix and build their keys (single Redis).
+const NO_KEYS: &str = "0";
+
 /// What to do with the reply of one pipelined command.
 #[derive(Debug)]
 pub enum Then {
@@ -132,7 +135,7 @@ pub fn register(c: &Cluster, batch: &mut Batch, user: &Key, sid: &str, socket: S
     let s = &c.settings;
     let (now, ttl) = (now_ms().to_string(), s.presence_ttl_secs.to_string());
     batch.cmd(
-        &["EVAL", scripts::UP, "0", c.keys.prefix(), c.me(), sid, &redis_id(user), &now, &ttl],
+        &["EVAL", scripts::UP, NO_KEYS, c.keys.prefix(), c.me(), sid, &redis_id(user), &now, &ttl],
         Then::Drain { socket, answer, user: user.clone() },
     );
 }
@@ -141,7 +144,7 @@ pub fn register(c: &Cluster, batch: &mut Batch, user: &Key, sid: &str, socket: S
 pub fn sweep(c: &Cluster, batch: &mut Batch, server: &str, force: bool, then: Then) {
     let (now, keep) = (now_ms().to_string(), c.settings.presence_retention_secs.to_string());
     let mode = if force { "force" } else { "check" };
-    batch.cmd(&["EVAL", scripts::SWEEP, "0", c.keys.prefix(), server, &now, &keep, mode], then);
+    batch.cmd(&["EVAL", scripts::SWEEP, NO_KEYS, c.keys.prefix(), server, &now, &keep, mode], then);
 }
 
 /// Refreshes this node's liveness key and membership.
@@ -171,7 +174,7 @@ pub fn plan(c: &Cluster, msg: BridgeMsg, batch: &mut Batch) {
         BridgeMsg::SocketDown { user, sid, .. } => {
             let (now, keep) = (now_ms().to_string(), s.presence_retention_secs.to_string());
             batch.cmd(
-                &["EVAL", scripts::DOWN, "0", c.keys.prefix(), me, &sid, &redis_id(&user), &now, &keep],
+                &["EVAL", scripts::DOWN, NO_KEYS, c.keys.prefix(), me, &sid, &redis_id(&user), &now, &keep],
                 Then::Down(user.clone()),
             );
         }
@@ -216,7 +219,7 @@ pub fn plan(c: &Cluster, msg: BridgeMsg, batch: &mut Batch) {
             let args: [&[u8]; 8] = [
                 b"EVAL",
                 scripts::QUEUE_IF_OFFLINE.as_bytes(),
-                b"0",
+                NO_KEYS.as_bytes(),
                 c.keys.prefix().as_bytes(),
                 u.as_bytes(),
                 cap.as_bytes(),
@@ -276,7 +279,7 @@ fn route(c: &Cluster, batch: &mut Batch, user: Key, frame: Frame, msg_id: u128, 
     let args: [&[u8]; 10] = [
         b"EVAL",
         scripts::ROUTE.as_bytes(),
-        b"0",
+        NO_KEYS.as_bytes(),
         c.keys.prefix().as_bytes(),
         c.me().as_bytes(),
         u.as_bytes(),

@@ -2,7 +2,7 @@
 //! "first socket of a user" / "last socket" / "no socket anywhere, so queue" decisions
 //! correct when several nodes act on the same user at once.
 //!
-//! Every script takes the key prefix as ARGV[1] and builds the documented keys itself
+//! Every script takes the key prefix as `ARGV[1]` and builds the documented keys itself
 //! (docs/redis.md); they assume a single Redis (not Redis Cluster). Steps two scripts
 //! share are Lua functions defined once (the macros below) and prepended with `concat!`.
 
@@ -39,7 +39,7 @@ end
     };
 }
 
-/// Register socket ARGV[3] of user ARGV[4] on server ARGV[2]; mark online (publishing on
+/// Register socket `ARGV[3]` of user `ARGV[4]` on server `ARGV[2]`; mark online (publishing on
 /// the user's first socket cluster-wide); return {1 if it was the first socket else 0,
 /// the user's offline queue...} and clear the queue.
 /// ARGV: prefix, server, sid, user, now_ms, presence_ttl_secs.
@@ -61,7 +61,7 @@ for _, f in ipairs(q) do table.insert(out, f) end
 return out
 "#;
 
-/// Unregister socket ARGV[3] of user ARGV[4]; on the user's last socket cluster-wide,
+/// Unregister socket `ARGV[3]` of user `ARGV[4]`; on the user's last socket cluster-wide,
 /// record lastSeen and publish offline. ARGV: prefix, server, sid, user, now_ms,
 /// retention_secs.
 pub const DOWN: &str = concat!(
@@ -74,9 +74,9 @@ return 0
 "#
 );
 
-/// Route a 1:1 message: publish envelope ARGV[4] to every other server holding a socket
-/// of user ARGV[3]; return {receivers, "server,server,...", local sids...}, or {-1}
-/// after queueing frame ARGV[7] when no socket is reachable. ARGV: prefix, server, user, envelope, cap,
+/// Route a 1:1 message: publish envelope `ARGV[4]` to every other server holding a socket
+/// of user `ARGV[3]`; return {receivers, "server,server,...", local sids...}, or {-1}
+/// after queueing frame `ARGV[7]` when no socket is reachable. ARGV: prefix, server, user, envelope, cap,
 /// offline_ttl_secs, frame.
 pub const ROUTE: &str = concat!(
     lua_enqueue!(),
@@ -100,7 +100,7 @@ return out
 "#
 );
 
-/// Queue frame ARGV[5] for user ARGV[2] if the user has no socket anywhere; 1 if queued.
+/// Queue frame `ARGV[5]` for user `ARGV[2]` if the user has no socket anywhere; 1 if queued.
 /// ARGV: prefix, user, cap, offline_ttl_secs, frame.
 pub const QUEUE_IF_OFFLINE: &str = concat!(
     lua_enqueue!(),
@@ -112,8 +112,8 @@ return 1
 "#
 );
 
-/// Remove every registry entry of server ARGV[2] if its liveness key is gone (or
-/// ARGV[5] == 'force': a node clearing its own stale entries after a reconnect). Users
+/// Remove every registry entry of server `ARGV[2]` if its liveness key is gone (or
+/// `ARGV[5]` == 'force': a node clearing its own stale entries after a reconnect). Users
 /// left without sockets go offline. Returns the number of sockets removed.
 /// ARGV: prefix, server, now_ms, retention_secs, force.
 pub const SWEEP: &str = concat!(

@@ -40,6 +40,8 @@ const IDLE_WAKE: Duration = Duration::from_millis(100);
 const TOPIC_RETRY: Duration = Duration::from_secs(1);
 /// Timeout of one admin request (topic creation).
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// Records taken from the inbox per round.
+const RECORD_BATCH: usize = 8192;
 /// At shutdown, how long librdkafka may take to deliver what it holds.
 const FLUSH_GRACE: Duration = Duration::from_secs(5);
 
@@ -217,7 +219,7 @@ impl RecordProducer {
     /// Takes new records from the inbox, bounded; drops the newest past the bound.
     fn take(&mut self) {
         let mut batch = Vec::new();
-        self.inbox.drain(8192, &mut batch);
+        self.inbox.drain(RECORD_BATCH, &mut batch);
         let mut dropped = 0;
         for r in batch {
             if self.buffer.len() >= self.cfg.buffer_records {
