@@ -41,6 +41,26 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Persistence (Kafka); off unless `kafka.brokers` is set.
     pub kafka: KafkaSettings,
+    /// Operator endpoints (`POST /admin/drain`); off unless `admin.token` is set.
+    pub admin: AdminConfig,
+}
+
+/// Operator endpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Bearer token of `POST /admin/drain`; unset disables the admin endpoints.
+    pub token: Option<String>,
+}
+
+impl AdminConfig {
+    /// Checks the admin settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if matches!(&self.token, Some(t) if t.len() < MIN_SECRET_LEN) {
+            return Err(invalid("admin.token", "must be at least 16 bytes"));
+        }
+        Ok(())
+    }
 }
 
 /// Kafka production settings (librdkafka names in parentheses).
@@ -195,6 +215,7 @@ impl Default for Config {
             runtime: RuntimeConfig::default(),
             cluster: ClusterConfig::default(),
             kafka: KafkaSettings::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -245,6 +266,7 @@ impl Config {
         self.auth.validate(self.listen)?;
         self.cluster.validate()?;
         self.kafka.validate()?;
+        self.admin.validate()?;
         if self.shards > MAX_SHARDS {
             return Err(invalid("shards", "must be at most 1024"));
         }

@@ -7,7 +7,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -20,6 +20,10 @@ use shardgate::cluster::{self, ClusterPart};
 use shardgate::config::{Config, DEV_SECRET};
 use shardgate::persist::PersistPart;
 use shardgate_shard::mesh::{Inbox, Owner};
+
+/// Beyond `drain_ms`, how long a drain waits for the last closes (a closing connection
+/// may flush its queue for up to two seconds).
+const DRAIN_GRACE: Duration = Duration::from_secs(3);
 
 /// Thread-per-core Socket.IO v4 WebSocket edge server for real-time chat.
 #[derive(Parser)]
@@ -92,6 +96,12 @@ struct ServeArgs {
     /// Lifetime of the node's liveness key in Redis, in milliseconds.
     #[arg(long, env = "SHARDGATE_LIVENESS_TTL_MS")]
     liveness_ttl_ms: Option<u64>,
+    /// Milliseconds over which a draining node closes its connections.
+    #[arg(long, env = "SHARDGATE_DRAIN_MS")]
+    drain_ms: Option<u64>,
+    /// Bearer token of `POST /admin/drain` (unset: no admin endpoints).
+    #[arg(long, env = "SHARDGATE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// Persistence: Kafka brokers `host:port[,host:port...]`.
     #[arg(long, env = "SHARDGATE_KAFKA")]
     kafka: Option<String>,
@@ -177,6 +187,10 @@ fn load(args: &ServeArgs) -> anyhow::Result<Config> {
     set!(cfg.runtime.max_payload, args.max_payload);
     set!(cfg.runtime.events_per_second, args.events_per_second);
     set!(cfg.runtime.outbound_queue_bytes, args.outbound_queue_bytes);
+    set!(cfg.runtime.drain_ms, args.drain_ms);
+    if args.admin_token.is_some() {
+        cfg.admin.token = args.admin_token.clone();
+    }
     if args.jwt_secret.is_some() {
         cfg.auth.jwt_secret = args.jwt_secret.clone();
         cfg.auth.jwt_public_key = None;
@@ -279,6 +293,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         bridge: cluster_inbox.as_ref().map(|p| p.inbox.clone()),
         server_id: server_id.clone(),
         persist: persist_inbox.as_ref().map(|p| p.inbox.clone()),
+        admin_token: cfg.admin.token.clone(),
     };
     let shards = opts.shards;
     let handle =
@@ -316,7 +331,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if unsafe { libc::sigwait(&sigs, &mut sig) } != 0 {
         bail!("sigwait failed");
     }
-    info!("signal {sig}: shutting down");
+    // Drain: not ready at once, no new sessions, connections closed in batches over
+    // drain_ms; then shut down (the bridge removes what is left of this node in Redis).
+    let open = handle.shared.open_connections();
+    let drain_ms = cfg.runtime.drain_ms;
+    info!("signal {sig}: draining {open} connections over {drain_ms} ms");
+    handle.drain();
+    if !handle.wait_closed(Duration::from_millis(drain_ms) + DRAIN_GRACE) {
+        warn!("{} connections still open after the drain; closing them", handle.shared.open_connections());
+    }
+    info!("shutting down");
     handle.shutdown();
     handle.join();
     if let Some(b) = bridge_thread {

@@ -287,3 +287,23 @@ fn sigterm_leaves_the_cluster_at_once() {
     assert!(redis.members("room:t1:r").is_empty());
     assert_eq!(redis.members("nodes").len(), 1);
 }
+
+#[test]
+fn a_starting_node_is_ready_only_once_registered_and_then_takes_traffic() {
+    let mut redis = RedisServer::start();
+    redis.stop();
+    let url = redis.url();
+    let srv = Server::start(&["--shards", "2", "--redis", url.as_str(), "--liveness-ttl-ms", "600"]);
+    // Alive, but not ready while it cannot register and subscribe.
+    assert_eq!(srv.get("/healthz").0, 200);
+    assert_eq!(srv.get("/readyz").0, 503);
+    redis.restart();
+    srv.wait_for("ready once registered", |s| s.get("/readyz").0 == 200);
+    assert_eq!(srv.metric("shardgate_redis_up"), 1);
+    assert_eq!(redis.members("nodes").len(), 1, "registered before it said ready");
+    let mut a = Client::connect(srv.addr, &token("a", "t1"));
+    let mut b = Client::connect(srv.addr, &token("b", "t1"));
+    let ack = a.emit_ack("message:send", json!({ "to": "b", "content": "first" }));
+    assert_eq!(ack["status"], "delivered", "{ack}");
+    assert_eq!(b.expect_event("message:new")["content"], "first");
+}

@@ -68,6 +68,9 @@ pub struct RuntimeConfig {
     pub max_connections: usize,
     /// Seconds a user's last-seen time is remembered after their last socket closed.
     pub presence_retention_secs: u64,
+    /// Milliseconds over which a draining node (SIGTERM, `POST /admin/drain`) closes its
+    /// connections, in batches, so the other nodes get the reconnects spread out.
+    pub drain_ms: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -89,6 +92,7 @@ impl Default for RuntimeConfig {
             delivery_report_timeout_ms: 5_000,
             max_connections: 1_000_000,
             presence_retention_secs: 86_400,
+            drain_ms: 10_000,
         }
     }
 }
@@ -109,6 +113,7 @@ impl RuntimeConfig {
             ("typing_ttl_ms", self.typing_ttl_ms),
             ("delivery_report_timeout_ms", self.delivery_report_timeout_ms),
             ("max_connections", self.max_connections as u64),
+            ("drain_ms", self.drain_ms),
         ];
         for (name, v) in positive {
             if v == 0 {

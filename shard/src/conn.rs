@@ -191,6 +191,7 @@ fn plain_response(shard: &Shard, req: &Request, full: bool) -> Option<Vec<u8>> {
             body.push_str(&shared.static_metrics);
             return Some(http::response(200, "text/plain; version=0.0.4", &body));
         }
+        "/admin/drain" => return Some(admin_drain(shard, req)),
         "/socket.io/" | "/socket.io" => {}
         _ => return Some(http::response(404, "text/plain", "not found\n")),
     }
@@ -222,7 +223,7 @@ fn plain_response(shard: &Shard, req: &Request, full: bool) -> Option<Vec<u8>> {
     if req.has_body {
         return refuse(3, "Bad request", "an upgrade request carries no body");
     }
-    if full || shared.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+    if full || shared.closing() {
         shard.metrics().inc(Counter::Refused);
         return Some(http::response(
             503,
@@ -231,6 +232,39 @@ fn plain_response(shard: &Shard, req: &Request, full: bool) -> Option<Vec<u8>> {
         ));
     }
     None
+}
+
+/// `POST /admin/drain` with `Authorization: Bearer <admin.token>`: the same drain as
+/// SIGTERM (the process signals itself; the main thread runs the drain and exits).
+fn admin_drain(shard: &Shard, req: &Request) -> Vec<u8> {
+    let json = "application/json";
+    let Some(token) = shard.shared.admin_token.as_deref() else {
+        let body = "{\"code\":403,\"message\":\"admin endpoints are disabled: set admin.token\"}";
+        return http::response(403, json, body);
+    };
+    if req.method != "POST" {
+        return http::response(405, json, "{\"code\":405,\"message\":\"use POST\"}");
+    }
+    let given = req.bearer.as_deref().unwrap_or_default();
+    if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        shard.metrics().inc(Counter::AuthFailures);
+        let body = "{\"code\":401,\"message\":\"Authorization: Bearer <admin.token> required\"}";
+        return http::response(401, json, body);
+    }
+    if !shard.shared.closing() {
+        info!(shard = shard.id, "drain requested through /admin/drain");
+        // SAFETY: kill(2) on this process; the main thread waits for SIGTERM with sigwait.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGTERM);
+        }
+    }
+    http::response(202, json, "{\"draining\":true}")
+}
+
+/// Compares secrets without a timing side channel on the position of the first
+/// difference.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn write_all(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {

@@ -253,7 +253,7 @@ pub enum ShardMsg {
         /// Message id.
         msg_id: u128,
     },
-    /// Wakes a shard so that it notices shutdown.
+    /// Wakes a shard so that it notices a drain or shutdown.
     Shutdown,
     /// Test-only payload.
     #[cfg(test)]

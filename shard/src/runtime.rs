@@ -43,6 +43,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 const SHUTDOWN_POLL: Duration = Duration::from_millis(10);
 /// Period of the home-shard directory upkeep (expired offline messages, old users).
 const DIRECTORY_SWEEP_MS: u64 = 10_000;
+/// Period of a drain's batches.
+const DRAIN_STEP: Duration = Duration::from_millis(100);
+/// Fewest connections a shard closes per drain step.
+const DRAIN_MIN_BATCH: usize = 8;
 /// Backlog of each listening socket.
 const LISTEN_BACKLOG: i32 = 4096;
 
@@ -66,6 +70,30 @@ impl ShardsHandle {
         for s in 0..self.shared.mesh.len() {
             self.shared.mesh.send(s, ShardMsg::Shutdown);
         }
+    }
+
+    /// Begins a drain: `/readyz` answers 503 from now on, new sessions are refused with
+    /// 503, and every shard closes its connections in batches spread over `drain_ms`
+    /// (a WebSocket close 1001 `server_shutdown`, which clients treat as a transport
+    /// close and reconnect elsewhere). Call [`ShardsHandle::shutdown`] afterwards.
+    pub fn drain(&self) {
+        self.shared.ready.store(false, Ordering::SeqCst);
+        self.shared.draining.store(true, Ordering::SeqCst);
+        for s in 0..self.shared.mesh.len() {
+            self.shared.mesh.send(s, ShardMsg::Shutdown);
+        }
+    }
+
+    /// Waits until no connection is open or `max` passed; true if none is left.
+    pub fn wait_closed(&self, max: Duration) -> bool {
+        let end = Instant::now() + max;
+        while self.shared.open_connections() > 0 {
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(SHUTDOWN_POLL);
+        }
+        true
     }
 
     /// Waits for every shard to exit.
@@ -141,7 +169,11 @@ pub fn start(opts: StartOptions, verifier: Verifier) -> std::io::Result<ShardsHa
             .map_err(|e| std::io::Error::other(format!("cannot start shard {id}: {e}")))?;
         handles.push(h);
     }
-    shared.ready.store(true, Ordering::SeqCst);
+    // In cluster mode the bridge reports ready once the node is registered and
+    // subscribed in Redis; alone, the node is ready as soon as its shards run.
+    if shared.bridge.is_none() {
+        shared.mark_ready();
+    }
     Ok(ShardsHandle { shared, handles })
 }
 
@@ -173,15 +205,12 @@ async fn run_shard(id: ShardId, shared: Arc<Shared>, listener: TcpListener, bell
     let tick = glommio::spawn_local(tick_task(shard.clone()));
     debug!(shard = id, "shard started");
     let acceptor = glommio::spawn_local(accept_loop(shard.clone(), listener));
-    // Wait for shutdown: the inbox task wakes us when it sees `ShardMsg::Shutdown`.
-    poll_fn(|cx| {
-        if shared.stopping.load(Ordering::SeqCst) {
-            return Poll::Ready(());
-        }
-        *shard.stop_waker.borrow_mut() = Some(cx.waker().clone());
-        Poll::Pending
-    })
-    .await;
+    // Wait for a drain or shutdown: the inbox task wakes us on `ShardMsg::Shutdown`.
+    until(&shard, || shared.closing()).await;
+    if !shared.stopping.load(Ordering::SeqCst) {
+        drain(&shard).await;
+        until(&shard, || shared.stopping.load(Ordering::SeqCst)).await;
+    }
     // Cancelling the accept task may drop a connection the kernel accepted that very
     // moment; the node is going away, and that client reconnects elsewhere.
     drop(acceptor);
@@ -201,6 +230,52 @@ async fn run_shard(id: ShardId, shared: Arc<Shared>, listener: TcpListener, bell
     drop(inbox);
     drop(tick);
     info!(shard = id, "shard stopped");
+}
+
+/// Waits until `done()`; woken by the inbox task when it sees `ShardMsg::Shutdown`.
+async fn until(shard: &Shard, done: impl Fn() -> bool) {
+    poll_fn(|cx| {
+        if done() {
+            return Poll::Ready(());
+        }
+        *shard.stop_waker.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    })
+    .await
+}
+
+/// Closes the shard's connections in batches spread over `drain_ms`: every
+/// [`DRAIN_STEP`] the next share of what was open when the drain began (at least
+/// [`DRAIN_MIN_BATCH`], so a small node does not linger), each with a close 1001
+/// `server_shutdown` after its queued frames. Returns once none is left or shutdown
+/// began. Connections that finish their handshake meanwhile are closed by later steps.
+async fn drain(shard: &Shard) {
+    let shared = &shard.shared;
+    let open = shard.state.borrow().conns.len();
+    let steps = (shared.config.drain_ms / DRAIN_STEP.as_millis() as u64).max(1) as usize;
+    let batch = open.div_ceil(steps).max(DRAIN_MIN_BATCH);
+    info!(shard = shard.id, open, batch, "draining");
+    while !shared.stopping.load(Ordering::SeqCst) {
+        {
+            let mut st = shard.state.borrow_mut();
+            if st.conns.len() == 0 {
+                break;
+            }
+            let now = shared.now();
+            let next: Vec<_> = st
+                .conns
+                .iter_mut()
+                .filter(|(_, c)| c.close.is_none())
+                .map(|(id, _)| id)
+                .take(batch)
+                .collect();
+            for id in next {
+                st.close(id, crate::metrics::CloseReason::ServerShutdown, false, now);
+            }
+        }
+        glommio::timer::sleep(DRAIN_STEP).await;
+    }
+    info!(shard = shard.id, "drained");
 }
 
 /// Drains the mesh inbox and the shard's local queue, in batches.

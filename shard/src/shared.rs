@@ -4,7 +4,7 @@
 //! through [`Shared::new`].
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,10 +26,15 @@ pub struct Shared {
     pub mesh: Arc<Mesh>,
     /// One counter block per shard.
     pub metrics: Box<[ShardMetrics]>,
-    /// `/readyz` answers 200 while set.
+    /// `/readyz` answers 200 while set: the shards run and, in cluster mode, the node is
+    /// registered and subscribed in Redis; cleared for good when a drain begins.
     pub ready: AtomicBool,
+    /// Set once a drain began: no new sessions, connections closed in batches.
+    pub draining: AtomicBool,
     /// Set once shutdown began: accept loops stop, connections close.
     pub stopping: AtomicBool,
+    /// Bearer token of the admin endpoints; `None` disables them.
+    pub admin_token: Option<String>,
     /// Start of shard time.
     pub epoch: Instant,
     /// Address every shard listens on.
@@ -55,7 +60,9 @@ impl Shared {
             mesh,
             metrics: (0..blocks).map(|_| ShardMetrics::default()).collect(),
             ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            admin_token: opts.admin_token,
             epoch: Instant::now(),
             listen,
             static_metrics: opts.static_metrics,
@@ -63,6 +70,18 @@ impl Shared {
             server_id: opts.server_id,
             persist: opts.persist,
         }
+    }
+
+    /// Reports ready, unless a drain or shutdown already began (which never ends).
+    pub fn mark_ready(&self) {
+        if !self.draining.load(Ordering::SeqCst) && !self.stopping.load(Ordering::SeqCst) {
+            self.ready.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// No new session is accepted: draining or stopping.
+    pub fn closing(&self) -> bool {
+        self.draining.load(Ordering::Relaxed) || self.stopping.load(Ordering::Relaxed)
     }
 
     /// Milliseconds since the process started (shard time).
@@ -121,6 +140,8 @@ pub struct StartOptions {
     pub server_id: Arc<str>,
     /// The record inbox (persistence on).
     pub persist: Option<Arc<Inbox<Record>>>,
+    /// Bearer token of the admin endpoints (`None`: disabled).
+    pub admin_token: Option<String>,
 }
 
 impl Default for StartOptions {
@@ -136,6 +157,7 @@ impl Default for StartOptions {
             bridge: None,
             server_id: "local".into(),
             persist: None,
+            admin_token: None,
         }
     }
 }

@@ -171,6 +171,8 @@ async fn connected(
     }
     *c.subs.borrow_mut() = Some(Vec::new());
     exec(c, &mut cmd, batch).await?;
+    // Registered and subscribed: the node may take traffic (a no-op once draining).
+    c.shared.mark_ready();
 
     let s = &c.settings;
     let live_every = Duration::from_millis((s.liveness_ttl_ms / 3).max(50));

@@ -1,0 +1,78 @@
+// Drain interop: the official socket.io-client, with its default reconnection, behind a
+// small TCP balancer over two shardgate nodes. Node A is drained (SIGTERM); its clients
+// see a transport close (so they reconnect, unlike after a Socket.IO DISCONNECT) and
+// come back through the balancer on node B. Started by tests/drain.rs with
+// SHARDGATE_ADDR_A, SHARDGATE_ADDR_B (host:port), SHARDGATE_PID_A and SHARDGATE_SECRET.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { createHmac } from "node:crypto";
+import net from "node:net";
+import { io } from "socket.io-client";
+
+const env = process.env;
+const [A, B, PID_A, SECRET] = [env.SHARDGATE_ADDR_A, env.SHARDGATE_ADDR_B, Number(env.SHARDGATE_PID_A), env.SHARDGATE_SECRET];
+assert.ok(A && B && PID_A && SECRET, "SHARDGATE_ADDR_A, SHARDGATE_ADDR_B, SHARDGATE_PID_A and SHARDGATE_SECRET must be set");
+
+const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+function token(sub) {
+  const head = b64({ alg: "HS256", typ: "JWT" });
+  const body = b64({ sub, tenantId: "js", exp: Math.floor(Date.now() / 1000) + 3600 });
+  return `${head}.${body}.${createHmac("sha256", SECRET).update(`${head}.${body}`).digest("base64url")}`;
+}
+
+/// Round-robin TCP balancer that skips a backend refusing connections.
+function balancer(backends) {
+  let next = 0;
+  const server = net.createServer((client) => {
+    client.pause();
+    const tryBackend = (left) => {
+      if (left === 0) return client.destroy();
+      const [host, port] = backends[next++ % backends.length].split(":");
+      const up = net.connect(Number(port), host);
+      up.once("connect", () => {
+        client.pipe(up).pipe(client);
+        client.resume();
+      });
+      up.once("error", () => (up.readyState === "opening" ? tryBackend(left - 1) : client.destroy()));
+      client.once("error", () => up.destroy());
+      client.once("close", () => up.destroy());
+      up.once("close", () => client.destroy());
+    };
+    tryBackend(backends.length);
+  });
+  return new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve(server)));
+}
+
+test("drained clients reconnect to the other node", async () => {
+  const lb = await balancer([A, B]);
+  const url = `http://127.0.0.1:${lb.address().port}`;
+  const clients = await Promise.all(
+    Array.from({ length: 10 }, (_, i) => new Promise((resolve, reject) => {
+      const s = io(url, { transports: ["websocket"], forceNew: true, auth: { token: token(`u${i}`) },
+        reconnectionDelay: 200, reconnectionDelayMax: 1000 });
+      s.reasons = [];
+      s.on("disconnect", (reason) => s.reasons.push(reason));
+      s.once("connect", () => resolve(s));
+      s.once("connect_error", reject);
+    })),
+  );
+  const started = Date.now();
+  process.kill(PID_A, "SIGTERM");
+  // Every client is connected again within 10 s; the drained ones saw a transport close.
+  const deadline = started + 10_000;
+  while (Date.now() < deadline) {
+    const moved = clients.filter((s) => s.reasons.length > 0);
+    if (moved.length > 0 && clients.every((s) => s.connected) && moved.every((s) => s.reasons.length === 1)) break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const moved = clients.filter((s) => s.reasons.length > 0);
+  assert.ok(moved.length >= 1, "some clients were on node A");
+  for (const s of moved) assert.deepEqual(s.reasons, ["transport close"]);
+  assert.ok(clients.every((s) => s.connected), "every client is back within 10 s");
+  // They chat again (on node B).
+  const acks = await Promise.all(clients.map((s) => s.timeout(5000).emitWithAck("join_room", "after-drain")));
+  assert.ok(acks.every((a) => a.ok === true));
+  console.log(`# moved ${moved.length} of ${clients.length} clients, all back after ${Date.now() - started} ms`);
+  for (const s of clients) s.close();
+  lb.close();
+});
