@@ -307,3 +307,38 @@ fn a_starting_node_is_ready_only_once_registered_and_then_takes_traffic() {
     assert_eq!(ack["status"], "delivered", "{ack}");
     assert_eq!(b.expect_event("message:new")["content"], "first");
 }
+
+#[test]
+fn acknowledged_messages_survive_a_node_crash() {
+    let redis = RedisServer::start();
+    let a = node(&redis, &[]);
+    let mut c = node(&redis, &[]);
+    let b = node(&redis, &[]);
+    let mut alice = Client::connect(a.addr, &token("alice", "t1"));
+    let mut bob = Client::connect(c.addr, &token("bob", "t1"));
+    let send = |alice: &mut Client, i: usize| {
+        let ack = alice.emit_ack("message:send", json!({ "to": "bob", "content": format!("m{i}") }));
+        ack["status"].as_str().unwrap_or_default().to_string()
+    };
+    // Before the crash: delivered, and bob has them.
+    for i in 0..5 {
+        assert_eq!(send(&mut alice, i), "delivered");
+        assert_eq!(bob.expect_event("message:new")["content"], format!("m{i}"));
+    }
+    // Bob's node dies with his socket still in the registry: every later message is
+    // reported queued (the PUBLISH to the dead node reaches nobody), never lost.
+    c.signal(libc::SIGKILL);
+    c.wait_exit(Duration::from_secs(5)).expect("killed");
+    for i in 5..10 {
+        assert_eq!(send(&mut alice, i), "queued", "m{i}");
+    }
+    // Bob reconnects on another node: the queued ones, in order, once.
+    let mut bob = Client::connect(b.addr, &token("bob", "t1"));
+    for i in 5..10 {
+        assert_eq!(bob.expect_event("message:new")["content"], format!("m{i}"));
+    }
+    bob.expect_no_event("message:new", Duration::from_millis(300));
+    // And a message after the reconnect is delivered to the new socket.
+    assert_eq!(send(&mut alice, 10), "delivered");
+    assert_eq!(bob.expect_event("message:new")["content"], "m10");
+}
