@@ -57,6 +57,9 @@ cargo fmt --manifest-path benches/peers/socketioxide/Cargo.toml -- --check
 log "cargo clippy --all-targets -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+log "fuzz targets compile (cargo check; run them with cargo +nightly fuzz)"
+cargo check --manifest-path fuzz/Cargo.toml --bins --locked
+
 log "cargo build --bins (the integration tests drive shardgate, shardgate-loadtest and the socketioxide peer)"
 cargo build --workspace --bins --locked
 cargo clippy --manifest-path benches/peers/socketioxide/Cargo.toml --locked -- -D warnings

@@ -342,3 +342,29 @@ fn acknowledged_messages_survive_a_node_crash() {
     assert_eq!(send(&mut alice, 10), "delivered");
     assert_eq!(bob.expect_event("message:new")["content"], "m10");
 }
+
+#[test]
+fn a_drained_node_leaves_without_flapping_presence_of_users_connected_elsewhere() {
+    let redis = RedisServer::start();
+    let a = node(&redis, &[]);
+    let mut b = node(&redis, &["--drain-ms", "500"]);
+    let mut watcher = Client::connect(a.addr, &token("w", "t1"));
+    let _laptop = Client::connect(a.addr, &token("carol", "t1"));
+    let mut phone = Client::connect(b.addr, &token("carol", "t1"));
+    phone.emit_ack("join_room", json!("r"));
+    watcher.emit_ack("presence:subscribe", json!(["carol"]));
+    expect_presence(&mut watcher, "online");
+    b.signal(libc::SIGTERM);
+    assert_eq!(phone.expect_closed(), (1001, "server_shutdown".to_string()));
+    assert!(b.wait_exit(Duration::from_secs(10)).expect("exited").success());
+    // Carol is still online on her laptop: nobody was told otherwise.
+    let end = std::time::Instant::now() + Duration::from_millis(300);
+    while std::time::Instant::now() < end {
+        if let Some(support::Incoming::Event(name, args, _)) = watcher.recv_until(end) {
+            assert!(name != "presence" || args[0]["status"] == "online", "{name} {args:?}");
+        }
+    }
+    assert_eq!(redis.members("user:t1:carol:sockets").len(), 1, "only the laptop is registered");
+    assert!(redis.members("room:t1:r").is_empty());
+    assert_eq!(redis.members("nodes").len(), 1);
+}
