@@ -36,8 +36,8 @@ fn upgrade_status(srv: &Server) -> u16 {
 
 #[test]
 fn sigterm_drains_in_batches_then_exits() {
-    const CLIENTS: usize = 160;
-    let mut srv = Server::start(&["--shards", "2", "--drain-ms", "1500"]);
+    const CLIENTS: usize = 320;
+    let mut srv = Server::start(&["--shards", "2", "--drain-ms", "2000"]);
     let mut clients: Vec<Client> =
         (0..CLIENTS).map(|i| Client::connect(srv.addr, &support::token(&format!("u{i}"), "t"))).collect();
     srv.wait_for("every session open", |s| s.metric("shardgate_sessions_open") == CLIENTS as u64);
@@ -61,10 +61,10 @@ fn sigterm_drains_in_batches_then_exits() {
         assert_eq!(c.expect_closed(), (1001, "server_shutdown".to_string()));
     }
     let spread = started.elapsed();
-    assert!(spread >= Duration::from_millis(500), "all {CLIENTS} closed within {spread:?}");
+    assert!(spread >= Duration::from_millis(1000), "all {CLIENTS} closed within {spread:?}");
     let status = srv.wait_exit(Duration::from_secs(10)).expect("exited");
     assert!(status.success());
-    assert!(started.elapsed() < Duration::from_millis(1500) + Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_millis(2000) + Duration::from_secs(5));
     assert!(srv.log().contains("draining"), "{}", srv.log());
 }
 
