@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine with the Rust toolchain:
-# installs what the tests need (redis-server, Node.js and the C toolchain for librdkafka
-# from Debian packages, the tansu Kafka-protocol broker from crates.io, the pinned npm
+# installs what the tests need (redis-server, nginx, HAProxy, Node.js and the C toolchain
+# for librdkafka from Debian packages, the tansu Kafka-protocol broker from crates.io, the pinned npm
 # packages of the interop suite and of the socket.io peer), then runs the gate:
 # formatting, clippy with warnings as errors, every test.
 set -euo pipefail
@@ -20,6 +20,9 @@ apt_install() {
 missing=()
 command -v node >/dev/null && command -v npm >/dev/null || missing+=(nodejs npm)
 command -v redis-server >/dev/null || missing+=(redis-server)
+# The load-balancer tests check and run the shipped deploy/nginx.conf and haproxy.cfg.
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing+=(nginx)
+[ -x /usr/sbin/haproxy ] || command -v haproxy >/dev/null || missing+=(haproxy)
 # librdkafka is built from source by rdkafka-sys: a C toolchain, make, zlib headers.
 command -v cc >/dev/null && command -v make >/dev/null || missing+=(build-essential)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
@@ -31,7 +34,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # The cluster tests start their own redis-server on free ports; a packaged instance
 # started by the install is not needed.
-if command -v systemctl >/dev/null; then systemctl stop redis-server >/dev/null 2>&1 || true; fi
+# The same for the packaged nginx and HAProxy: the tests run their own.
+if command -v systemctl >/dev/null; then
+  systemctl stop redis-server nginx haproxy >/dev/null 2>&1 || true
+fi
 
 # The Kafka-protocol broker of the persistence tests (about 8 minutes to build once).
 if ! command -v tansu >/dev/null; then

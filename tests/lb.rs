@@ -1,0 +1,161 @@
+//! The shipped load-balancer configs: valid for the real programs (`nginx -t`,
+//! `haproxy -c`), and working: nginx and HAProxy from Debian's packages, each with the
+//! shipped config pointed at three cluster nodes on loopback, carry the official client's
+//! WebSocket sessions, and chat crosses nodes behind them.
+
+mod support;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::redis::RedisServer;
+use support::{Server, SECRET};
+
+fn deploy(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(file)
+}
+
+/// A fresh directory under the system temp dir.
+fn scratch(name: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let dir = std::env::temp_dir().join(format!("shardgate-{name}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    dir
+}
+
+/// A program from Debian's packages: `/usr/sbin` is not on every user's PATH.
+fn program(name: &str) -> PathBuf {
+    let sbin = Path::new("/usr/sbin").join(name);
+    if sbin.exists() {
+        sbin
+    } else {
+        PathBuf::from(name)
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The shipped config with its three example backends replaced by `nodes` and its
+/// listener by `listen`.
+fn render(file: &str, listen_from: &str, listen_to: &str, nodes: &[SocketAddr]) -> String {
+    let mut text = std::fs::read_to_string(deploy(file)).unwrap();
+    assert!(text.contains(listen_from), "{file} no longer has `{listen_from}`");
+    text = text.replace(listen_from, listen_to);
+    for (i, n) in nodes.iter().enumerate() {
+        let example = format!("10.0.0.{}:3000", i + 1);
+        assert!(text.contains(&example), "{file} no longer has backend {example}");
+        text = text.replace(&example, &n.to_string());
+    }
+    text
+}
+
+/// A proxy process, killed when dropped.
+struct Proxy(Child);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_listening(port: u16, what: &str) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < end, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn nginx_args(conf: &Path, prefix: &Path) -> Vec<String> {
+    let globals = format!("pid {}; error_log stderr;", prefix.join("nginx.pid").display());
+    vec![
+        "-c".into(),
+        conf.display().to_string(),
+        "-p".into(),
+        prefix.display().to_string(),
+        "-g".into(),
+        globals,
+    ]
+}
+
+#[test]
+fn shipped_configs_pass_nginx_and_haproxy_checks() {
+    let prefix = scratch("nginx-t");
+    let out =
+        Command::new(program("nginx")).arg("-t").args(nginx_args(&deploy("nginx.conf"), &prefix)).output();
+    let out = out.expect("nginx must be installed (scripts/test.sh installs it)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("test is successful"), "{err}");
+
+    let out = Command::new(program("haproxy")).args(["-c", "-f"]).arg(deploy("haproxy.cfg")).output();
+    let out = out.expect("haproxy must be installed (scripts/test.sh installs it)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("Configuration file is valid"), "{text}");
+}
+
+#[test]
+fn official_client_through_nginx_and_haproxy_across_three_nodes() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop");
+    assert!(dir.join("node_modules/socket.io-client").exists(), "run `npm ci --prefix tests/interop`");
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let nodes: Vec<Server> = (0..3)
+        .map(|_| {
+            let s = Server::start(&["--shards", "2", "--redis", url.as_str(), "--liveness-ttl-ms", "600"]);
+            s.wait_for("ready", |s| s.get("/readyz").0 == 200);
+            s
+        })
+        .collect();
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+
+    let ngx_port = free_port();
+    let prefix = scratch("nginx");
+    let conf = prefix.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        render("nginx.conf", "listen 80;", &format!("listen 127.0.0.1:{ngx_port};"), &addrs),
+    )
+    .unwrap();
+    let child = Command::new(program("nginx"))
+        .args(nginx_args(&conf, &prefix))
+        .args(["-g", "daemon off; master_process off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let _nginx = Proxy(child.expect("nginx"));
+    wait_listening(ngx_port, "nginx");
+
+    let hap_port = free_port();
+    let cfg = scratch("haproxy").join("haproxy.cfg");
+    // The shipped maxconn needs a larger open-file limit than this machine grants.
+    let text = render("haproxy.cfg", "bind :80", &format!("bind 127.0.0.1:{hap_port}"), &addrs);
+    std::fs::write(&cfg, text.replace("maxconn 200000", "maxconn 4000")).unwrap();
+    let child = Command::new(program("haproxy"))
+        .args(["-db", "-f"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let _haproxy = Proxy(child.expect("haproxy"));
+    wait_listening(hap_port, "haproxy");
+
+    let node_urls: Vec<String> = addrs.iter().map(|a| format!("http://{a}")).collect();
+    let out = Command::new("node")
+        .args(["--test", "--test-timeout=30000", "lb.test.mjs"])
+        .current_dir(&dir)
+        .env("SHARDGATE_NGINX_URL", format!("http://127.0.0.1:{ngx_port}"))
+        .env("SHARDGATE_HAPROXY_URL", format!("http://127.0.0.1:{hap_port}"))
+        .env("SHARDGATE_NODE_URLS", node_urls.join(","))
+        .env("SHARDGATE_SECRET", SECRET)
+        .output()
+        .expect("node must be installed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "load balancer interop failed:\n{stdout}");
+    assert!(stdout.contains("# pass 2") && stdout.contains("# fail 0"), "{stdout}");
+}
