@@ -1,4 +1,5 @@
-//! Persistence benchmark against a real Kafka-protocol broker (tansu): run with
+//! Persistence benchmark against a real Apache Kafka broker (KRaft, started from the jars
+//! `scripts/kafka/install.sh` caches): run with
 //! `cargo bench --bench persist`.
 //!
 //! The same 1:1 workload (4 senders -> 4 recipients, 20 000 messages each way, fire and
