@@ -5,6 +5,8 @@
 
 use std::sync::Arc;
 
+use shardgate_io::envelope::RemoteSocket;
+
 pub use crate::slab::ConnId;
 
 /// Index of a shard inside one process.
@@ -65,6 +67,18 @@ pub struct Origin {
     pub shard: ShardId,
     /// Connection of the sender.
     pub conn: ConnId,
+}
+
+impl SocketRef {
+    /// This socket as another node names it in an envelope.
+    pub fn remote(self) -> RemoteSocket {
+        RemoteSocket { shard: self.shard as u16, conn: self.conn.as_u64() }
+    }
+
+    /// A socket of this process named in an envelope.
+    pub fn from_remote(r: RemoteSocket) -> SocketRef {
+        SocketRef { shard: r.shard as ShardId, conn: ConnId::from_u64(r.conn) }
+    }
 }
 
 impl From<SocketRef> for Origin {

@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+use shardgate_io::envelope::AckStatus;
+
 pub use crate::ids::{key, key_id, parse_sid, sid, Frame, Key, Origin, ShardId, SocketRef};
 use crate::slab::ConnId;
 
@@ -116,6 +118,27 @@ pub enum DeliveryStatus {
     Queued,
     /// Accepted, with no delivery report within the report timeout.
     Sent,
+}
+
+/// The status as it travels between nodes.
+impl From<DeliveryStatus> for AckStatus {
+    fn from(s: DeliveryStatus) -> AckStatus {
+        match s {
+            DeliveryStatus::Delivered => AckStatus::Delivered,
+            DeliveryStatus::Queued => AckStatus::Queued,
+            DeliveryStatus::Sent => AckStatus::Sent,
+        }
+    }
+}
+
+impl From<AckStatus> for DeliveryStatus {
+    fn from(s: AckStatus) -> DeliveryStatus {
+        match s {
+            AckStatus::Delivered => DeliveryStatus::Delivered,
+            AckStatus::Queued => DeliveryStatus::Queued,
+            AckStatus::Sent => DeliveryStatus::Sent,
+        }
+    }
 }
 
 impl DeliveryStatus {

@@ -14,10 +14,11 @@ use crate::ids::{key, key_id, sid, ConnId, Frame, Key};
 use crate::metrics::{CloseReason, Counter};
 use crate::msg::DeliveryStatus;
 use crate::record::{self, Receipt};
+use crate::shared::wall_ms;
 use crate::state::conns::Session;
 use crate::state::pending::Pending;
 use crate::state::router::Dispatch;
-use crate::state::{event_frame, wall_ms, State};
+use crate::state::{event_frame, State};
 
 /// Presence subscriptions one socket may hold.
 const MAX_WATCHED: usize = 1000;

@@ -98,12 +98,20 @@ impl Shared {
     pub fn block(&self, block: MetricsBlock) -> &ShardMetrics {
         let shards = self.mesh.len();
         let i = match block {
-            MetricsBlock::Shard(id) => id.min(shards),
+            MetricsBlock::Shard(id) => id,
             MetricsBlock::Bridge => shards,
             MetricsBlock::KafkaReports => shards + 1,
         };
         &self.metrics[i]
     }
+}
+
+/// Milliseconds since the Unix epoch (wall-clock time, as records and presence carry it).
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Which counter block a thread writes: one per shard, one for the bridge thread and

@@ -8,14 +8,15 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use shardgate_io::envelope::{AckStatus, Envelope, RemoteSocket, RoomEnvelope};
+use shardgate_io::envelope::{Envelope, RoomEnvelope};
 use shardgate_io::resp;
 use shardgate_shard::metrics::Counter;
-use shardgate_shard::msg::{BridgeMsg, DeliveryStatus, Frame, Key, Origin, ShardMsg, SocketRef};
+use shardgate_shard::msg::{BridgeMsg, Frame, Key, Origin, ShardMsg, SocketRef};
+use shardgate_shard::shared::wall_ms;
 
 use super::keys::{redis_id, Keys};
 use super::scripts;
-use super::state::{now_ms, Cluster};
+use super::state::Cluster;
 
 /// EVAL's key count: the scripts take the prefix and build their keys (single Redis).
 const NO_KEYS: &str = "0";
@@ -111,21 +112,9 @@ impl Batch {
     }
 }
 
-pub(crate) fn ack_status(s: DeliveryStatus) -> AckStatus {
-    match s {
-        DeliveryStatus::Delivered => AckStatus::Delivered,
-        DeliveryStatus::Queued => AckStatus::Queued,
-        DeliveryStatus::Sent => AckStatus::Sent,
-    }
-}
-
-fn remote(origin: SocketRef) -> RemoteSocket {
-    RemoteSocket { shard: origin.shard as u16, conn: origin.conn.as_u64() }
-}
-
 /// The `D` envelope of a 1:1 message from `origin` on this node.
 fn deliver_envelope(c: &Cluster, user: &str, msg_id: u128, origin: SocketRef, frame: &[u8]) -> Vec<u8> {
-    let env = Envelope::Deliver { user, msg_id, origin_server: c.me(), origin: remote(origin), frame };
+    let env = Envelope::Deliver { user, msg_id, origin_server: c.me(), origin: origin.remote(), frame };
     // User keys are bounded by max_id_len and server ids by validation: both fit a u16.
     env.to_vec().unwrap_or_default()
 }
@@ -133,7 +122,7 @@ fn deliver_envelope(c: &Cluster, user: &str, msg_id: u128, origin: SocketRef, fr
 /// Registers socket `sid` of `user` (the UP script), answering its CONNECT or not.
 pub fn register(c: &Cluster, batch: &mut Batch, user: &Key, sid: &str, socket: SocketRef, answer: bool) {
     let s = &c.settings;
-    let (now, ttl) = (now_ms().to_string(), s.presence_ttl_secs.to_string());
+    let (now, ttl) = (wall_ms().to_string(), s.presence_ttl_secs.to_string());
     batch.cmd(
         &["EVAL", scripts::UP, NO_KEYS, c.keys.prefix(), c.me(), sid, &redis_id(user), &now, &ttl],
         Then::Drain { socket, answer, user: user.clone() },
@@ -142,7 +131,7 @@ pub fn register(c: &Cluster, batch: &mut Batch, user: &Key, sid: &str, socket: S
 
 /// Sweeps what server `server` registered (SWEEP script); `force` for this node's own.
 pub fn sweep(c: &Cluster, batch: &mut Batch, server: &str, force: bool, then: Then) {
-    let (now, keep) = (now_ms().to_string(), c.settings.presence_retention_secs.to_string());
+    let (now, keep) = (wall_ms().to_string(), c.settings.presence_retention_secs.to_string());
     let mode = if force { "force" } else { "check" };
     batch.cmd(&["EVAL", scripts::SWEEP, NO_KEYS, c.keys.prefix(), server, &now, &keep, mode], then);
 }
@@ -157,7 +146,7 @@ pub fn liveness(c: &Cluster, batch: &mut Batch) {
 
 /// Refreshes the presence key of every user with local sockets.
 pub fn refresh_presence(c: &Cluster, batch: &mut Batch) {
-    let (ts, ttl) = (now_ms(), c.settings.presence_ttl_secs.to_string());
+    let (ts, ttl) = (wall_ms(), c.settings.presence_ttl_secs.to_string());
     let users: Vec<Key> = c.mirror.borrow().users().cloned().collect();
     for u in users {
         batch.cmd(&["SET", &c.keys.presence(&u), &format!("online|{ts}"), "EX", &ttl], Then::Ignore);
@@ -172,7 +161,7 @@ pub fn plan(c: &Cluster, msg: BridgeMsg, batch: &mut Batch) {
     match msg {
         BridgeMsg::SocketUp { user, sid, socket } => register(c, batch, &user, &sid, socket, true),
         BridgeMsg::SocketDown { user, sid, .. } => {
-            let (now, keep) = (now_ms().to_string(), s.presence_retention_secs.to_string());
+            let (now, keep) = (wall_ms().to_string(), s.presence_retention_secs.to_string());
             batch.cmd(
                 &["EVAL", scripts::DOWN, NO_KEYS, c.keys.prefix(), me, &sid, &redis_id(&user), &now, &keep],
                 Then::Down(user.clone()),
@@ -208,8 +197,8 @@ pub fn plan(c: &Cluster, msg: BridgeMsg, batch: &mut Batch) {
         BridgeMsg::ToUser { user, frame, msg_id, origin } => route(c, batch, user, frame, msg_id, origin),
         BridgeMsg::Ack { origin, msg_id, status } => {
             let Some(server) = origin.server.as_deref() else { return };
-            let at = RemoteSocket { shard: origin.shard as u16, conn: origin.conn.as_u64() };
-            let env = Envelope::Ack { msg_id, origin: at, status: ack_status(status) };
+            let at = SocketRef { shard: origin.shard, conn: origin.conn }.remote();
+            let env = Envelope::Ack { msg_id, origin: at, status: status.into() };
             let env = env.to_vec().unwrap_or_default();
             batch.cmd(&[b"PUBLISH".as_slice(), c.keys.server(server).as_bytes(), &env], Then::Ignore);
         }
@@ -234,7 +223,7 @@ pub fn plan(c: &Cluster, msg: BridgeMsg, batch: &mut Batch) {
         BridgeMsg::Typing { room, user, on } => {
             let k = c.keys.typing(&room);
             if on {
-                let until = (now_ms() + s.typing_ttl_ms).to_string();
+                let until = (wall_ms() + s.typing_ttl_ms).to_string();
                 batch.cmd(&["HSET", &k, &user, &until], Then::Ignore);
                 batch.cmd(&["PEXPIRE", &k, &s.typing_ttl_ms.to_string()], Then::Ignore);
             } else {
@@ -300,7 +289,8 @@ pub fn parse_servers(csv: &str) -> Rc<[Arc<str>]> {
 mod tests {
     use super::super::tests::{cluster, commands, commands_raw, drain_shard};
     use super::*;
-    use shardgate_shard::msg::key;
+    use shardgate_io::envelope::{AckStatus, RemoteSocket};
+    use shardgate_shard::msg::{key, DeliveryStatus};
     use shardgate_shard::ConnId;
 
     fn socket() -> SocketRef {

@@ -4,11 +4,10 @@
 //! Payloads come from other processes: envelopes are decoded by the bounds-checked codec
 //! in `shardgate_io::envelope`; anything that does not parse is counted and dropped.
 
-use shardgate_io::envelope::{self, AckStatus, Envelope};
+use shardgate_io::envelope::{self, Envelope};
 use shardgate_io::resp::{self, Reply};
 use shardgate_shard::metrics::Counter;
-use shardgate_shard::msg::{BridgeMsg, DeliveryStatus, Frame, Key, Origin, ShardMsg, SocketRef};
-use shardgate_shard::ConnId;
+use shardgate_shard::msg::{BridgeMsg, Frame, Key, Origin, ShardMsg, SocketRef};
 use tracing::debug;
 
 use super::keys::{from_redis_id, Channel};
@@ -25,14 +24,6 @@ pub fn on_pubsub(c: &Cluster, reply: Reply) {
                 c.release_joins(&channel);
             }
         }
-    }
-}
-
-fn status_of(s: AckStatus) -> DeliveryStatus {
-    match s {
-        AckStatus::Delivered => DeliveryStatus::Delivered,
-        AckStatus::Queued => DeliveryStatus::Queued,
-        AckStatus::Sent => DeliveryStatus::Sent,
     }
 }
 
@@ -70,11 +61,8 @@ fn on_push(c: &Cluster, channel: &[u8], payload: &[u8]) {
         Channel::Server => match envelope::decode(payload) {
             Ok(Envelope::Deliver { user, msg_id, origin_server, origin, frame }) => {
                 let user: Key = user.into();
-                let origin = Origin {
-                    server: Some(origin_server.into()),
-                    shard: origin.shard as usize,
-                    conn: ConnId::from_u64(origin.conn),
-                };
+                let at = SocketRef::from_remote(origin);
+                let origin = Origin { server: Some(origin_server.into()), shard: at.shard, conn: at.conn };
                 let frame = Frame::from(frame);
                 let shards = c.mirror.borrow().shards_of(&user);
                 if shards.is_empty() {
@@ -84,8 +72,7 @@ fn on_push(c: &Cluster, channel: &[u8], payload: &[u8]) {
                 c.deliver(&shards, &user, &frame, msg_id, origin);
             }
             Ok(Envelope::Ack { msg_id, origin, status }) => {
-                let socket = SocketRef { shard: origin.shard as usize, conn: ConnId::from_u64(origin.conn) };
-                c.status(socket, msg_id, status_of(status));
+                c.status(SocketRef::from_remote(origin), msg_id, status.into());
             }
             Err(e) => bad_envelope(c, &e),
         },
@@ -101,8 +88,9 @@ fn bad_envelope(c: &Cluster, e: &envelope::EnvelopeError) {
 mod tests {
     use super::super::tests::{cluster, drain_shard};
     use super::*;
-    use shardgate_io::envelope::{RemoteSocket, RoomEnvelope};
+    use shardgate_io::envelope::{AckStatus, RemoteSocket, RoomEnvelope};
     use shardgate_shard::msg::key;
+    use shardgate_shard::msg::DeliveryStatus;
 
     fn push(channel: &str, payload: &[u8]) -> Reply {
         let b = |s: &[u8]| Reply::BulkString(s.to_vec());

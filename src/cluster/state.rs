@@ -15,6 +15,7 @@ use shardgate_shard::mesh::Inbox;
 use shardgate_shard::metrics::ShardMetrics;
 use shardgate_shard::msg::{BridgeMsg, DeliveryStatus, Frame, Key, Origin, ShardId, ShardMsg, SocketRef};
 use shardgate_shard::runtime::MetricsBlock;
+use shardgate_shard::shared::wall_ms;
 use shardgate_shard::Shared;
 
 use super::keys::Keys;
@@ -101,7 +102,7 @@ impl Cluster {
     pub fn persist_presence(&self, user: &str, online: bool) {
         if let Some(inbox) = &self.shared.persist {
             let (tenant, id) = user.split_once('\x1f').unwrap_or(("", user));
-            inbox.send(shardgate_shard::record::presence(tenant, id, online, now_ms()));
+            inbox.send(shardgate_shard::record::presence(tenant, id, online, wall_ms()));
         }
     }
 
@@ -121,12 +122,4 @@ impl Cluster {
             self.release_joins(&ch);
         }
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -26,7 +26,7 @@ use crate::ids::{key_id, sid, ConnId, Frame, Key, ShardId, SocketRef};
 use crate::metrics::{CloseReason, ShardMetrics};
 use crate::msg::{DeliveryStatus, ShardMsg};
 use crate::record::{self, Record};
-use crate::shared::{MetricsBlock, Shared};
+use crate::shared::{wall_ms, MetricsBlock, Shared};
 
 use conns::Conns;
 use directory::{Directory, Effect, Limits};
@@ -316,14 +316,6 @@ impl State {
         self.directory.sweep(now, wall_ms(), &mut out);
         self.apply(out);
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// `42["name",payload]` as a shared frame.

@@ -56,13 +56,6 @@ impl Router {
         }
     }
 
-    fn home(&self, user: &str) -> ShardId {
-        match self {
-            Router::Embedded { shards } => home_shard(user, *shards),
-            Router::Cluster(_) => 0,
-        }
-    }
-
     /// A socket of `user` authenticated at `socket`.
     pub fn user_up(&self, user: Key, socket: SocketRef) -> Dispatch {
         match self {
@@ -70,7 +63,9 @@ impl Router {
                 let sid = sid(socket.shard, socket.conn);
                 Dispatch::Bridge(BridgeMsg::SocketUp { user, sid, socket })
             }
-            Router::Embedded { .. } => Dispatch::Shard(self.home(&user), ShardMsg::UserUp { user, socket }),
+            Router::Embedded { shards } => {
+                Dispatch::Shard(home_shard(&user, *shards), ShardMsg::UserUp { user, socket })
+            }
         }
     }
 
@@ -82,7 +77,9 @@ impl Router {
                 let sid = sid(shard, socket.conn);
                 Dispatch::Bridge(BridgeMsg::SocketDown { user, sid, shard })
             }
-            Router::Embedded { .. } => Dispatch::Shard(self.home(&user), ShardMsg::UserDown { user, shard }),
+            Router::Embedded { shards } => {
+                Dispatch::Shard(home_shard(&user, *shards), ShardMsg::UserDown { user, shard })
+            }
         }
     }
 
@@ -90,8 +87,8 @@ impl Router {
     pub fn direct(&self, user: Key, frame: Frame, msg_id: u128, origin: SocketRef) -> Dispatch {
         match self {
             Router::Cluster(_) => Dispatch::Bridge(BridgeMsg::ToUser { user, frame, msg_id, origin }),
-            Router::Embedded { .. } => {
-                Dispatch::Shard(self.home(&user), ShardMsg::ToUser { user, frame, msg_id, origin })
+            Router::Embedded { shards } => {
+                Dispatch::Shard(home_shard(&user, *shards), ShardMsg::ToUser { user, frame, msg_id, origin })
             }
         }
     }
@@ -100,8 +97,8 @@ impl Router {
     pub fn bounce(&self, user: Key, frame: Frame, msg_id: u128, origin: Origin) -> Dispatch {
         match self {
             Router::Cluster(_) => Dispatch::Bridge(BridgeMsg::Bounce { user, frame, msg_id, origin }),
-            Router::Embedded { .. } => {
-                Dispatch::Shard(self.home(&user), ShardMsg::Bounce { user, frame, msg_id, origin })
+            Router::Embedded { shards } => {
+                Dispatch::Shard(home_shard(&user, *shards), ShardMsg::Bounce { user, frame, msg_id, origin })
             }
         }
     }
@@ -157,7 +154,9 @@ impl Router {
     pub fn watch(&self, user: Key, socket: SocketRef) -> Dispatch {
         match self {
             Router::Cluster(_) => Dispatch::Bridge(BridgeMsg::Watch { user, socket }),
-            Router::Embedded { .. } => Dispatch::Shard(self.home(&user), ShardMsg::Watch { user, socket }),
+            Router::Embedded { shards } => {
+                Dispatch::Shard(home_shard(&user, *shards), ShardMsg::Watch { user, socket })
+            }
         }
     }
 
@@ -166,7 +165,9 @@ impl Router {
     pub fn unwatch(&self, user: Key, shard: ShardId) -> Dispatch {
         match self {
             Router::Cluster(_) => Dispatch::Nothing,
-            Router::Embedded { .. } => Dispatch::Shard(self.home(&user), ShardMsg::Unwatch { user, shard }),
+            Router::Embedded { shards } => {
+                Dispatch::Shard(home_shard(&user, *shards), ShardMsg::Unwatch { user, shard })
+            }
         }
     }
 
