@@ -134,24 +134,13 @@ fn crashed_node_users_go_offline_and_redis_restart_recovers() {
 
 #[test]
 fn official_client_across_nodes() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop");
-    assert!(dir.join("node_modules/socket.io-client").exists(), "run `npm ci --prefix tests/interop`");
     let redis = RedisServer::start();
     let (a, b) = (node(&redis, &[]), node(&redis, &[]));
-    let out = std::process::Command::new("node")
-        .args(["--test", "--test-timeout=20000", "cluster.test.mjs"])
-        .current_dir(&dir)
-        .env("SHARDGATE_URL_A", format!("http://{}", a.addr))
-        .env("SHARDGATE_URL_B", format!("http://{}", b.addr))
-        .env("SHARDGATE_SECRET", support::SECRET)
-        .output()
-        .expect("node must be installed");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("# fail 0"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let env = [
+        ("SHARDGATE_URL_A", format!("http://{}", a.addr)),
+        ("SHARDGATE_URL_B", format!("http://{}", b.addr)),
+    ];
+    support::interop_suite("cluster.test.mjs", &env, String::new);
 }
 
 #[test]

@@ -12,17 +12,6 @@ use support::{Client, Server};
 
 const ADMIN: &str = "admin-token-0123456789";
 
-/// Sends a raw HTTP request; returns the status code and the body.
-fn http(srv: &Server, method: &str, path: &str, headers: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(srv.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n{headers}\r\n").unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
-}
-
 /// Status of a Socket.IO WebSocket upgrade request.
 fn upgrade_status(srv: &Server) -> u16 {
     let headers = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
@@ -71,18 +60,18 @@ fn sigterm_drains_in_batches_then_exits() {
 #[test]
 fn admin_drain_needs_the_admin_token() {
     let off = Server::start(&[]);
-    assert_eq!(http(&off, "POST", "/admin/drain", "").0, 403, "disabled without admin.token");
+    assert_eq!(off.request("POST", "/admin/drain", "").0, 403, "disabled without admin.token");
 
     let mut srv = Server::start(&["--admin-token", ADMIN, "--drain-ms", "500"]);
     let mut client = Client::connect(srv.addr, &support::token("alice", "t"));
-    assert_eq!(http(&srv, "GET", "/admin/drain", "").0, 405);
-    assert_eq!(http(&srv, "POST", "/admin/drain", "").0, 401);
+    assert_eq!(srv.request("GET", "/admin/drain", "").0, 405);
+    assert_eq!(srv.request("POST", "/admin/drain", "").0, 401);
     let wrong = "Authorization: Bearer admin-token-0123456780\r\n";
-    assert_eq!(http(&srv, "POST", "/admin/drain", wrong).0, 401);
+    assert_eq!(srv.request("POST", "/admin/drain", wrong).0, 401);
     assert_eq!(srv.get("/readyz").0, 200, "a refused request changes nothing");
 
     let right = format!("Authorization: Bearer {ADMIN}\r\n");
-    let (status, body) = http(&srv, "POST", "/admin/drain", &right);
+    let (status, body) = srv.request("POST", "/admin/drain", &right);
     assert_eq!((status, body.as_str()), (202, "{\"draining\":true}"));
     assert_eq!(client.expect_closed(), (1001, "server_shutdown".to_string()));
     assert!(srv.wait_exit(Duration::from_secs(10)).expect("exited").success());
@@ -90,22 +79,13 @@ fn admin_drain_needs_the_admin_token() {
 
 #[test]
 fn the_official_client_reconnects_elsewhere_after_a_drain() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop");
-    assert!(dir.join("node_modules/socket.io-client").exists(), "run `npm ci --prefix tests/interop`");
     let mut a = Server::start(&["--drain-ms", "1000"]);
     let b = Server::start(&[]);
-    let out = std::process::Command::new("node")
-        .args(["--test", "--test-timeout=30000", "drain.test.mjs"])
-        .current_dir(&dir)
-        .env("SHARDGATE_ADDR_A", a.addr.to_string())
-        .env("SHARDGATE_ADDR_B", b.addr.to_string())
-        .env("SHARDGATE_PID_A", a.pid().to_string())
-        .env("SHARDGATE_SECRET", support::SECRET)
-        .output()
-        .expect("node must be installed");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "drain interop failed:\n{stdout}\nnode A:\n{}", a.log());
-    assert!(stdout.contains("# fail 0"), "{stdout}");
+    let env = [
+        ("SHARDGATE_ADDR_A", a.addr.to_string()),
+        ("SHARDGATE_ADDR_B", b.addr.to_string()),
+        ("SHARDGATE_PID_A", a.pid().to_string()),
+    ];
+    support::interop_suite("drain.test.mjs", &env, || format!("node A:\n{}", a.log()));
     assert!(a.wait_exit(Duration::from_secs(10)).expect("node A exited").success());
 }

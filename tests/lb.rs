@@ -5,24 +5,17 @@
 
 mod support;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::kafka::free_port;
 use support::redis::RedisServer;
-use support::{Server, SECRET};
+use support::{temp_dir, Server};
 
 fn deploy(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(file)
-}
-
-/// A fresh directory under the system temp dir.
-fn scratch(name: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let dir = std::env::temp_dir().join(format!("shardgate-{name}-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(dir.join("logs")).unwrap();
-    dir
 }
 
 /// A program from Debian's packages: `/usr/sbin` is not on every user's PATH.
@@ -33,10 +26,6 @@ fn program(name: &str) -> PathBuf {
     } else {
         PathBuf::from(name)
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The shipped config with its three example backends replaced by `nodes` and its
@@ -85,7 +74,8 @@ fn nginx_args(conf: &Path, prefix: &Path) -> Vec<String> {
 
 #[test]
 fn shipped_configs_pass_nginx_and_haproxy_checks() {
-    let prefix = scratch("nginx-t");
+    let prefix = temp_dir("nginx-t");
+    std::fs::create_dir_all(prefix.join("logs")).unwrap();
     let out =
         Command::new(program("nginx")).arg("-t").args(nginx_args(&deploy("nginx.conf"), &prefix)).output();
     let out = out.expect("nginx must be installed (scripts/test.sh installs it)");
@@ -100,8 +90,6 @@ fn shipped_configs_pass_nginx_and_haproxy_checks() {
 
 #[test]
 fn official_client_through_nginx_and_haproxy_across_three_nodes() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop");
-    assert!(dir.join("node_modules/socket.io-client").exists(), "run `npm ci --prefix tests/interop`");
     let redis = RedisServer::start();
     let url = redis.url();
     let nodes: Vec<Server> = (0..3)
@@ -114,7 +102,8 @@ fn official_client_through_nginx_and_haproxy_across_three_nodes() {
     let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
 
     let ngx_port = free_port();
-    let prefix = scratch("nginx");
+    let prefix = temp_dir("nginx");
+    std::fs::create_dir_all(prefix.join("logs")).unwrap();
     let conf = prefix.join("nginx.conf");
     std::fs::write(
         &conf,
@@ -131,7 +120,7 @@ fn official_client_through_nginx_and_haproxy_across_three_nodes() {
     wait_listening(ngx_port, "nginx");
 
     let hap_port = free_port();
-    let cfg = scratch("haproxy").join("haproxy.cfg");
+    let cfg = temp_dir("haproxy").join("haproxy.cfg");
     // The shipped maxconn needs a larger open-file limit than this machine grants.
     let text = render("haproxy.cfg", "bind :80", &format!("bind 127.0.0.1:{hap_port}"), &addrs);
     std::fs::write(&cfg, text.replace("maxconn 200000", "maxconn 4000")).unwrap();
@@ -145,17 +134,11 @@ fn official_client_through_nginx_and_haproxy_across_three_nodes() {
     wait_listening(hap_port, "haproxy");
 
     let node_urls: Vec<String> = addrs.iter().map(|a| format!("http://{a}")).collect();
-    let out = Command::new("node")
-        .args(["--test", "--test-timeout=30000", "lb.test.mjs"])
-        .current_dir(&dir)
-        .env("SHARDGATE_NGINX_URL", format!("http://127.0.0.1:{ngx_port}"))
-        .env("SHARDGATE_HAPROXY_URL", format!("http://127.0.0.1:{hap_port}"))
-        .env("SHARDGATE_NODE_URLS", node_urls.join(","))
-        .env("SHARDGATE_SECRET", SECRET)
-        .output()
-        .expect("node must be installed");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "load balancer interop failed:\n{stdout}");
-    assert!(stdout.contains("# pass 2") && stdout.contains("# fail 0"), "{stdout}");
+    let env = [
+        ("SHARDGATE_NGINX_URL", format!("http://127.0.0.1:{ngx_port}")),
+        ("SHARDGATE_HAPROXY_URL", format!("http://127.0.0.1:{hap_port}")),
+        ("SHARDGATE_NODE_URLS", node_urls.join(",")),
+    ];
+    let out = support::interop_suite("lb.test.mjs", &env, String::new);
+    assert!(out.contains("# pass 2"), "{out}");
 }

@@ -118,6 +118,25 @@ fn messages_events_presence_and_notifications_reach_kafka() {
     assert_eq!(srv.metric("shardgate_kafka_failed_total"), 0);
 }
 
+/// Sends 1:1 message `i` from `alice` to bob, which must be acknowledged `delivered`
+/// whatever the broker does; records its id.
+fn send_to_bob(alice: &mut Client, i: usize, ids: &mut Vec<String>) {
+    let ack = alice.emit_ack("message:send", json!({ "to": "bob", "content": i }));
+    assert_eq!(ack["status"], "delivered", "chat goes on whatever the broker does");
+    ids.push(ack["id"].as_str().unwrap().to_string());
+}
+
+/// Every message of `ids` is on the topic exactly once.
+fn assert_each_once(got: &[Consumed], ids: &[String]) {
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for r in got {
+        *counts.entry(r.value["id"].as_str().unwrap()).or_default() += 1;
+    }
+    for id in ids {
+        assert_eq!(counts.get(id.as_str()), Some(&1), "message {id} lost or duplicated");
+    }
+}
+
 #[test]
 fn chat_keeps_working_through_a_kafka_outage_and_nothing_is_lost() {
     // The broker is not there yet: records wait, chat goes on.
@@ -127,33 +146,22 @@ fn chat_keeps_working_through_a_kafka_outage_and_nothing_is_lost() {
     let mut alice = Client::connect(srv.addr, &token("alice", "t2"));
     let mut bob = Client::connect(srv.addr, &token("bob", "t2"));
     let mut ids = Vec::new();
-    let mut send = |alice: &mut Client, i: usize| {
-        let ack = alice.emit_ack("message:send", json!({ "to": "bob", "content": i }));
-        assert_eq!(ack["status"], "delivered");
-        ids.push(ack["id"].as_str().unwrap().to_string());
-    };
     for i in 0..50 {
-        send(&mut alice, i);
+        send_to_bob(&mut alice, i, &mut ids);
     }
     let broker = Broker::start_on(port);
     // Now the broker stops answering for a while (SIGSTOP), then comes back.
     srv.wait_for("first records delivered", |s| s.metric("shardgate_kafka_delivered_total") >= 50);
     broker.pause();
     for i in 50..120 {
-        send(&mut alice, i);
+        send_to_bob(&mut alice, i, &mut ids);
     }
     for _ in 0..120 {
         bob.expect_event("message:new");
     }
     broker.resume();
     let got = consume(&broker.addr(), &["messages.t2"], 2, WAIT, |r| r.len() >= ids.len());
-    let mut counts: HashMap<&str, usize> = HashMap::new();
-    for r in &got {
-        *counts.entry(r.value["id"].as_str().unwrap()).or_default() += 1;
-    }
-    for id in &ids {
-        assert_eq!(counts.get(id.as_str()), Some(&1), "message {id} lost or duplicated");
-    }
+    assert_each_once(&got, &ids);
     assert_eq!(srv.metric("shardgate_kafka_dropped_total"), 0);
 }
 
@@ -165,32 +173,21 @@ fn a_broker_killed_and_restarted_loses_no_acknowledged_record() {
     let mut alice = Client::connect(srv.addr, &token("alice", "t4"));
     let mut bob = Client::connect(srv.addr, &token("bob", "t4"));
     let mut ids = Vec::new();
-    let mut send = |alice: &mut Client, i: usize| {
-        let ack = alice.emit_ack("message:send", json!({ "to": "bob", "content": i }));
-        assert_eq!(ack["status"], "delivered", "chat goes on whatever the broker does");
-        ids.push(ack["id"].as_str().unwrap().to_string());
-    };
     for i in 0..50 {
-        send(&mut alice, i);
+        send_to_bob(&mut alice, i, &mut ids);
     }
     srv.wait_for("first records delivered", |s| s.metric("shardgate_kafka_delivered_total") >= 50);
     // kill -9: Kafka keeps what it acknowledged on disk; the node keeps chatting.
     broker.kill();
     for i in 50..120 {
-        send(&mut alice, i);
+        send_to_bob(&mut alice, i, &mut ids);
     }
     for _ in 0..120 {
         bob.expect_event("message:new");
     }
     broker.restart();
     let got = consume(&broker.addr(), &["messages.t4"], 2, WAIT, |r| r.len() >= ids.len());
-    let mut counts: HashMap<&str, usize> = HashMap::new();
-    for r in &got {
-        *counts.entry(r.value["id"].as_str().unwrap()).or_default() += 1;
-    }
-    for id in &ids {
-        assert_eq!(counts.get(id.as_str()), Some(&1), "message {id} lost or duplicated");
-    }
+    assert_each_once(&got, &ids);
     assert_eq!(srv.metric("shardgate_kafka_dropped_total"), 0);
 }
 

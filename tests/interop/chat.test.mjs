@@ -3,36 +3,19 @@
 // SHARDGATE_SECRET; run with `node --test`.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { createHmac } from "node:crypto";
 import { io } from "socket.io-client";
+import { connect as connectTo, next, token as makeToken } from "./support.mjs";
 
 const URL = process.env.SHARDGATE_URL;
 const SECRET = process.env.SHARDGATE_SECRET;
 assert.ok(URL && SECRET, "SHARDGATE_URL and SHARDGATE_SECRET must be set");
 
-const b64 = (o) => Buffer.from(typeof o === "string" ? o : JSON.stringify(o)).toString("base64url");
-function token(sub, tenantId = "t1", ttl = 3600, alg = "HS256", secret = SECRET) {
-  const head = b64({ alg, typ: "JWT" });
-  const body = b64({ sub, tenantId, exp: Math.floor(Date.now() / 1000) + ttl });
-  if (alg === "none") return `${head}.${body}.`;
-  const sig = createHmac("sha256", secret).update(`${head}.${body}`).digest("base64url");
-  return `${head}.${body}.${sig}`;
+function token(sub, tenant = "t1", ttl = 3600, alg = "HS256", secret = SECRET) {
+  return makeToken(secret, sub, { tenant, ttl, alg });
 }
 
 function connect(sub, opts = {}) {
-  const s = io(URL, { transports: ["websocket"], reconnection: false, forceNew: true, auth: { token: token(sub, opts.tenant) }, ...opts.io });
-  return new Promise((resolve, reject) => {
-    const t = setTimeout(() => reject(new Error(`connect timeout for ${sub}`)), 5000);
-    s.once("connect", () => { clearTimeout(t); resolve(s); });
-    s.once("connect_error", (e) => { clearTimeout(t); reject(e); });
-  });
-}
-
-function next(s, event, ms = 5000) {
-  return new Promise((resolve, reject) => {
-    const t = setTimeout(() => reject(new Error(`no ${event} within ${ms}ms`)), ms);
-    s.once(event, (...args) => { clearTimeout(t); resolve(args[0]); });
-  });
+  return connectTo(URL, { token: token(sub, opts.tenant) }, opts.io);
 }
 
 function refused(tok) {

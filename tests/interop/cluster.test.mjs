@@ -3,29 +3,12 @@
 // SHARDGATE_SECRET.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { createHmac } from "node:crypto";
-import { io } from "socket.io-client";
+import { connect as connectTo, next, token } from "./support.mjs";
 
 const [A, B, SECRET] = [process.env.SHARDGATE_URL_A, process.env.SHARDGATE_URL_B, process.env.SHARDGATE_SECRET];
 assert.ok(A && B && SECRET, "SHARDGATE_URL_A, SHARDGATE_URL_B and SHARDGATE_SECRET must be set");
 
-const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
-function token(sub) {
-  const head = b64({ alg: "HS256", typ: "JWT" });
-  const body = b64({ sub, tenantId: "js", exp: Math.floor(Date.now() / 1000) + 3600 });
-  return `${head}.${body}.${createHmac("sha256", SECRET).update(`${head}.${body}`).digest("base64url")}`;
-}
-function connect(url, sub) {
-  const s = io(url, { transports: ["websocket"], reconnection: false, forceNew: true, auth: { token: token(sub) } });
-  return new Promise((resolve, reject) => {
-    s.once("connect", () => resolve(s));
-    s.once("connect_error", reject);
-  });
-}
-const next = (s, ev) => new Promise((resolve, reject) => {
-  const t = setTimeout(() => reject(new Error(`no ${ev}`)), 5000);
-  s.once(ev, (m) => { clearTimeout(t); resolve(m); });
-});
+const connect = (url, sub) => connectTo(url, { token: token(SECRET, sub, { tenant: "js" }) });
 
 test("1:1 from node A to node B is delivered with an ack", async () => {
   const alice = await connect(A, "alice");

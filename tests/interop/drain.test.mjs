@@ -5,20 +5,13 @@
 // SHARDGATE_ADDR_A, SHARDGATE_ADDR_B (host:port), SHARDGATE_PID_A and SHARDGATE_SECRET.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { createHmac } from "node:crypto";
 import net from "node:net";
 import { io } from "socket.io-client";
+import { token } from "./support.mjs";
 
 const env = process.env;
 const [A, B, PID_A, SECRET] = [env.SHARDGATE_ADDR_A, env.SHARDGATE_ADDR_B, Number(env.SHARDGATE_PID_A), env.SHARDGATE_SECRET];
 assert.ok(A && B && PID_A && SECRET, "SHARDGATE_ADDR_A, SHARDGATE_ADDR_B, SHARDGATE_PID_A and SHARDGATE_SECRET must be set");
-
-const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
-function token(sub) {
-  const head = b64({ alg: "HS256", typ: "JWT" });
-  const body = b64({ sub, tenantId: "js", exp: Math.floor(Date.now() / 1000) + 3600 });
-  return `${head}.${body}.${createHmac("sha256", SECRET).update(`${head}.${body}`).digest("base64url")}`;
-}
 
 /// Round-robin TCP balancer that skips a backend refusing connections.
 function balancer(backends) {
@@ -48,7 +41,7 @@ test("drained clients reconnect to the other node", async () => {
   const url = `http://127.0.0.1:${lb.address().port}`;
   const clients = await Promise.all(
     Array.from({ length: 10 }, (_, i) => new Promise((resolve, reject) => {
-      const s = io(url, { transports: ["websocket"], forceNew: true, auth: { token: token(`u${i}`) },
+      const s = io(url, { transports: ["websocket"], forceNew: true, auth: { token: token(SECRET, `u${i}`, { tenant: "js" }) },
         reconnectionDelay: 200, reconnectionDelayMax: 1000 });
       s.reasons = [];
       s.on("disconnect", (reason) => s.reasons.push(reason));

@@ -5,31 +5,14 @@
 // (comma-separated, direct to each node) and SHARDGATE_SECRET.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { createHmac } from "node:crypto";
-import { io } from "socket.io-client";
+import { connect as connectTo, next, token } from "./support.mjs";
 
 const env = process.env;
 const NODES = (env.SHARDGATE_NODE_URLS ?? "").split(",").filter(Boolean);
 const SECRET = env.SHARDGATE_SECRET;
 assert.ok(env.SHARDGATE_NGINX_URL && env.SHARDGATE_HAPROXY_URL && NODES.length === 3 && SECRET);
 
-const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
-function token(sub, tenant) {
-  const head = b64({ alg: "HS256", typ: "JWT" });
-  const body = b64({ sub, tenantId: tenant, exp: Math.floor(Date.now() / 1000) + 3600 });
-  return `${head}.${body}.${createHmac("sha256", SECRET).update(`${head}.${body}`).digest("base64url")}`;
-}
-function connect(url, sub, tenant) {
-  const s = io(url, { transports: ["websocket"], forceNew: true, auth: { token: token(sub, tenant) } });
-  return new Promise((resolve, reject) => {
-    s.once("connect", () => resolve(s));
-    s.once("connect_error", reject);
-  });
-}
-const next = (s, ev) => new Promise((resolve, reject) => {
-  const t = setTimeout(() => reject(new Error(`no ${ev}`)), 5000);
-  s.once(ev, (m) => { clearTimeout(t); resolve(m); });
-});
+const connect = (url, sub, tenant) => connectTo(url, { token: token(SECRET, sub, { tenant }) });
 
 async function chatThrough(lbUrl, tenant) {
   // Alice comes through the balancer; Bob has a device directly on every node, so at

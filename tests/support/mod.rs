@@ -93,9 +93,15 @@ impl Server {
 
     /// GET `path`; returns status and body.
     pub fn get(&self, path: &str) -> (u16, String) {
+        self.request("GET", path, "")
+    }
+
+    /// One HTTP request with extra header lines (`headers` ends each with CRLF); the
+    /// status and the body.
+    pub fn request(&self, method: &str, path: &str, headers: &str) -> (u16, String) {
         let mut s = TcpStream::connect(self.addr).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").unwrap();
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -153,6 +159,35 @@ impl Drop for Server {
 
 fn nanos() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()
+}
+
+/// A fresh directory under the system temp dir, unique to this process and moment.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("shardgate-{name}-{}-{}", std::process::id(), nanos()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs `tests/interop/<file>` with `node --test` (the official socket.io-client) and
+/// `env`; returns its TAP output after asserting that every test passed. `context` is
+/// printed on failure (a server log, say).
+pub fn interop_suite(file: &str, env: &[(&str, String)], context: impl FnOnce() -> String) -> String {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop");
+    assert!(
+        dir.join("node_modules/socket.io-client").exists(),
+        "npm packages missing: run `npm ci --prefix tests/interop` (scripts/test.sh does)"
+    );
+    let out = Command::new("node")
+        .args(["--test", "--test-timeout=20000", file])
+        .current_dir(&dir)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("SHARDGATE_SECRET", SECRET)
+        .output()
+        .expect("node must be installed");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("# fail 0"), "{file} failed:\n{stdout}\n{}", context());
+    stdout
 }
 
 /// A token for `sub` in `tenant`, valid for an hour.

@@ -1,0 +1,32 @@
+// What the interop suites share: HS256 tokens as shardgate reads them, an official
+// client connected on the websocket transport, and the next occurrence of an event.
+import { createHmac } from "node:crypto";
+import { io } from "socket.io-client";
+
+const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+
+/// A token for user `sub`; `alg: "none"` gives an unsigned one (which must be refused).
+export function token(secret, sub, { tenant = "t1", ttl = 3600, alg = "HS256" } = {}) {
+  const head = b64({ alg, typ: "JWT" });
+  const body = b64({ sub, tenantId: tenant, exp: Math.floor(Date.now() / 1000) + ttl });
+  if (alg === "none") return `${head}.${body}.`;
+  return `${head}.${body}.${createHmac("sha256", secret).update(`${head}.${body}`).digest("base64url")}`;
+}
+
+/// A connected client (no reconnection unless `ioOpts` asks for it).
+export function connect(url, auth, ioOpts = {}) {
+  const s = io(url, { transports: ["websocket"], reconnection: false, forceNew: true, auth, ...ioOpts });
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error(`connect timeout on ${url}`)), 5000);
+    s.once("connect", () => { clearTimeout(t); resolve(s); });
+    s.once("connect_error", (e) => { clearTimeout(t); reject(e); });
+  });
+}
+
+/// The first argument of the next `event` on `s`, within `ms`.
+export function next(s, event, ms = 5000) {
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error(`no ${event} within ${ms}ms`)), ms);
+    s.once(event, (...args) => { clearTimeout(t); resolve(args[0]); });
+  });
+}
