@@ -18,10 +18,13 @@ fn http_surface() {
     assert_eq!(srv.get("/healthz"), (200, "ok\n".to_string()));
     assert_eq!(srv.get("/readyz").0, 200);
     let (status, body) = srv.get("/socket.io/?EIO=4&transport=polling");
+    assert_eq!(status, 200, "long-polling handshake: {body}");
+    assert!(body.starts_with("0{\"sid\""), "{body}");
+    let (status, body) = srv.get("/socket.io/?EIO=4&transport=flashsocket");
     assert_eq!(status, 400);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!((v["code"].as_u64(), v["message"].as_str()), (Some(0), Some("Transport unknown")));
-    assert!(v["detail"].as_str().unwrap().contains("websocket"));
+    assert!(v["detail"].as_str().unwrap().contains("polling or websocket"));
     let (status, body) = srv.get("/socket.io/?EIO=3&transport=websocket");
     assert_eq!(status, 400);
     assert!(body.contains("Unsupported protocol version"));

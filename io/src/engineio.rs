@@ -1,8 +1,11 @@
-//! Engine.IO v4 packets over WebSocket (the public `engine.io-protocol` spec).
+//! Engine.IO v4 packets (the public `engine.io-protocol` spec), over WebSocket and over
+//! HTTP long-polling.
 //!
 //! Over WebSocket every text frame carries one packet: a type digit followed by its
-//! payload; a binary frame is a binary message packet with no prefix. This module owns the
-//! packet grammar only; the ping schedule and timeouts live with the connection.
+//! payload; a binary frame is a binary message packet with no prefix. Over long-polling a
+//! request or response body is a *payload*: packets joined by the record separator
+//! `\x1e`, a binary packet written as `b` and its base64. This module owns the grammar
+//! only; the ping schedule and timeouts live with the connection.
 
 use serde::{Deserialize, Serialize};
 
@@ -77,13 +80,68 @@ pub fn decode(text: &str) -> Result<Packet<'_>, EioError> {
     })
 }
 
+/// Joins the packets of a long-polling payload (Engine.IO v4: ASCII record separator).
+pub const RECORD_SEPARATOR: u8 = 0x1e;
+
+/// One packet of a long-polling payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PayloadPacket<'a> {
+    /// A text packet, as a WebSocket text frame would carry it.
+    Text(&'a str),
+    /// A binary message (`b` + base64 on the wire), decoded.
+    Binary(Vec<u8>),
+}
+
+/// A long-polling payload that breaks the grammar.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PayloadError {
+    /// An empty packet between two separators (or an empty body).
+    #[error("empty packet in payload")]
+    Empty,
+    /// A `b` packet whose data is not base64.
+    #[error("binary packet is not base64")]
+    Base64,
+}
+
+/// Splits a long-polling request body into its packets, decoding binary ones.
+pub fn decode_payload(body: &str) -> impl Iterator<Item = Result<PayloadPacket<'_>, PayloadError>> {
+    body.split(RECORD_SEPARATOR as char).map(|p| match p.as_bytes().first() {
+        None => Err(PayloadError::Empty),
+        Some(b'b') => data_encoding::BASE64
+            .decode(&p.as_bytes()[1..])
+            .map(PayloadPacket::Binary)
+            .map_err(|_| PayloadError::Base64),
+        Some(_) => Ok(PayloadPacket::Text(p)),
+    })
+}
+
+/// Appends one text packet to a long-polling payload being built in `out`.
+pub fn append_text(out: &mut Vec<u8>, packet: &[u8]) {
+    if !out.is_empty() {
+        out.push(RECORD_SEPARATOR);
+    }
+    out.extend_from_slice(packet);
+}
+
+/// Appends one binary message (`b` + base64) to a long-polling payload in `out`.
+pub fn append_binary(out: &mut Vec<u8>, data: &[u8]) {
+    if !out.is_empty() {
+        out.push(RECORD_SEPARATOR);
+    }
+    out.push(b'b');
+    let start = out.len();
+    out.resize(start + data_encoding::BASE64.encode_len(data.len()), 0);
+    data_encoding::BASE64.encode_mut(data, &mut out[start..]);
+}
+
 /// The handshake the server sends first (`0{...}`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Open {
     /// Engine.IO session id.
     pub sid: String,
-    /// Transports the client may upgrade to: none, shardgate serves WebSocket only.
+    /// Transports the client may upgrade to: `["websocket"]` for a long-polling session,
+    /// none on WebSocket.
     pub upgrades: Vec<String>,
     /// Milliseconds between server pings.
     pub ping_interval: u64,
@@ -145,6 +203,33 @@ mod tests {
         #[test]
         fn never_panics(s in "\\PC*") {
             let _ = decode(&s);
+        }
+    }
+
+    #[test]
+    fn payload_round_trip() {
+        let mut body = Vec::new();
+        append_text(&mut body, b"2");
+        append_text(&mut body, b"42[\"hi\"]");
+        append_binary(&mut body, &[0, 1, 2, 255]);
+        assert_eq!(body, b"2\x1e42[\"hi\"]\x1ebAAEC/w==");
+        let got: Vec<_> = decode_payload(std::str::from_utf8(&body).unwrap()).collect();
+        assert_eq!(
+            got,
+            vec![
+                Ok(PayloadPacket::Text("2")),
+                Ok(PayloadPacket::Text("42[\"hi\"]")),
+                Ok(PayloadPacket::Binary(vec![0, 1, 2, 255]))
+            ]
+        );
+        assert_eq!(decode_payload("4a\x1e\x1e").nth(1), Some(Err(PayloadError::Empty)));
+        assert_eq!(decode_payload("b!!").next(), Some(Err(PayloadError::Base64)));
+    }
+
+    proptest! {
+        #[test]
+        fn payload_decoding_never_panics(s in "\\PC*") {
+            for _ in decode_payload(&s) {}
         }
     }
 }

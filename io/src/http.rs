@@ -43,6 +43,15 @@ pub struct Request {
     pub bearer: Option<String>,
     /// `Content-Length` or `Transfer-Encoding` announced a body.
     pub has_body: bool,
+    /// `Content-Length`, when present and valid.
+    pub content_length: Option<usize>,
+    /// A `Content-Length` that is not a number, or two that disagree.
+    pub bad_length: bool,
+    /// `Transfer-Encoding` was given (chunked bodies are not served).
+    pub chunked: bool,
+    /// The connection may carry another request after this one (HTTP/1.1 unless
+    /// `Connection: close`; HTTP/1.0 only with `Connection: keep-alive`).
+    pub keep_alive: bool,
 }
 
 impl Request {
@@ -83,6 +92,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> 
         method: req.method.unwrap_or("").to_string(),
         path: path.to_string(),
         query,
+        keep_alive: req.version == Some(1),
         ..Request::default()
     };
     for h in req.headers.iter() {
@@ -90,7 +100,15 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> 
         if h.name.eq_ignore_ascii_case("upgrade") {
             out.upgrade_websocket |= value.eq_ignore_ascii_case("websocket");
         } else if h.name.eq_ignore_ascii_case("connection") {
-            out.connection_upgrade |= value.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("upgrade") {
+                    out.connection_upgrade = true;
+                } else if token.eq_ignore_ascii_case("close") {
+                    out.keep_alive = false;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    out.keep_alive = true;
+                }
+            }
         } else if h.name.eq_ignore_ascii_case("sec-websocket-key") {
             out.ws_key = Some(value.to_string());
         } else if h.name.eq_ignore_ascii_case("sec-websocket-version") {
@@ -104,8 +122,13 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> 
             }
         } else if h.name.eq_ignore_ascii_case("content-length") {
             out.has_body |= value != "0";
+            match value.parse::<usize>() {
+                Ok(n) if out.content_length.is_none_or(|m| m == n) => out.content_length = Some(n),
+                _ => out.bad_length = true,
+            }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             out.has_body = true;
+            out.chunked = true;
         }
     }
     Ok(Some((out, head_len)))
@@ -165,22 +188,37 @@ pub fn upgrade_response(ws_key: &str) -> Vec<u8> {
 
 /// A complete response with a body; the connection is closed after it.
 pub fn response(status: u16, content_type: &str, body: &str) -> Vec<u8> {
-    let mut out = String::with_capacity(128 + body.len());
+    response_bytes(status, content_type, body.as_bytes(), false)
+}
+
+/// A complete response with `body`; `keep_alive` leaves the connection open for the
+/// client's next request (HTTP/1.1 persistent connection), otherwise it says
+/// `Connection: close`.
+pub fn response_bytes(status: u16, content_type: &str, body: &[u8], keep_alive: bool) -> Vec<u8> {
+    let mut head = String::with_capacity(160);
     let _ = write!(
-        out,
-        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        head,
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{}\r\n",
         reason_phrase(status),
-        body.len()
+        body.len(),
+        if keep_alive { "" } else { "Connection: close\r\n" },
     );
-    out.push_str(body);
-    out.into_bytes()
+    let mut out = head.into_bytes();
+    out.reserve_exact(body.len());
+    out.extend_from_slice(body);
+    out
 }
 
 /// An Engine.IO server error as the reference server sends it: HTTP 400 with
 /// `{"code":N,"message":"..."}`, plus a `detail` that tells the operator what to change.
 pub fn engineio_error(code: u8, message: &str, detail: &str) -> Vec<u8> {
+    engineio_error_with(400, code, message, detail)
+}
+
+/// Like [`engineio_error`] with another HTTP status (411, 413: the POST body's length).
+pub fn engineio_error_with(status: u16, code: u8, message: &str, detail: &str) -> Vec<u8> {
     let body = serde_json::json!({ "code": code, "message": message, "detail": detail });
-    response(400, "application/json", &body.to_string())
+    response(status, "application/json", &body.to_string())
 }
 
 fn reason_phrase(status: u16) -> &'static str {
@@ -189,6 +227,7 @@ fn reason_phrase(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        411 => "Length Required",
         413 => "Payload Too Large",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
@@ -251,5 +290,28 @@ mod tests {
         let body = r.split("\r\n\r\n").nth(1).unwrap();
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(v["code"], 0);
+    }
+
+    #[test]
+    fn persistence_and_body_length() {
+        let head = |h: &str| parse_request(h.as_bytes()).unwrap().unwrap().0;
+        let r = head("POST /socket.io/?EIO=4 HTTP/1.1\r\nContent-Length: 12\r\n\r\n");
+        assert!(r.keep_alive && r.has_body && !r.bad_length);
+        assert_eq!(r.content_length, Some(12));
+        assert!(!head("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").keep_alive);
+        assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
+        assert!(head("POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n").bad_length);
+        assert!(head("POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n").bad_length);
+        assert!(head("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").chunked);
+    }
+
+    #[test]
+    fn persistent_responses_omit_connection_close() {
+        let keep = String::from_utf8(response_bytes(200, "text/plain", b"ok", true)).unwrap();
+        assert!(!keep.contains("Connection: close") && keep.ends_with("\r\n\r\nok"));
+        assert!(String::from_utf8(response_bytes(200, "text/plain", b"", false))
+            .unwrap()
+            .contains("Connection: close"));
     }
 }

@@ -199,6 +199,36 @@ pub fn encode_masked_frame(op: OpKind, payload: &[u8], mask: [u8; 4], out: &mut 
     unmask(&mut out[start..], mask);
 }
 
+/// The frames of `buf`, a run of complete unmasked (server) frames as [`encode_frame`]
+/// writes them, as (kind, payload) pairs; stops at the first incomplete or masked frame.
+/// Lets a transport other than WebSocket (HTTP long-polling) take the payloads out of
+/// frames queued for a client.
+pub fn server_frames(buf: &[u8]) -> impl Iterator<Item = (OpKind, &[u8])> {
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        let rest = buf.get(pos..)?;
+        let mut cursor = Cursor::new(rest);
+        let (header, len) = FrameHeader::parse(&mut cursor).ok()??;
+        if header.mask.is_some() {
+            return None;
+        }
+        let start = cursor.position() as usize;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        let payload = rest.get(start..end)?;
+        let op = match header.opcode {
+            OpCode::Data(Data::Continue) => OpKind::Continuation,
+            OpCode::Data(Data::Text) => OpKind::Text,
+            OpCode::Data(Data::Binary) => OpKind::Binary,
+            OpCode::Control(Control::Close) => OpKind::Close,
+            OpCode::Control(Control::Ping) => OpKind::Ping,
+            OpCode::Control(Control::Pong) => OpKind::Pong,
+            _ => return None,
+        };
+        pos += end;
+        Some((op, payload))
+    })
+}
+
 /// A server close frame with `code` and a reason cut to fit the 125-byte limit.
 pub fn close_frame(code: u16, reason: &str) -> Vec<u8> {
     let mut payload = code.to_be_bytes().to_vec();
@@ -394,5 +424,19 @@ mod tests {
         fn never_panics(mut bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = decode_frame(&mut bytes, 1 << 20, Role::Server);
         }
+    }
+
+    #[test]
+    fn server_frames_walks_a_run_of_frames() {
+        let mut run = Vec::new();
+        encode_frame(OpKind::Text, b"42[\"a\"]", &mut run);
+        encode_frame(OpKind::Binary, &[1, 2, 3], &mut run);
+        encode_frame(OpKind::Text, &[b'x'; 300], &mut run);
+        let got: Vec<_> = server_frames(&run).collect();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0], (OpKind::Text, &b"42[\"a\"]"[..]));
+        assert_eq!(got[1], (OpKind::Binary, &[1u8, 2, 3][..]));
+        assert_eq!(got[2].1.len(), 300);
+        assert_eq!(server_frames(&run[..run.len() - 1]).count(), 2);
     }
 }

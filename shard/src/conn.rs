@@ -1,37 +1,45 @@
-//! One task per client connection: the HTTP request head, then either a plain response
-//! (health, readiness, metrics, errors) or the WebSocket upgrade and the Engine.IO loop.
+//! One task per client connection: HTTP requests (plain endpoints, Engine.IO
+//! long-polling, each handed to the shard that owns its session), then, once the
+//! connection is a WebSocket, the Engine.IO loop.
 //!
-//! The task owns the socket and the bytes of a partly received frame; everything other
-//! connections may touch (the outbound queue, timers, the session) lives in the shard's
-//! [`crate::state::ConnEntry`]. An idle connection holds no read or write buffer: reads go
-//! into the shard's scratch buffer and glommio waits for readiness with a poll, not a
-//! pending receive into memory of ours.
+//! A WebSocket task owns the socket and the bytes of a partly received frame; everything
+//! other connections may touch (the outbound queue, timers, the session) lives in the
+//! shard's [`crate::state::ConnEntry`]. An idle connection holds no read or write buffer:
+//! reads go into the shard's scratch buffer and glommio waits for readiness with a poll,
+//! not a pending receive into memory of ours.
+//!
+//! A request naming a session (long-polling, or the upgrade of a polling session) may
+//! arrive on any shard, since the kernel spreads connections over the shards'
+//! `SO_REUSEPORT` listeners. The session id names its shard; a request for another shard
+//! is not served here: the connection itself (its descriptor, duplicated, and the bytes
+//! read so far) is sent to the owner over the mesh ([`ShardMsg::Adopt`]), which parses
+//! the request again and serves it and whatever else follows on that connection. The
+//! owner alone touches the session, so no state is shared or locked.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use shardgate_io::engineio::{self, Open};
 use shardgate_io::http::{self, Request};
-use shardgate_io::socketio;
 use shardgate_io::ws::{self, close_code, Assembler, DataKind, OpKind, Role, WsError};
 use tracing::{debug, info};
 
-use shardgate_io::packet;
-
-use crate::ids::{sid, ConnId};
+use crate::ids::{ConnId, ShardId};
 use crate::local::{Shard, SCRATCH};
 use crate::metrics::{CloseReason, Counter};
-use crate::state::conns::ConnEntry;
+use crate::msg::ShardMsg;
+use crate::state::conns::{ConnEntry, Inbound};
+use crate::wire::{self, HeadError};
+use crate::{polling, upgrade};
 
-/// First allocation for a request head; most heads of Socket.IO clients fit.
-const HEAD_BUF: usize = 1024;
-/// Bytes read per call while reading a request head (bounded by http's 8 KiB limit).
-const HEAD_CHUNK: usize = 2048;
+/// A request buffer larger than this is freed between two requests.
+const HEAD_KEEP: usize = 4096;
 /// Frames at least this large are written straight from the queue, not coalesced.
 const DIRECT_WRITE: usize = 16 * 1024;
 /// Read/flush rounds one connection may take per poll before it yields to the others.
@@ -41,14 +49,6 @@ const RBUF_KEEP: usize = 4096;
 /// Engine.IO's maxPayload counts the packet; a frame may carry this much more (the
 /// packet type prefix and a Socket.IO header).
 const FRAME_SLACK: usize = 16;
-/// Longest a single write of a handshake answer or goodbye may block.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A binary packet waiting for its attachments.
-struct PendingBinary {
-    packet: socketio::Packet,
-    attachments: Vec<Vec<u8>>,
-}
 
 /// What the connection task keeps for itself.
 struct ConnIo {
@@ -57,18 +57,36 @@ struct ConnIo {
     /// Bytes of an incomplete frame (empty, and unallocated, most of the time).
     rbuf: Vec<u8>,
     assembler: Assembler,
-    /// Token from the upgrade request (header or query), used if CONNECT carries none.
-    upgrade_token: Option<String>,
-    binary: Option<Box<PendingBinary>>,
+    /// The Engine.IO reader's state: the opening request's token, a pending binary packet.
+    inbound: Inbound,
 }
 
-/// Serves one accepted TCP connection until it closes.
+/// Serves one accepted TCP connection until it closes or is handed to another shard.
 ///
-/// The handshake runs in its own boxed future so that its buffers and the request are
-/// freed before the long idle life of the connection begins: the connection task keeps
-/// only [`ConnIo`].
-pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream, full: bool) {
-    let Some(mut io) = Box::pin(handshake(&shard, stream, full)).await else {
+/// The HTTP phase (one or more requests: plain, long-polling, the upgrade) runs in its own
+/// boxed future, created here, so that its buffers and requests are freed before the long
+/// idle life of a WebSocket connection begins: the connection task then keeps only
+/// [`ConnIo`].
+pub(crate) fn serve(shard: Rc<Shard>, stream: TcpStream, full: bool) -> impl Future<Output = ()> {
+    let http = Box::pin(http_phase(shard.clone(), stream, full, Vec::new()));
+    websocket_phase(shard, Some(http))
+}
+
+/// Serves a connection another shard accepted and handed over (`read`: what it read).
+pub(crate) fn adopt(shard: Rc<Shard>, fd: OwnedFd, read: Vec<u8>) -> impl Future<Output = ()> {
+    // SAFETY: the fd is a connected TCP socket that nothing else owns any more.
+    let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+    let http = Box::pin(http_phase(shard.clone(), stream, false, read));
+    websocket_phase(shard, Some(http))
+}
+
+/// Awaits the HTTP phase (taken out of `http`, so that its box is freed when it ends),
+/// then runs the WebSocket loop if the connection became one.
+async fn websocket_phase(shard: Rc<Shard>, mut http: Option<Pin<Box<impl Future<Output = Option<ConnIo>>>>>) {
+    let Some(http) = http.take() else {
+        return;
+    };
+    let Some(mut io) = http.await else {
         return;
     };
     let reason = run(&shard, &mut io).await;
@@ -76,31 +94,103 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream, full: bool) {
     Box::pin(finish(&shard, io, reason)).await;
 }
 
-/// Reads the request head; answers plain HTTP, or upgrades, registers the connection and
-/// sends the Engine.IO open packet.
-async fn handshake(shard: &Shard, mut stream: TcpStream, full: bool) -> Option<ConnIo> {
-    let m = &shard.metrics();
+/// What a request asks of this shard.
+enum Route {
+    /// Answer this and close.
+    Respond(Vec<u8>),
+    /// The session lives on another shard: hand the connection over.
+    Forward(ShardId),
+    /// A new WebSocket session.
+    WebSocket,
+    /// The upgrade of long-polling session `id` to WebSocket.
+    Upgrade(ConnId),
+    /// A new long-polling session.
+    PollOpen,
+    /// A GET of long-polling session `id`.
+    PollGet(ConnId),
+    /// A POST of long-polling session `id`.
+    PollPost(ConnId),
+}
+
+/// Serves HTTP requests until the connection becomes a WebSocket (returned), closes, or
+/// is handed to the shard that owns its session. `buf` holds bytes already read.
+async fn http_phase(shard: Rc<Shard>, mut stream: TcpStream, full: bool, mut buf: Vec<u8>) -> Option<ConnIo> {
+    let shard = &*shard;
+    let m = shard.metrics();
     let _ = stream.set_nodelay(true);
-    let timeout = Duration::from_millis(shard.shared.config.handshake_timeout_ms);
-    let (req, rest) = match read_head(&mut stream, timeout).await {
-        Ok(Some(x)) => x,
-        Ok(None) => return None,
-        Err(HeadError::Timeout) => {
-            m.closed(CloseReason::HandshakeTimeout);
-            debug!("closed before upgrade: handshake_timeout");
+    let mut timeout = Duration::from_millis(shard.shared.config.handshake_timeout_ms);
+    loop {
+        let (req, head) = match wire::read_head(shard, &mut stream, &mut buf, timeout).await {
+            Ok(x) => x,
+            Err(HeadError::Closed) => return None,
+            Err(HeadError::Timeout) => {
+                if timeout != polling::KEEPALIVE_IDLE || !buf.is_empty() {
+                    m.closed(CloseReason::HandshakeTimeout);
+                    debug!("closed before upgrade: handshake_timeout");
+                }
+                return None;
+            }
+            Err(HeadError::Bad(resp)) => {
+                m.inc(Counter::HttpRequests);
+                let _ = wire::write_all(&mut stream, &resp).await;
+                return None;
+            }
+        };
+        let route = match route(shard, &req, full) {
+            Route::Respond(resp) => {
+                m.inc(Counter::HttpRequests);
+                let _ = wire::write_all(&mut stream, &resp).await;
+                return None;
+            }
+            Route::Forward(owner) => {
+                hand_off(shard, stream, buf, owner);
+                return None;
+            }
+            other => other,
+        };
+        // From here `buf` holds what followed the head.
+        buf.drain(..head);
+        let keep = match route {
+            Route::WebSocket => return open_websocket(shard, stream, &req, buf).await,
+            Route::Upgrade(id) => {
+                let (stream, rbuf, inbound) = upgrade::probe(shard, stream, &req, id, buf).await?;
+                return Some(ConnIo { id, stream, rbuf, assembler: Assembler::default(), inbound });
+            }
+            Route::PollOpen => {
+                let resp = polling::open(shard, &req);
+                wire::write_all(&mut stream, &resp).await.is_ok() && req.keep_alive
+            }
+            Route::PollGet(id) => polling::get(shard, &mut stream, id, req.keep_alive, &mut buf).await,
+            Route::PollPost(id) => polling::post(shard, &mut stream, &req, id, &mut buf).await,
+            Route::Respond(_) | Route::Forward(_) => return None,
+        };
+        if !keep {
             return None;
         }
-        Err(HeadError::Bad(resp)) => {
-            m.inc(Counter::HttpRequests);
-            let _ = write_all(&mut stream, &resp).await;
-            return None;
+        if buf.is_empty() && buf.capacity() > HEAD_KEEP {
+            buf = Vec::new();
         }
-    };
-    if let Some(resp) = plain_response(shard, &req, full) {
-        m.inc(Counter::HttpRequests);
-        let _ = write_all(&mut stream, &resp).await;
-        return None;
+        timeout = polling::KEEPALIVE_IDLE;
     }
+}
+
+/// Gives the connection to shard `owner` with the bytes read so far; the owner parses
+/// the request again and serves it (and whatever follows on the connection).
+fn hand_off(shard: &Shard, stream: TcpStream, read: Vec<u8>, owner: ShardId) {
+    // SAFETY: dup(2) of a socket this task owns; the copy outlives `stream`.
+    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+    drop(stream);
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: a fresh descriptor from dup(2), owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    shard.metrics().inc(Counter::Handoffs);
+    shard.shared.mesh.send(owner, ShardMsg::Adopt { fd, read });
+}
+
+/// Registers a new WebSocket connection and sends the Engine.IO open packet.
+async fn open_websocket(shard: &Shard, stream: TcpStream, req: &Request, rest: Vec<u8>) -> Option<ConnIo> {
     let cfg = &shard.shared.config;
     let now = shard.shared.now();
     let id = shard.state.borrow_mut().conns.insert(ConnEntry {
@@ -109,7 +199,7 @@ async fn handshake(shard: &Shard, mut stream: TcpStream, full: bool) -> Option<C
         ..ConnEntry::default()
     });
     let open = Open {
-        sid: sid(shard.id, id),
+        sid: shard.shared.sid_key.engine_sid(shard.id, id),
         upgrades: vec![],
         ping_interval: cfg.ping_interval_ms,
         ping_timeout: cfg.ping_timeout_ms,
@@ -117,69 +207,30 @@ async fn handshake(shard: &Shard, mut stream: TcpStream, full: bool) -> Option<C
     };
     let mut hello = http::upgrade_response(req.ws_key.as_deref().unwrap_or_default());
     ws::encode_frame(OpKind::Text, open.encode().as_bytes(), &mut hello);
-    m.inc(Counter::Open);
+    shard.metrics().inc(Counter::Open);
+    let token = req.bearer.clone().or_else(|| req.query_param("token").map(str::to_string));
     let mut io = ConnIo {
         id,
         stream,
         rbuf: rest,
         assembler: Assembler::default(),
-        upgrade_token: req.bearer.clone().or_else(|| req.query_param("token").map(str::to_string)),
-        binary: None,
+        inbound: Inbound { token, binary: None },
     };
-    if write_all(&mut io.stream, &hello).await.is_err() {
+    if wire::write_all(&mut io.stream, &hello).await.is_err() {
         finish(shard, io, CloseReason::TransportError).await;
         return None;
     }
     Some(io)
 }
 
-enum HeadError {
-    Timeout,
-    Bad(Vec<u8>),
-}
-
-async fn read_head(
-    stream: &mut TcpStream,
-    timeout: Duration,
-) -> Result<Option<(Request, Vec<u8>)>, HeadError> {
-    let mut buf = Vec::with_capacity(HEAD_BUF);
-    let mut chunk = vec![0u8; HEAD_CHUNK];
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Err(HeadError::Timeout);
-        }
-        let _ = stream.set_read_timeout(Some(left));
-        let n = match stream.read(&mut chunk).await {
-            Ok(0) => return Ok(None),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(HeadError::Timeout),
-            Err(_) => return Ok(None),
-        };
-        buf.extend_from_slice(&chunk[..n]);
-        match http::parse_request(&buf) {
-            Ok(Some((req, len))) => {
-                let _ = stream.set_read_timeout(None);
-                let rest = buf.split_off(len);
-                return Ok(Some((req, rest)));
-            }
-            Ok(None) => continue,
-            Err(http::HttpError::TooLarge) => {
-                return Err(HeadError::Bad(http::response(431, "text/plain", "request head too large\n")))
-            }
-            Err(e) => return Err(HeadError::Bad(http::response(400, "text/plain", &format!("{e}\n")))),
-        }
-    }
-}
-
-/// Answers everything that is not a Socket.IO WebSocket upgrade.
-fn plain_response(shard: &Shard, req: &Request, full: bool) -> Option<Vec<u8>> {
+/// Decides what a request asks: plain endpoints, refusals, and the Engine.IO transports.
+fn route(shard: &Shard, req: &Request, full: bool) -> Route {
     let shared = &shard.shared;
+    let respond = |r| Route::Respond(r);
     match req.path.as_str() {
-        "/healthz" => return Some(http::response(200, "text/plain", "ok\n")),
+        "/healthz" => return respond(http::response(200, "text/plain", "ok\n")),
         "/readyz" => {
-            return Some(if shared.ready.load(std::sync::atomic::Ordering::Relaxed) {
+            return respond(if shared.ready.load(std::sync::atomic::Ordering::Relaxed) {
                 http::response(200, "text/plain", "ready\n")
             } else {
                 http::response(503, "text/plain", "not ready\n")
@@ -189,13 +240,13 @@ fn plain_response(shard: &Shard, req: &Request, full: bool) -> Option<Vec<u8>> {
             let mut body = String::with_capacity(8192);
             crate::metrics::render(&shared.metrics, shared.mesh.len(), &mut body);
             body.push_str(&shared.static_metrics);
-            return Some(http::response(200, "text/plain; version=0.0.4", &body));
+            return respond(http::response(200, "text/plain; version=0.0.4", &body));
         }
-        "/admin/drain" => return Some(admin_drain(shard, req)),
+        "/admin/drain" => return respond(admin_drain(shard, req)),
         "/socket.io/" | "/socket.io" => {}
-        _ => return Some(http::response(404, "text/plain", "not found\n")),
+        _ => return respond(http::response(404, "text/plain", "not found\n")),
     }
-    let refuse = |code, msg, detail| Some(http::engineio_error(code, msg, detail));
+    let refuse = |code, msg, detail| Route::Respond(http::engineio_error(code, msg, detail));
     if req.query_param("EIO") != Some(engineio::PROTOCOL_VERSION) {
         return refuse(
             5,
@@ -203,35 +254,63 @@ fn plain_response(shard: &Shard, req: &Request, full: bool) -> Option<Vec<u8>> {
             "shardgate speaks Engine.IO v4 (socket.io-client 3.x and 4.x): use EIO=4",
         );
     }
-    if req.query_param("transport") != Some("websocket") {
-        return refuse(
-            0,
-            "Transport unknown",
-            "shardgate serves the websocket transport only: set transports: [\"websocket\"] in the client",
-        );
+    let websocket = match req.query_param("transport") {
+        Some("websocket") => true,
+        Some("polling") => false,
+        _ => return refuse(0, "Transport unknown", "transport must be polling or websocket"),
+    };
+    if websocket {
+        if req.method != "GET" || !req.is_websocket_upgrade() {
+            return refuse(
+                3,
+                "Bad request",
+                "expected a GET with Upgrade: websocket, Connection: Upgrade and Sec-WebSocket-Key",
+            );
+        }
+        if req.ws_version.as_deref() != Some("13") {
+            return refuse(3, "Bad request", "unsupported Sec-WebSocket-Version: only 13 is served");
+        }
+        if req.has_body {
+            return refuse(3, "Bad request", "an upgrade request carries no body");
+        }
     }
-    if req.method != "GET" || !req.is_websocket_upgrade() {
-        return refuse(
-            3,
-            "Bad request",
-            "expected a GET with Upgrade: websocket, Connection: Upgrade and Sec-WebSocket-Key",
-        );
+    if let Some(sid) = req.query_param("sid") {
+        let owner = shared.sid_key.verify(sid).filter(|(s, _)| *s < shared.mesh.len());
+        let Some((owner, id)) = owner else {
+            shard.metrics().inc(Counter::UnknownSids);
+            return refuse(1, "Session ID unknown", "the session id is not one this server issued");
+        };
+        if owner != shard.id {
+            return Route::Forward(owner);
+        }
+        if websocket {
+            return match upgrade::admit(shard, id) {
+                Ok(()) => Route::Upgrade(id),
+                Err(resp) => Route::Respond(resp),
+            };
+        }
+        return match req.method.as_str() {
+            "GET" => Route::PollGet(id),
+            "POST" => Route::PollPost(id),
+            _ => refuse(3, "Bad request", "a long-polling request is a GET or a POST"),
+        };
     }
-    if req.ws_version.as_deref() != Some("13") {
-        return refuse(3, "Bad request", "unsupported Sec-WebSocket-Version: only 13 is served");
-    }
-    if req.has_body {
-        return refuse(3, "Bad request", "an upgrade request carries no body");
+    if !websocket && req.method != "GET" {
+        return refuse(2, "Bad handshake method", "a new long-polling session starts with a GET");
     }
     if full || shared.closing() {
         shard.metrics().inc(Counter::Refused);
-        return Some(http::response(
+        return respond(http::response(
             503,
             "application/json",
             "{\"code\":503,\"message\":\"Server at capacity or draining\"}",
         ));
     }
-    None
+    if websocket {
+        Route::WebSocket
+    } else {
+        Route::PollOpen
+    }
 }
 
 /// `POST /admin/drain` with `Authorization: Bearer <admin.token>`: the same drain as
@@ -265,13 +344,6 @@ fn admin_drain(shard: &Shard, req: &Request) -> Vec<u8> {
 /// difference.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-async fn write_all(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
-    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-    let r = stream.write_all(bytes).await;
-    let _ = stream.set_write_timeout(None);
-    r
 }
 
 /// The connection loop: flush queued frames, honour close requests, read and process.
@@ -439,64 +511,12 @@ fn ws_reason(e: WsError) -> CloseReason {
 /// One whole WebSocket message: an Engine.IO packet (text) or a binary attachment.
 fn on_message(shard: &Shard, io: &mut ConnIo, kind: DataKind, bytes: &[u8]) -> Result<(), CloseReason> {
     let now = shard.shared.now();
+    let mut st = shard.state.borrow_mut();
     if kind == DataKind::Binary {
-        let Some(pending) = io.binary.as_mut() else {
-            return Err(CloseReason::MalformedPacket);
-        };
-        pending.attachments.push(bytes.to_vec());
-        if pending.attachments.len() == pending.packet.attachments {
-            if let Some(p) = io.binary.take() {
-                let mut st = shard.state.borrow_mut();
-                crate::session::on_packet(
-                    &mut st,
-                    io.id,
-                    &mut io.upgrade_token,
-                    p.packet,
-                    p.attachments,
-                    now,
-                )?;
-            }
-        }
-        return Ok(());
+        return crate::inbound::on_binary(&mut st, io.id, &mut io.inbound, bytes, now);
     }
     let text = std::str::from_utf8(bytes).map_err(|_| CloseReason::MalformedPacket)?;
-    if text.len() > shard.shared.config.max_payload {
-        return Err(CloseReason::PayloadTooLarge);
-    }
-    match engineio::decode(text).map_err(|_| CloseReason::MalformedPacket)? {
-        engineio::Packet::Pong(_) => {
-            if let Some(c) = shard.state.borrow_mut().conns.get_mut(io.id) {
-                c.pong_deadline = 0;
-            }
-        }
-        engineio::Packet::Ping(data) => {
-            let pong = packet::server_frame(packet::pong(data).as_bytes());
-            shard.state.borrow_mut().push_new(io.id, pong);
-        }
-        engineio::Packet::Close => return Err(CloseReason::ClientDisconnect),
-        engineio::Packet::Message(payload) => {
-            if io.binary.is_some() {
-                return Err(CloseReason::MalformedPacket);
-            }
-            let packet = socketio::decode(payload).map_err(|e| {
-                debug!("malformed socket.io packet: {e}");
-                CloseReason::MalformedPacket
-            })?;
-            if packet.kind.is_binary() && packet.attachments > 0 {
-                if let Some(data) = &packet.data {
-                    socketio::check_placeholders(data, packet.attachments)
-                        .map_err(|_| CloseReason::MalformedPacket)?;
-                }
-                io.binary = Some(Box::new(PendingBinary { packet, attachments: Vec::new() }));
-                return Ok(());
-            }
-            let mut st = shard.state.borrow_mut();
-            crate::session::on_packet(&mut st, io.id, &mut io.upgrade_token, packet, Vec::new(), now)?;
-        }
-        engineio::Packet::Upgrade | engineio::Packet::Noop => {}
-        engineio::Packet::Open(_) => return Err(CloseReason::MalformedPacket),
-    }
-    Ok(())
+    crate::inbound::on_text(&mut st, io.id, &mut io.inbound, text, shard.shared.config.max_payload, now)
 }
 
 fn close_code_for(r: CloseReason) -> u16 {
@@ -513,32 +533,19 @@ fn close_code_for(r: CloseReason) -> u16 {
 /// Removes the connection from the shard, then says goodbye on the socket.
 async fn finish(shard: &Shard, mut io: ConnIo, reason: CloseReason) {
     let now = shard.shared.now();
-    let m = &shard.metrics();
     let leftover = {
         let mut st = shard.state.borrow_mut();
-        let entry = st.conns.remove(io.id);
         let mut leftover = Vec::new();
-        if let Some(mut e) = entry {
+        if let Some(mut e) = crate::session::retire(&mut st, io.id, reason, now) {
             if !e.close_now {
                 for f in e.outbox.drain(..) {
                     leftover.extend_from_slice(&f[e.head_off.min(f.len())..]);
                     e.head_off = 0;
                 }
             }
-            if let Some(session) = e.session.take() {
-                crate::session::teardown(&mut st, io.id, *session, now, reason);
-            }
         }
         leftover
     };
-    m.dec(Counter::Open);
-    m.closed(reason);
-    match reason {
-        CloseReason::ClientClosed | CloseReason::ClientDisconnect | CloseReason::ServerShutdown => {
-            debug!(shard = shard.id, reason = reason.as_str(), "connection closed")
-        }
-        _ => info!(shard = shard.id, reason = reason.as_str(), "connection closed"),
-    }
     if reason == CloseReason::TransportError {
         return;
     }
@@ -548,7 +555,7 @@ async fn finish(shard: &Shard, mut io: ConnIo, reason: CloseReason) {
 }
 
 async fn stream_close(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
-    write_all(stream, bytes).await?;
+    wire::write_all(stream, bytes).await?;
     stream.close().await
 }
 #[cfg(test)]
@@ -565,7 +572,7 @@ mod tests {
                 let shard = std::rc::Rc::new(crate::local::Shard::new(0, shared));
                 let task = super::serve(shard, c, false);
                 let size = std::mem::size_of_val(&task);
-                assert!(size <= 512, "connection task grew to {size} bytes");
+                assert!(size <= 384, "connection task grew to {size} bytes");
                 assert!(std::mem::size_of::<crate::state::conns::ConnEntry>() <= 128);
             })
             .unwrap()

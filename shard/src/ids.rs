@@ -48,6 +48,62 @@ pub fn parse_sid(sid: &str) -> Option<(ShardId, ConnId)> {
     Some((shard, ConnId::from_u64(conn ^ SID_XOR)))
 }
 
+/// Length of the tag [`SidKey`] appends to a socket name: 128 bits, base64url.
+const TAG_CHARS: usize = 22;
+
+/// The process's secret for Engine.IO session ids. A session id is a credential (any
+/// long-polling request or upgrade that names it acts as that client), so it is the
+/// socket's name ([`sid`]: where it lives) followed by a 128-bit HMAC-SHA-256 tag of that
+/// name under a random per-process key: unguessable, checked without a lookup, costing no
+/// memory per connection, and refused by any other process (its key differs).
+pub struct SidKey([u8; 32]);
+
+impl SidKey {
+    /// A fresh random key from the kernel (`getrandom(2)`).
+    pub fn random() -> SidKey {
+        let mut key = [0u8; 32];
+        let mut filled = 0;
+        while filled < key.len() {
+            // SAFETY: writes at most the remaining bytes of `key`.
+            let n = unsafe { libc::getrandom(key[filled..].as_mut_ptr().cast(), key.len() - filled, 0) };
+            if n > 0 {
+                filled += n as usize;
+            }
+        }
+        SidKey(key)
+    }
+
+    fn tag(&self, name: &str) -> String {
+        use hmac::Mac;
+        // HMAC accepts keys of any length.
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("hmac key");
+        mac.update(name.as_bytes());
+        let out = mac.finalize().into_bytes();
+        data_encoding::BASE64URL_NOPAD.encode(&out[..16])
+    }
+
+    /// The Engine.IO session id of connection `conn` on `shard`.
+    pub fn engine_sid(&self, shard: ShardId, conn: ConnId) -> String {
+        let mut s = sid(shard, conn);
+        let tag = self.tag(&s);
+        s.push_str(&tag);
+        s
+    }
+
+    /// The connection an Engine.IO session id names, if its tag is this process's.
+    pub fn verify(&self, engine_sid: &str) -> Option<(ShardId, ConnId)> {
+        let split = engine_sid.len().checked_sub(TAG_CHARS)?;
+        let (name, tag) = (engine_sid.get(..split)?, engine_sid.get(split..)?);
+        let want = self.tag(name);
+        let same =
+            want.len() == tag.len() && want.bytes().zip(tag.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
+        if !same {
+            return None;
+        }
+        parse_sid(name)
+    }
+}
+
 /// A connection anywhere in the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SocketRef {
@@ -99,5 +155,22 @@ mod tests {
         assert_eq!(parse_sid(&s), Some((5, conn)));
         assert_eq!(parse_sid("zz"), None);
         assert_eq!(parse_sid(""), None);
+    }
+
+    #[test]
+    fn engine_sids_carry_an_unforgeable_tag() {
+        let (key, other) = (SidKey::random(), SidKey::random());
+        let conn = ConnId::from_u64(77);
+        let s = key.engine_sid(3, conn);
+        assert_eq!(s.len(), sid(3, conn).len() + TAG_CHARS);
+        assert_eq!(key.verify(&s), Some((3, conn)));
+        assert_eq!(other.verify(&s), None, "another process's key");
+        assert_eq!(key.verify(&sid(3, conn)), None, "the bare socket name");
+        let mut forged = s.clone().into_bytes();
+        let last = forged.len() - 1;
+        forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+        assert_eq!(key.verify(std::str::from_utf8(&forged).unwrap()), None);
+        assert_eq!(key.verify(""), None);
+        assert_eq!(key.verify("é"), None);
     }
 }

@@ -18,10 +18,12 @@ pub mod bench;
 pub mod config;
 mod conn;
 pub mod ids;
+mod inbound;
 mod local;
 pub mod mesh;
 pub mod metrics;
 pub mod msg;
+mod polling;
 pub mod record;
 pub mod runtime;
 mod session;
@@ -29,6 +31,8 @@ pub mod shared;
 mod slab;
 mod state;
 mod timers;
+mod upgrade;
+mod wire;
 
 pub use slab::ConnId;
 

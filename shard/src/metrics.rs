@@ -42,7 +42,8 @@ labels! {
         InvalidNamespace => "invalid_namespace",
         /// A packet that does not follow Engine.IO / Socket.IO.
         MalformedPacket => "malformed_packet",
-        /// A WebSocket frame that breaks RFC 6455.
+        /// A WebSocket frame that breaks RFC 6455, or long-polling requests that break
+        /// Engine.IO (overlapping GETs or POSTs, a POST without a length).
         ProtocolError => "protocol_error",
         /// A message larger than `maxPayload`.
         PayloadTooLarge => "payload_too_large",
@@ -62,8 +63,19 @@ labels! {
         Accepted => "connections_accepted_total",
         /// Connections refused because the process is at `max_connections`.
         Refused => "connections_refused_total",
-        /// WebSocket connections open now (gauge).
+        /// Engine.IO sessions open now, WebSocket or long-polling (gauge).
         Open => "connections_open",
+        /// Of those, sessions on HTTP long-polling now (gauge).
+        PollingOpen => "polling_sessions_open",
+        /// Long-polling requests served (GET and POST with a session id).
+        PollingRequests => "polling_requests_total",
+        /// Requests that arrived on another shard than their session's and were handed
+        /// to the owner with their connection.
+        Handoffs => "polling_handoffs_total",
+        /// Long-polling sessions upgraded to WebSocket.
+        Upgrades => "transport_upgrades_total",
+        /// Requests naming a session id that is unknown, closed or not this process's.
+        UnknownSids => "unknown_session_ids_total",
         /// Authenticated Socket.IO sessions now (gauge).
         Sessions => "sessions_open",
         /// Plain HTTP requests served (health, metrics, errors).

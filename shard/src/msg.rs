@@ -155,6 +155,14 @@ impl DeliveryStatus {
 /// A message between shards.
 #[derive(Debug)]
 pub enum ShardMsg {
+    /// A client connection accepted by another shard whose request belongs to a session
+    /// of this one (long-polling, upgrade): serve it here.
+    Adopt {
+        /// The connection's socket (a duplicate; the sender dropped its own).
+        fd: std::os::fd::OwnedFd,
+        /// What the sender read from it: the request head and anything after.
+        read: Vec<u8>,
+    },
     /// Deliver `frame` to every local member of `room`.
     RoomDeliver {
         /// Room key.

@@ -316,6 +316,11 @@ async fn inbox_task(shard: Rc<Shard>, mut bell: UnixStream) {
                 }
             }
         }
+        // Spawned outside the state's borrow: a new task may run before this one resumes.
+        let adopted = std::mem::take(&mut shard.state.borrow_mut().adopted);
+        for (fd, read) in adopted {
+            glommio::spawn_local(crate::conn::adopt(shard.clone(), fd, read)).detach();
+        }
         if stop {
             debug!(shard = shard.id, "inbox saw shutdown");
             if let Some(w) = shard.stop_waker.borrow_mut().take() {

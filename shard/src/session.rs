@@ -8,6 +8,7 @@
 use serde_json::{json, Value};
 use shardgate_io::packet;
 use shardgate_io::socketio::{Packet, PacketType};
+use tracing::{debug, info};
 
 use crate::auth::Perms;
 use crate::ids::{key, key_id, sid, ConnId, Frame, Key};
@@ -15,7 +16,7 @@ use crate::metrics::{CloseReason, Counter};
 use crate::msg::DeliveryStatus;
 use crate::record::{self, Receipt};
 use crate::shared::wall_ms;
-use crate::state::conns::Session;
+use crate::state::conns::{ConnEntry, Session};
 use crate::state::pending::Pending;
 use crate::state::router::Dispatch;
 use crate::state::{event_frame, State};
@@ -468,6 +469,29 @@ fn unwatch(st: &mut State, k: &Key, id: ConnId) {
     st.watchers.remove(k, id);
     let d = st.router.unwatch(k.clone(), st.shard);
     st.dispatch(d);
+}
+
+/// Forgets connection `id` for good: removes it from the shard, undoes what its session
+/// registered and counts the close under `reason`. Returns the entry (with the frames
+/// still queued, for the transport's goodbye), or `None` if it was already gone.
+pub(crate) fn retire(st: &mut State, id: ConnId, reason: CloseReason, now: u64) -> Option<ConnEntry> {
+    let mut e = st.conns.remove(id)?;
+    if let Some(session) = e.session.take() {
+        teardown(st, id, *session, now, reason);
+    }
+    let m = st.metrics();
+    m.dec(Counter::Open);
+    if e.poll.is_some() {
+        m.dec(Counter::PollingOpen);
+    }
+    m.closed(reason);
+    match reason {
+        CloseReason::ClientClosed | CloseReason::ClientDisconnect | CloseReason::ServerShutdown => {
+            debug!(shard = st.shard, reason = reason.as_str(), "connection closed")
+        }
+        _ => info!(shard = st.shard, reason = reason.as_str(), "connection closed"),
+    }
+    Some(e)
 }
 
 /// Undoes everything a closed session registered.

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crate::auth::Verifier;
 use crate::config::RuntimeConfig;
-use crate::ids::ShardId;
+use crate::ids::{ShardId, SidKey};
 use crate::mesh::{Inbox, Mesh};
 use crate::metrics::{Counter, ShardMetrics};
 use crate::msg::BridgeMsg;
@@ -47,6 +47,8 @@ pub struct Shared {
     pub server_id: Arc<str>,
     /// The record inbox when persistence (Kafka) is on.
     pub persist: Option<Arc<Inbox<Record>>>,
+    /// Signs and checks Engine.IO session ids (`ids::SidKey`).
+    pub sid_key: SidKey,
 }
 
 impl Shared {
@@ -69,6 +71,7 @@ impl Shared {
             bridge: opts.bridge,
             server_id: opts.server_id,
             persist: opts.persist,
+            sid_key: SidKey::random(),
         }
     }
 

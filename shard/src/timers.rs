@@ -1,6 +1,7 @@
 //! The shard's timer scan, run every tick by the shard's tick task: Engine.IO pings,
 //! pong and connect timeouts, forced closes of stuck flushes, typing expiry and
-//! delivery-report expiry. One pass over the shard's connections per tick.
+//! delivery-report expiry, and the retirement of closed long-polling sessions that no
+//! request holds. One pass over the shard's connections per tick.
 
 use crate::metrics::{CloseReason, Counter};
 use crate::msg::DeliveryStatus;
@@ -13,8 +14,14 @@ pub(crate) fn tick(st: &mut State, now: u64) {
     let ping = st.ping.clone();
     let mut closes = Vec::new();
     let mut typing_expired = Vec::new();
+    let mut retire = Vec::new();
     for (id, c) in st.conns.iter_mut() {
-        if c.close.is_some() {
+        if let Some(reason) = c.close {
+            // A long-polling session no GET holds has nobody else to retire it.
+            if c.detached() {
+                retire.push((id, reason));
+                continue;
+            }
             if now >= c.close_by && !c.close_now {
                 c.close_now = true;
                 c.wake();
@@ -43,7 +50,10 @@ pub(crate) fn tick(st: &mut State, now: u64) {
         }
     }
     for (id, reason) in closes {
-        st.close(id, reason, true, now);
+        crate::polling::close(st, id, reason, true, now);
+    }
+    for (id, reason) in retire {
+        crate::session::retire(st, id, reason, now);
     }
     for (id, room) in typing_expired {
         stop_typing(st, id, &room);

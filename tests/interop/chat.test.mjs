@@ -4,7 +4,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { io } from "socket.io-client";
-import { connect as connectTo, next, token as makeToken } from "./support.mjs";
+import { connect as connectTo, next, token as makeToken, transports } from "./support.mjs";
 
 const URL = process.env.SHARDGATE_URL;
 const SECRET = process.env.SHARDGATE_SECRET;
@@ -19,7 +19,7 @@ function connect(sub, opts = {}) {
 }
 
 function refused(tok) {
-  const s = io(URL, { transports: ["websocket"], reconnection: false, forceNew: true, auth: { token: tok } });
+  const s = io(URL, { ...transports(), reconnection: false, forceNew: true, auth: { token: tok } });
   return new Promise((resolve, reject) => {
     const t = setTimeout(() => reject(new Error("no connect_error")), 5000);
     s.once("connect", () => { clearTimeout(t); s.close(); reject(new Error("bad token accepted")); });
@@ -30,6 +30,24 @@ function refused(tok) {
 test("connects with a token in the auth payload", async () => {
   const s = await connect("alice");
   assert.ok(s.id);
+  s.close();
+});
+
+test("runs on the transport the run asked for (default: polling, then the upgrade)", async () => {
+  const s = await connect("transport-check");
+  const want = process.env.SHARDGATE_TRANSPORTS === "polling" ? "polling" : "websocket";
+  if (process.env.SHARDGATE_TRANSPORTS === "default") {
+    // Opened on long-polling (tests/interop.rs checks the server counted the upgrades).
+    if (s.io.engine.transport.name !== "websocket") {
+      await new Promise((resolve, reject) => {
+        const t = setTimeout(() => reject(new Error("no upgrade within 5 s")), 5000);
+        s.io.engine.once("upgrade", () => { clearTimeout(t); resolve(); });
+      });
+    }
+  }
+  assert.equal(s.io.engine.transport.name, want);
+  const ack = await s.timeout(3000).emitWithAck("join_room", "transport-room");
+  assert.equal(ack.ok, true);
   s.close();
 });
 
@@ -82,7 +100,7 @@ test("offline queue drains in order on connect", async () => {
     assert.equal(ack.status, "queued");
   }
   const got = [];
-  const carol = io(URL, { transports: ["websocket"], reconnection: false, forceNew: true, auth: { token: token("carol3") } });
+  const carol = io(URL, { ...transports(), reconnection: false, forceNew: true, auth: { token: token("carol3") } });
   carol.on("message:new", (m) => got.push(m.content));
   await next(carol, "connect");
   const end = Date.now() + 5000;

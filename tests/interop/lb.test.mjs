@@ -12,23 +12,37 @@ const NODES = (env.SHARDGATE_NODE_URLS ?? "").split(",").filter(Boolean);
 const SECRET = env.SHARDGATE_SECRET;
 assert.ok(env.SHARDGATE_NGINX_URL && env.SHARDGATE_HAPROXY_URL && NODES.length === 3 && SECRET);
 
-const connect = (url, sub, tenant) => connectTo(url, { token: token(SECRET, sub, { tenant }) });
+const connect = (url, sub, tenant, io = {}) => connectTo(url, { token: token(SECRET, sub, { tenant }) }, io);
+// Through the balancer with the client's defaults (long-polling, then the upgrade), and
+// one client that stays on long-polling. `withCredentials` lets the Node client keep the
+// balancer's stickiness cookie, as a browser does by itself.
+const DEFAULTS = { transports: ["polling", "websocket"], withCredentials: true };
+const POLLING = { transports: ["polling"], withCredentials: true };
 
 async function chatThrough(lbUrl, tenant) {
-  // Alice comes through the balancer; Bob has a device directly on every node, so at
-  // least two of them are on another node than Alice.
-  const alice = await connect(lbUrl, "alice", tenant);
-  const bobs = await Promise.all(NODES.map((u) => connect(u, "bob", tenant)));
+  // Alice and Carol come through the balancer; Bob has a device directly on every node
+  // (WebSocket), so at least two of them are on another node than Alice and Carol.
+  const alice = await connect(lbUrl, "alice", tenant, DEFAULTS);
+  const carol = await connect(lbUrl, "carol", tenant, POLLING);
+  const bobs = await Promise.all(NODES.map((u) => connect(u, "bob", tenant, { transports: ["websocket"] })));
   const got = bobs.map((b) => next(b, "message:new"));
   const ack = await alice.timeout(5000).emitWithAck("message:send", { to: "bob", content: "through the balancer" });
   assert.equal(ack.status, "delivered");
   for (const m of await Promise.all(got)) assert.deepEqual([m.from, m.content, m.id], ["alice", "through the balancer", ack.id]);
 
-  for (const s of [alice, ...bobs]) assert.equal((await s.timeout(5000).emitWithAck("join_room", "lobby")).ok, true);
-  const roomGot = bobs.map((b) => next(b, "message:new"));
+  const toCarol = next(carol, "message:new");
+  const ack2 = await bobs[2].timeout(5000).emitWithAck("message:send", { to: "carol", content: "to a polling client" });
+  assert.equal(ack2.status, "delivered");
+  assert.equal((await toCarol).content, "to a polling client");
+
+  const all = [alice, carol, ...bobs];
+  for (const s of all) assert.equal((await s.timeout(5000).emitWithAck("join_room", "lobby")).ok, true);
+  const roomGot = [carol, ...bobs].map((b) => next(b, "message:new"));
   await alice.timeout(5000).emitWithAck("message:send", { room: "lobby", content: "hello room" });
   for (const m of await Promise.all(roomGot)) assert.deepEqual([m.room, m.content], ["lobby", "hello room"]);
-  for (const s of [alice, ...bobs]) s.close();
+  assert.equal(alice.io.engine.transport.name, "websocket", "alice upgraded through the balancer");
+  assert.equal(carol.io.engine.transport.name, "polling");
+  for (const s of all) s.close();
 }
 
 test("nginx in front of three nodes: 1:1 and room across nodes", () => chatThrough(env.SHARDGATE_NGINX_URL, "ngx"));

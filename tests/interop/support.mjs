@@ -1,5 +1,5 @@
 // What the interop suites share: HS256 tokens as shardgate reads them, an official
-// client connected on the websocket transport, and the next occurrence of an event.
+// client connected on the transports the run asks for, and the next occurrence of an event.
 import { createHmac } from "node:crypto";
 import { io } from "socket.io-client";
 
@@ -13,9 +13,20 @@ export function token(secret, sub, { tenant = "t1", ttl = 3600, alg = "HS256" } 
   return `${head}.${body}.${createHmac("sha256", secret).update(`${head}.${body}`).digest("base64url")}`;
 }
 
+/// The client's transport options for this run: SHARDGATE_TRANSPORTS=default leaves the
+/// client's default (long-polling, then the upgrade to WebSocket), =polling keeps it on
+/// long-polling, anything else (or unset) starts on WebSocket.
+export function transports() {
+  switch (process.env.SHARDGATE_TRANSPORTS) {
+    case "default": return {};
+    case "polling": return { transports: ["polling"] };
+    default: return { transports: ["websocket"] };
+  }
+}
+
 /// A connected client (no reconnection unless `ioOpts` asks for it).
 export function connect(url, auth, ioOpts = {}) {
-  const s = io(url, { transports: ["websocket"], reconnection: false, forceNew: true, auth, ...ioOpts });
+  const s = io(url, { ...transports(), reconnection: false, forceNew: true, auth, ...ioOpts });
   return new Promise((resolve, reject) => {
     const t = setTimeout(() => reject(new Error(`connect timeout on ${url}`)), 5000);
     s.once("connect", () => { clearTimeout(t); resolve(s); });

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod polling;
 pub mod redis;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,12 +1,17 @@
 //! The shard's connections as other tasks see them: the outbound queue, the timers and
 //! the Socket.IO session of each, in a generational slab.
 //!
-//! The socket itself lives in its connection task (`conn.rs`); everything here is what
-//! other tasks of the shard touch to reach it: [`Conns::push`] queues a frame (closing a
-//! slow consumer past its bound) and wakes the task, [`Conns::close`] asks it to close.
+//! On WebSocket the socket itself lives in its connection task (`conn.rs`); on HTTP
+//! long-polling there is no lasting socket, and the session's reader state lives here
+//! ([`Polling`]) for whichever request comes next (`polling.rs`). Everything here is what
+//! other tasks of the shard touch to reach a client: [`Conns::push`] queues a frame
+//! (closing a slow consumer past its bound) and wakes the task that writes it (the
+//! WebSocket task or the waiting GET), [`Conns::close`] asks it to close.
 
 use std::collections::VecDeque;
 use std::task::Waker;
+
+use shardgate_io::socketio;
 
 use crate::auth::Identity;
 use crate::ids::{ConnId, Frame, Key};
@@ -42,6 +47,49 @@ pub(crate) struct ConnEntry {
     pub connect_deadline: u64,
     /// The authenticated session, once the namespace CONNECT succeeded.
     pub session: Option<Box<Session>>,
+    /// Set while the session is on HTTP long-polling; `None` on WebSocket (from the
+    /// start, or once upgraded).
+    pub poll: Option<Box<Polling>>,
+}
+
+/// A binary packet waiting for its attachments.
+pub(crate) struct PendingBinary {
+    /// The packet, with placeholders where the attachments go.
+    pub packet: socketio::Packet,
+    /// Attachments received so far.
+    pub attachments: Vec<Vec<u8>>,
+}
+
+/// What a connection's Engine.IO reader keeps between packets.
+#[derive(Default)]
+pub(crate) struct Inbound {
+    /// Token from the opening request (header or query), used if CONNECT carries none.
+    pub token: Option<String>,
+    /// A binary packet still collecting attachments.
+    pub binary: Option<Box<PendingBinary>>,
+}
+
+/// A session on the HTTP long-polling transport, between and during its requests.
+#[derive(Default)]
+pub(crate) struct Polling {
+    /// The reader state, used by each POST in turn.
+    pub inbound: Inbound,
+    /// A GET is waiting for packets (its task's waker is the entry's `waker`).
+    pub get: bool,
+    /// A POST body is being read.
+    pub post: bool,
+    /// A WebSocket is probing an upgrade of this session.
+    pub probing: bool,
+    /// The waiting GET should return a noop (the upgrade probe asked it to let go).
+    pub noop: bool,
+}
+
+impl Polling {
+    /// No GET waits, so no task will notice a close: whoever closes the session must
+    /// also retire it (an upgrade probe does not hold it; it fails if the session goes).
+    pub fn detached(&self) -> bool {
+        !self.get
+    }
 }
 
 impl ConnEntry {
@@ -57,6 +105,11 @@ impl ConnEntry {
         self.outbox.push_back(frame.clone());
         self.out_bytes += frame.len();
         self.wake();
+    }
+
+    /// True for a long-polling session that no request or probe holds.
+    pub fn detached(&self) -> bool {
+        self.poll.as_ref().is_some_and(|p| p.detached())
     }
 
     /// Wakes the connection task, if it is parked.

@@ -58,6 +58,9 @@ pub(crate) struct State {
     pub local: VecDeque<ShardMsg>,
     /// Wakes the inbox task when `local` gets a message.
     pub inbox_waker: Option<Waker>,
+    /// Connections other shards handed over (`ShardMsg::Adopt`), for the inbox task to
+    /// spawn a connection task for each.
+    pub adopted: Vec<(std::os::fd::OwnedFd, Vec<u8>)>,
     /// Monotonic message ids.
     pub ids: ulid::Generator,
     /// The Engine.IO ping every connection gets, encoded once.
@@ -85,6 +88,7 @@ impl State {
             pending: PendingReports::default(),
             local: VecDeque::new(),
             inbox_waker: None,
+            adopted: Vec::new(),
             ids: ulid::Generator::new(),
             ping: packet::server_frame(packet::PING.as_bytes()).into(),
         }
@@ -270,6 +274,7 @@ impl State {
                 let body = json!({ "id": ulid::Ulid(msg_id).to_string() });
                 self.push_new(conn, packet::event_frame("message:persisted", &body));
             }
+            ShardMsg::Adopt { fd, read } => self.adopted.push((fd, read)),
             ShardMsg::Shutdown => {}
             #[cfg(test)]
             ShardMsg::Test(_) => {}

@@ -1,0 +1,334 @@
+//! Engine.IO v4 HTTP long-polling, served on the shard that owns the session.
+//!
+//! A long-polling session is a connection entry like any other (`state/conns.rs`): frames
+//! for it are queued on its outbox by the same code that serves WebSocket clients. What
+//! differs is who takes them out: not a connection task but the session's waiting GET,
+//! which answers with every queued packet as one payload (`\x1e`-joined, binary as `b` +
+//! base64, taken out of the queued WebSocket frames) as soon as one is there. Each POST
+//! body is split into packets and handed to the same Engine.IO reader (`inbound.rs`).
+//!
+//! Requests reach the owner whatever shard accepted them: the session id names its shard,
+//! and `conn.rs` hands a connection whose request belongs elsewhere to the owner over the
+//! mesh before anything here runs. So every function here runs on the owner, touching
+//! the entry without locks.
+//!
+//! Nothing holds a session between two requests, so a close must also retire it when no
+//! GET waits ([`close`]); the tick does the same for timeouts.
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_lite::AsyncRead;
+use glommio::net::TcpStream;
+use shardgate_io::engineio::{self, Open, PayloadPacket};
+use shardgate_io::http::{self, Request};
+use shardgate_io::ws::{self, OpKind};
+
+use crate::ids::ConnId;
+use crate::local::Shard;
+use crate::metrics::{CloseReason, Counter};
+use crate::state::conns::{ConnEntry, Inbound, Polling};
+use crate::state::State;
+use crate::wire;
+
+/// How long a kept-alive connection may sit idle between two requests (Node's default).
+pub(crate) const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+
+const PAYLOAD_TYPE: &str = "text/plain; charset=UTF-8";
+
+/// Closes session `id` (frames queued are answered first unless `now`) and, if no GET
+/// waits to notice, retires it at once.
+pub(crate) fn close(st: &mut State, id: ConnId, reason: CloseReason, now: bool, at: u64) {
+    st.close(id, reason, now, at);
+    if st.conns.get(id).is_some_and(ConnEntry::detached) {
+        crate::session::retire(st, id, reason, at);
+    }
+}
+
+/// The handshake (`GET /socket.io/?EIO=4&transport=polling`, no sid): opens a session on
+/// this shard and answers its open packet, offering the upgrade to WebSocket.
+pub(crate) fn open(shard: &Shard, req: &Request) -> Vec<u8> {
+    let cfg = &shard.shared.config;
+    let now = shard.shared.now();
+    let token = req.bearer.clone().or_else(|| req.query_param("token").map(str::to_string));
+    let id = shard.state.borrow_mut().conns.insert(ConnEntry {
+        next_ping: now + cfg.ping_interval_ms,
+        connect_deadline: now + cfg.connect_timeout_ms,
+        poll: Some(Box::new(Polling { inbound: Inbound { token, binary: None }, ..Polling::default() })),
+        ..ConnEntry::default()
+    });
+    let m = shard.metrics();
+    m.inc(Counter::Open);
+    m.inc(Counter::PollingOpen);
+    let open = Open {
+        sid: shard.shared.sid_key.engine_sid(shard.id, id),
+        upgrades: vec!["websocket".into()],
+        ping_interval: cfg.ping_interval_ms,
+        ping_timeout: cfg.ping_timeout_ms,
+        max_payload: cfg.max_payload as u64,
+    };
+    http::response_bytes(200, PAYLOAD_TYPE, open.encode().as_bytes(), req.keep_alive)
+}
+
+fn unknown_sid(shard: &Shard) -> Vec<u8> {
+    shard.metrics().inc(Counter::UnknownSids);
+    http::engineio_error(
+        1,
+        "Session ID unknown",
+        "the session is closed or was never opened here: connect again",
+    )
+}
+
+fn upgraded() -> Vec<u8> {
+    http::engineio_error(3, "Bad request", "the session was upgraded to websocket: polling is over for it")
+}
+
+/// A GET: waits until the session has packets (or a close, or the upgrade probe asks it
+/// to let go) and answers them. Meanwhile the connection is watched: a client that goes
+/// away ends the session at once (its next packets would have nowhere to go); bytes of a
+/// pipelined next request are kept in `buf`. True if the connection may carry another
+/// request.
+pub(crate) async fn get(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    id: ConnId,
+    keep: bool,
+    buf: &mut Vec<u8>,
+) -> bool {
+    shard.metrics().inc(Counter::PollingRequests);
+    let refusal = {
+        let mut st = shard.state.borrow_mut();
+        let now = shard.shared.now();
+        match st.conns.get_mut(id).map(|c| c.poll.as_deref_mut()) {
+            None => Some(unknown_sid(shard)),
+            Some(None) => Some(upgraded()),
+            Some(Some(p)) if p.get => {
+                // Engine.IO allows one GET at a time: the session ends, and the waiting GET
+                // answers its close packet.
+                close(&mut st, id, CloseReason::ProtocolError, false, now);
+                Some(http::engineio_error(3, "Bad request", "overlapping GET requests for one session"))
+            }
+            Some(Some(p)) => {
+                p.get = true;
+                None
+            }
+        }
+    };
+    if let Some(resp) = refusal {
+        let _ = wire::write_all(stream, &resp).await;
+        return false;
+    }
+    let body = poll_fn(|cx| {
+        if let Poll::Ready(body) = next_payload(shard, id, cx) {
+            return Poll::Ready(Some(body));
+        }
+        loop {
+            let mut scratch = shard.scratch.borrow_mut();
+            match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
+                Poll::Ready(Ok(n)) if n > 0 && buf.len() < http::MAX_HEAD => {
+                    buf.extend_from_slice(&scratch[..n])
+                }
+                Poll::Ready(_) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await;
+    let Some(body) = body else {
+        let mut st = shard.state.borrow_mut();
+        if let Some(p) = st.conns.get_mut(id).and_then(|c| c.poll.as_deref_mut()) {
+            p.get = false;
+        }
+        close(&mut st, id, CloseReason::ClientClosed, false, shard.shared.now());
+        return false;
+    };
+    let resp = http::response_bytes(200, PAYLOAD_TYPE, &body, keep);
+    shard.metrics().add(Counter::BytesOut, resp.len() as u64);
+    if wire::write_all(stream, &resp).await.is_err() {
+        // The packets taken out of the queue are lost with this response: end the session
+        // rather than let the client believe it has them all.
+        let mut st = shard.state.borrow_mut();
+        close(&mut st, id, CloseReason::TransportError, true, shard.shared.now());
+        return false;
+    }
+    keep
+}
+
+/// The waiting GET's poll: `Ready` with the payload to answer.
+fn next_payload(shard: &Shard, id: ConnId, cx: &mut Context<'_>) -> Poll<Vec<u8>> {
+    let mut st = shard.state.borrow_mut();
+    let Some(c) = st.conns.get_mut(id) else {
+        return Poll::Ready(vec![engineio::kind::CLOSE]);
+    };
+    let Some(p) = c.poll.as_deref_mut() else {
+        // Upgraded meanwhile: the client waits for this answer before switching.
+        return Poll::Ready(vec![engineio::kind::NOOP]);
+    };
+    if let Some(reason) = c.close {
+        let mut body = Vec::new();
+        if !c.close_now {
+            take_payload(c, &mut body);
+        }
+        engineio::append_text(&mut body, &[engineio::kind::CLOSE]);
+        crate::session::retire(&mut st, id, reason, shard.shared.now());
+        return Poll::Ready(body);
+    }
+    if !c.outbox.is_empty() {
+        p.get = false;
+        let mut body = Vec::with_capacity(c.out_bytes);
+        take_payload(c, &mut body);
+        return Poll::Ready(body);
+    }
+    if p.noop {
+        p.noop = false;
+        p.get = false;
+        return Poll::Ready(vec![engineio::kind::NOOP]);
+    }
+    match &c.waker {
+        Some(w) if w.will_wake(cx.waker()) => {}
+        _ => c.waker = Some(cx.waker().clone()),
+    }
+    Poll::Pending
+}
+
+/// Moves every queued frame of `c` into a long-polling payload.
+fn take_payload(c: &mut ConnEntry, body: &mut Vec<u8>) {
+    for frame in c.outbox.drain(..) {
+        for (op, payload) in ws::server_frames(&frame) {
+            match op {
+                OpKind::Text => engineio::append_text(body, payload),
+                OpKind::Binary => engineio::append_binary(body, payload),
+                // WebSocket control frames mean nothing on this transport.
+                _ => {}
+            }
+        }
+    }
+    c.outbox = Default::default();
+    c.out_bytes = 0;
+    c.head_off = 0;
+}
+
+/// A POST: reads the body (`buf` holds what already arrived after the head; the body is
+/// taken out of it) and hands its packets to the session. True if the connection may
+/// carry another request.
+pub(crate) async fn post(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    req: &Request,
+    id: ConnId,
+    buf: &mut Vec<u8>,
+) -> bool {
+    shard.metrics().inc(Counter::PollingRequests);
+    let max = shard.shared.config.max_payload;
+    let admitted = {
+        let mut st = shard.state.borrow_mut();
+        let now = shard.shared.now();
+        let refuse = |st: &mut State, reason, resp| {
+            close(st, id, reason, false, now);
+            Err(resp)
+        };
+        match st.conns.get_mut(id).map(|c| c.poll.as_deref_mut()) {
+            None => Err(unknown_sid(shard)),
+            Some(None) => Err(upgraded()),
+            Some(Some(p)) if p.post => refuse(
+                &mut st,
+                CloseReason::ProtocolError,
+                http::engineio_error(3, "Bad request", "overlapping POST requests for one session"),
+            ),
+            Some(Some(p)) => match req.content_length {
+                _ if req.chunked || req.bad_length => refuse(
+                    &mut st,
+                    CloseReason::ProtocolError,
+                    http::engineio_error(3, "Bad request", "send the payload with one valid Content-Length"),
+                ),
+                None => refuse(
+                    &mut st,
+                    CloseReason::ProtocolError,
+                    http::engineio_error_with(411, 3, "Length required", "a POST needs Content-Length"),
+                ),
+                Some(len) if len > max => refuse(
+                    &mut st,
+                    CloseReason::PayloadTooLarge,
+                    http::engineio_error_with(
+                        413,
+                        3,
+                        "Payload too large",
+                        &format!("the body is {len} bytes; maxPayload is {max}"),
+                    ),
+                ),
+                Some(len) => {
+                    p.post = true;
+                    Ok(len)
+                }
+            },
+        }
+    };
+    let len = match admitted {
+        Ok(len) => len,
+        Err(resp) => {
+            // The body was not read: the connection cannot carry another request.
+            let _ = wire::write_all(stream, &resp).await;
+            return false;
+        }
+    };
+    let timeout = Duration::from_millis(shard.shared.config.handshake_timeout_ms);
+    let complete = wire::read_to(shard, stream, buf, len, timeout).await;
+    let now = shard.shared.now();
+    let result = {
+        let mut st = shard.state.borrow_mut();
+        if let Some(p) = st.conns.get_mut(id).and_then(|c| c.poll.as_deref_mut()) {
+            p.post = false;
+        }
+        if !complete {
+            close(&mut st, id, CloseReason::TransportError, false, now);
+            return false;
+        }
+        let body: Vec<u8> = buf.drain(..len).collect();
+        match deliver(&mut st, id, &body, max, now) {
+            Ok(()) => Ok(()),
+            // A client saying goodbye is no error.
+            Err(CloseReason::ClientDisconnect) => {
+                close(&mut st, id, CloseReason::ClientDisconnect, false, now);
+                Ok(())
+            }
+            Err(reason) => {
+                close(&mut st, id, reason, false, now);
+                Err(reason)
+            }
+        }
+    };
+    let resp = match result {
+        Ok(()) => http::response_bytes(200, "text/html", b"ok", req.keep_alive),
+        Err(reason) => {
+            http::engineio_error(3, "Bad request", &format!("the session is closed: {}", reason.as_str()))
+        }
+    };
+    wire::write_all(stream, &resp).await.is_ok() && result.is_ok() && req.keep_alive
+}
+
+/// Hands the packets of one POST body to the session's Engine.IO reader.
+fn deliver(st: &mut State, id: ConnId, body: &[u8], max: usize, now: u64) -> Result<(), CloseReason> {
+    let text = std::str::from_utf8(body).map_err(|_| CloseReason::MalformedPacket)?;
+    let Some(mut inb) =
+        st.conns.get_mut(id).and_then(|c| c.poll.as_deref_mut()).map(|p| std::mem::take(&mut p.inbound))
+    else {
+        return Ok(());
+    };
+    let mut result = Ok(());
+    for packet in engineio::decode_payload(text) {
+        result = match packet {
+            Ok(PayloadPacket::Text(t)) => crate::inbound::on_text(st, id, &mut inb, t, max, now),
+            Ok(PayloadPacket::Binary(b)) => crate::inbound::on_binary(st, id, &mut inb, &b, now),
+            Err(_) => Err(CloseReason::MalformedPacket),
+        };
+        if result.is_err() {
+            break;
+        }
+    }
+    if let Some(p) = st.conns.get_mut(id).and_then(|c| c.poll.as_deref_mut()) {
+        p.inbound = inb;
+    }
+    result
+}
