@@ -1,15 +1,19 @@
 // Measures the server's resident memory per idle authenticated connection.
 //
-//   node scripts/idle-rss.mjs --url ws://127.0.0.1:3000 --secret S --pid PID --connections 10000
+//   node scripts/idle-rss.mjs --url ws://127.0.0.1:3000 --secret S --pid PID --connections 10000 [--transport polling]
 //
 // Opens N WebSocket connections (Engine.IO v4 + Socket.IO CONNECT with a JWT per user),
-// puts each socket in one of 100 rooms, answers pings, waits for the server to settle,
-// then reads the server's VmRSS from /proc and /proc/net/sockstat before and after.
+// or with `--transport polling` N long-polling sessions (each with its GET waiting, as an
+// idle polling client has, on kept-alive HTTP connections), puts each socket in one of
+// 100 rooms, answers pings, waits for the server to settle, then reads the server's
+// VmRSS from /proc and /proc/net/sockstat before and after.
 // Connections spread over source addresses 127.0.0.1..127.0.0.9 to stay clear of the
 // ephemeral-port limit. Uses the `ws` package installed with the interop suite.
 import { createHmac } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
+
+import http from "node:http";
 
 const require = createRequire(new URL("../tests/interop/package.json", import.meta.url));
 const WebSocket = require("ws");
@@ -20,6 +24,8 @@ const secret = args.secret;
 const pid = Number(args.pid);
 const total = Number(args.connections ?? 10000);
 const concurrency = Number(args.concurrency ?? 200);
+const polling = args.transport === "polling";
+const settleMs = Number(args["settle-ms"] ?? 2000);
 if (!secret || !pid) throw new Error("--secret and --pid are required");
 
 const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
@@ -51,17 +57,58 @@ function open(i) {
   });
 }
 
+// One long-polling session: handshake, CONNECT, join, then a GET always waiting.
+const agents = Array.from({ length: 9 }, (_, k) => new http.Agent({ keepAlive: true, maxSockets: Infinity, localAddress: `127.0.0.${1 + k}` }));
+const base = url.replace(/^ws/, "http") + "/socket.io/?EIO=4&transport=polling";
+function request(agent, method, path, body) {
+  return new Promise((resolve, reject) => {
+    const req = http.request(path, { method, agent, headers: body ? { "content-type": "text/plain;charset=UTF-8" } : {} }, (res) => {
+      let text = "";
+      res.setEncoding("utf8");
+      res.on("data", (d) => (text += d));
+      res.on("end", () => (res.statusCode === 200 ? resolve(text) : reject(new Error(`${res.statusCode} ${text}`))));
+    });
+    req.on("error", reject);
+    req.end(body);
+  });
+}
+function openPolling(i) {
+  return new Promise((resolve) => {
+    const agent = agents[i % 9];
+    let path;
+    const loop = async () => {
+      for (;;) {
+        const body = await request(agent, "GET", path);
+        for (const p of body.split("\x1e")) {
+          if (p === "2") await request(agent, "POST", path, "3");
+          else if (p.startsWith("40")) await request(agent, "POST", path, `421["join_room","room-${i % 100}"]`);
+          else if (p.startsWith("431")) { ready++; resolve(); }
+          else if (p === "1") return;
+        }
+      }
+    };
+    request(agent, "GET", base)
+      .then((open) => {
+        path = `${base}&sid=${JSON.parse(open.slice(1)).sid}`;
+        return request(agent, "POST", path, `40${JSON.stringify({ token: token(`user${i}`) })}`);
+      })
+      .then(loop)
+      .catch(() => { failed++; resolve(); });
+  });
+}
+
 await sleep(500);
 const before = rss();
 const sockBefore = sockstat();
 const t0 = Date.now();
 for (let i = 0; i < total; i += concurrency) {
-  await Promise.all(Array.from({ length: Math.min(concurrency, total - i) }, (_, k) => open(i + k)));
+  await Promise.all(Array.from({ length: Math.min(concurrency, total - i) }, (_, k) => (polling ? openPolling : open)(i + k)));
 }
 const connectMs = Date.now() - t0;
-await sleep(2000);
+await sleep(settleMs);
 const after = rss();
 const result = {
+  transport: polling ? "polling" : "websocket",
   connections: ready,
   failed,
   connect_seconds: connectMs / 1000,

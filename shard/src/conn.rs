@@ -62,36 +62,66 @@ struct ConnIo {
 }
 
 /// Serves one accepted TCP connection until it closes or is handed to another shard.
-///
-/// The HTTP phase (one or more requests: plain, long-polling, the upgrade) runs in its own
-/// boxed future, created here, so that its buffers and requests are freed before the long
-/// idle life of a WebSocket connection begins: the connection task then keeps only
-/// [`ConnIo`].
 pub(crate) fn serve(shard: Rc<Shard>, stream: TcpStream, full: bool) -> impl Future<Output = ()> {
-    let http = Box::pin(http_phase(shard.clone(), stream, full, Vec::new()));
-    websocket_phase(shard, Some(http))
+    connection(shard.clone(), http_phase(shard, stream, full, Vec::new(), true))
 }
 
 /// Serves a connection another shard accepted and handed over (`read`: what it read).
 pub(crate) fn adopt(shard: Rc<Shard>, fd: OwnedFd, read: Vec<u8>) -> impl Future<Output = ()> {
     // SAFETY: the fd is a connected TCP socket that nothing else owns any more.
     let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
-    let http = Box::pin(http_phase(shard.clone(), stream, false, read));
-    websocket_phase(shard, Some(http))
+    connection(shard.clone(), http_phase(shard, stream, false, read, true))
 }
 
-/// Awaits the HTTP phase (taken out of `http`, so that its box is freed when it ends),
-/// then runs the WebSocket loop if the connection became one.
-async fn websocket_phase(shard: Rc<Shard>, mut http: Option<Pin<Box<impl Future<Output = Option<ConnIo>>>>>) {
-    let Some(http) = http.take() else {
-        return;
-    };
-    let Some(mut io) = http.await else {
-        return;
-    };
+/// Where the HTTP phase leaves a connection.
+enum Next {
+    /// Closed, or handed to another shard.
+    Done,
+    /// The connection is a WebSocket now.
+    WebSocket(Box<ConnIo>),
+    /// A long-polling GET was admitted: it waits for its session's packets outside the
+    /// HTTP phase, holding no more than a WebSocket connection does.
+    Poll(Box<polling::Waiting>),
+}
+
+type HttpPhase = Pin<Box<dyn Future<Output = Next>>>;
+
+/// The HTTP phase (one or more requests: plain, long-polling, the upgrade) in a box of its
+/// own, so that its buffers and requests are freed before a connection waits: an idle
+/// WebSocket or a waiting long-polling GET keeps only [`ConnIo`] or [`polling::Waiting`].
+fn http_phase(shard: Rc<Shard>, stream: TcpStream, full: bool, read: Vec<u8>, first: bool) -> HttpPhase {
+    Box::pin(http_requests(shard, stream, full, read, first))
+}
+
+/// The connection task: HTTP requests, then the WebSocket loop, or a waiting GET and,
+/// on a kept-alive connection, the HTTP phase again.
+async fn connection(shard: Rc<Shard>, http: HttpPhase) {
+    let mut http = Some(http);
+    while let Some(phase) = http.take() {
+        // The phase's answer is boxed: the task holds a connection's state in one place.
+        let mut wait = match phase.await {
+            Next::Done => return,
+            Next::WebSocket(io) => {
+                // A task of its own, holding only what a WebSocket needs for its long life.
+                glommio::spawn_local(websocket(shard, io)).detach();
+                return;
+            }
+            Next::Poll(wait) => wait,
+        };
+        let body = polling::wait(&shard, &mut wait).await;
+        // Boxed: the answer's state is not what a waiting GET should carry.
+        if Box::pin(polling::answer(&shard, &mut wait, body)).await {
+            let polling::Waiting { stream, buf, .. } = *wait;
+            http = Some(http_phase(shard.clone(), stream, false, buf, false));
+        }
+    }
+}
+
+/// The task of a WebSocket connection: the Engine.IO loop, then the goodbye.
+async fn websocket(shard: Rc<Shard>, mut io: Box<ConnIo>) {
     let reason = run(&shard, &mut io).await;
-    // Boxed for the same reason: the idle task should not carry the goodbye's state.
-    Box::pin(finish(&shard, io, reason)).await;
+    // Boxed: the idle task should not carry the goodbye's state.
+    Box::pin(finish(&shard, &mut io, reason)).await;
 }
 
 /// What a request asks of this shard.
@@ -112,60 +142,95 @@ enum Route {
     PollPost(ConnId),
 }
 
-/// Serves HTTP requests until the connection becomes a WebSocket (returned), closes, or
-/// is handed to the shard that owns its session. `buf` holds bytes already read.
-async fn http_phase(shard: Rc<Shard>, mut stream: TcpStream, full: bool, mut buf: Vec<u8>) -> Option<ConnIo> {
+/// Serves HTTP requests until the connection becomes a WebSocket, waits with a GET,
+/// closes, or is handed to the shard that owns its session. `buf` holds bytes already
+/// read; `first`: no request was served on the connection yet.
+async fn http_requests(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    full: bool,
+    mut buf: Vec<u8>,
+    first: bool,
+) -> Next {
     let shard = &*shard;
     let m = shard.metrics();
-    let _ = stream.set_nodelay(true);
-    let mut timeout = Duration::from_millis(shard.shared.config.handshake_timeout_ms);
+    let mut timeout = if first {
+        let _ = stream.set_nodelay(true);
+        Duration::from_millis(shard.shared.config.handshake_timeout_ms)
+    } else {
+        polling::KEEPALIVE_IDLE
+    };
     loop {
-        let (req, head) = match wire::read_head(shard, &mut stream, &mut buf, timeout).await {
+        let (req, head) = match Box::pin(wire::read_head(shard, &mut stream, &mut buf, timeout)).await {
             Ok(x) => x,
-            Err(HeadError::Closed) => return None,
+            Err(HeadError::Closed) => return Next::Done,
             Err(HeadError::Timeout) => {
                 if timeout != polling::KEEPALIVE_IDLE || !buf.is_empty() {
                     m.closed(CloseReason::HandshakeTimeout);
                     debug!("closed before upgrade: handshake_timeout");
                 }
-                return None;
+                return Next::Done;
             }
             Err(HeadError::Bad(resp)) => {
                 m.inc(Counter::HttpRequests);
                 let _ = wire::write_all(&mut stream, &resp).await;
-                return None;
+                return Next::Done;
             }
         };
         let route = match route(shard, &req, full) {
             Route::Respond(resp) => {
                 m.inc(Counter::HttpRequests);
-                let _ = wire::write_all(&mut stream, &resp).await;
-                return None;
+                let _ = Box::pin(wire::write_all(&mut stream, &resp)).await;
+                return Next::Done;
             }
             Route::Forward(owner) => {
                 hand_off(shard, stream, buf, owner);
-                return None;
+                return Next::Done;
             }
             other => other,
         };
         // From here `buf` holds what followed the head.
         buf.drain(..head);
         let keep = match route {
-            Route::WebSocket => return open_websocket(shard, stream, &req, buf).await,
+            Route::WebSocket => {
+                return match Box::pin(open_websocket(shard, stream, &req, buf)).await {
+                    Some(io) => Next::WebSocket(Box::new(io)),
+                    None => Next::Done,
+                }
+            }
             Route::Upgrade(id) => {
-                let (stream, rbuf, inbound) = upgrade::probe(shard, stream, &req, id, buf).await?;
-                return Some(ConnIo { id, stream, rbuf, assembler: Assembler::default(), inbound });
+                let Some((stream, rbuf, inbound)) =
+                    Box::pin(upgrade::probe(shard, stream, &req, id, buf)).await
+                else {
+                    return Next::Done;
+                };
+                return Next::WebSocket(Box::new(ConnIo {
+                    id,
+                    stream,
+                    rbuf,
+                    assembler: Assembler::default(),
+                    inbound,
+                }));
             }
             Route::PollOpen => {
                 let resp = polling::open(shard, &req);
-                wire::write_all(&mut stream, &resp).await.is_ok() && req.keep_alive
+                Box::pin(wire::write_all(&mut stream, &resp)).await.is_ok() && req.keep_alive
             }
-            Route::PollGet(id) => polling::get(shard, &mut stream, id, req.keep_alive, &mut buf).await,
-            Route::PollPost(id) => polling::post(shard, &mut stream, &req, id, &mut buf).await,
-            Route::Respond(_) | Route::Forward(_) => return None,
+            Route::PollGet(id) => {
+                if let Err(resp) = polling::admit_get(shard, id) {
+                    let _ = Box::pin(wire::write_all(&mut stream, &resp)).await;
+                    return Next::Done;
+                }
+                if buf.is_empty() {
+                    buf = Vec::new();
+                }
+                return Next::Poll(Box::new(polling::Waiting { stream, id, keep: req.keep_alive, buf }));
+            }
+            Route::PollPost(id) => Box::pin(polling::post(shard, &mut stream, &req, id, &mut buf)).await,
+            Route::Respond(_) | Route::Forward(_) => return Next::Done,
         };
         if !keep {
-            return None;
+            return Next::Done;
         }
         if buf.is_empty() && buf.capacity() > HEAD_KEEP {
             buf = Vec::new();
@@ -217,7 +282,7 @@ async fn open_websocket(shard: &Shard, stream: TcpStream, req: &Request, rest: V
         inbound: Inbound { token, binary: None },
     };
     if wire::write_all(&mut io.stream, &hello).await.is_err() {
-        finish(shard, io, CloseReason::TransportError).await;
+        finish(shard, &mut io, CloseReason::TransportError).await;
         return None;
     }
     Some(io)
@@ -531,7 +596,7 @@ fn close_code_for(r: CloseReason) -> u16 {
 }
 
 /// Removes the connection from the shard, then says goodbye on the socket.
-async fn finish(shard: &Shard, mut io: ConnIo, reason: CloseReason) {
+async fn finish(shard: &Shard, io: &mut ConnIo, reason: CloseReason) {
     let now = shard.shared.now();
     let leftover = {
         let mut st = shard.state.borrow_mut();
@@ -567,12 +632,26 @@ mod tests {
             .spawn(|| async move {
                 let l = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
                 let addr = l.local_addr().unwrap();
-                let c = glommio::net::TcpStream::connect(addr).await.unwrap();
+                let connect = || glommio::net::TcpStream::connect(addr);
                 let shared = crate::bench::shared().unwrap();
                 let shard = std::rc::Rc::new(crate::local::Shard::new(0, shared));
-                let task = super::serve(shard, c, false);
-                let size = std::mem::size_of_val(&task);
-                assert!(size <= 384, "connection task grew to {size} bytes");
+                let id = crate::ids::ConnId::from_u64(1);
+                // An idle WebSocket: its task, and the connection's state in its box.
+                let stream = connect().await.unwrap();
+                let io = super::ConnIo {
+                    id,
+                    stream,
+                    rbuf: Vec::new(),
+                    assembler: Default::default(),
+                    inbound: Default::default(),
+                };
+                let ws = std::mem::size_of_val(&super::websocket(shard.clone(), Box::new(io)));
+                let ws = ws + std::mem::size_of::<super::ConnIo>();
+                assert!(ws <= 320, "an idle WebSocket holds {ws} bytes");
+                // A waiting long-polling GET: the connection task, and its wait in a box.
+                let get = std::mem::size_of_val(&super::serve(shard, connect().await.unwrap(), false));
+                let get = get + std::mem::size_of::<crate::polling::Waiting>();
+                assert!(get <= ws, "a waiting GET holds {get} bytes, an idle WebSocket {ws}");
                 assert!(std::mem::size_of::<crate::state::conns::ConnEntry>() <= 128);
             })
             .unwrap()

@@ -15,7 +15,7 @@
 //! Nothing holds a session between two requests, so a close must also retire it when no
 //! GET waits ([`close`]); the tick does the same for timeouts.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -85,66 +85,87 @@ fn upgraded() -> Vec<u8> {
     http::engineio_error(3, "Bad request", "the session was upgraded to websocket: polling is over for it")
 }
 
-/// A GET: waits until the session has packets (or a close, or the upgrade probe asks it
-/// to let go) and answers them. Meanwhile the connection is watched: a client that goes
-/// away ends the session at once (its next packets would have nowhere to go); bytes of a
-/// pipelined next request are kept in `buf`. True if the connection may carry another
-/// request.
-pub(crate) async fn get(
-    shard: &Shard,
-    stream: &mut TcpStream,
-    id: ConnId,
-    keep: bool,
-    buf: &mut Vec<u8>,
-) -> bool {
+/// Admits a GET of session `id`: refused (the answer to write) if the session is gone,
+/// upgraded, or already has a GET waiting (which ends the session: Engine.IO allows one
+/// at a time, and the waiting GET answers the close packet).
+pub(crate) fn admit_get(shard: &Shard, id: ConnId) -> Result<(), Vec<u8>> {
     shard.metrics().inc(Counter::PollingRequests);
-    let refusal = {
-        let mut st = shard.state.borrow_mut();
-        let now = shard.shared.now();
-        match st.conns.get_mut(id).map(|c| c.poll.as_deref_mut()) {
-            None => Some(unknown_sid(shard)),
-            Some(None) => Some(upgraded()),
-            Some(Some(p)) if p.get => {
-                // Engine.IO allows one GET at a time: the session ends, and the waiting GET
-                // answers its close packet.
-                close(&mut st, id, CloseReason::ProtocolError, false, now);
-                Some(http::engineio_error(3, "Bad request", "overlapping GET requests for one session"))
-            }
-            Some(Some(p)) => {
-                p.get = true;
-                None
-            }
+    let mut st = shard.state.borrow_mut();
+    let now = shard.shared.now();
+    match st.conns.get_mut(id).map(|c| c.poll.as_deref_mut()) {
+        None => Err(unknown_sid(shard)),
+        Some(None) => Err(upgraded()),
+        Some(Some(p)) if p.get => {
+            close(&mut st, id, CloseReason::ProtocolError, false, now);
+            Err(http::engineio_error(3, "Bad request", "overlapping GET requests for one session"))
         }
-    };
-    if let Some(resp) = refusal {
-        let _ = wire::write_all(stream, &resp).await;
-        return false;
+        Some(Some(p)) => {
+            p.get = true;
+            Ok(())
+        }
     }
-    let body = poll_fn(|cx| {
-        if let Poll::Ready(body) = next_payload(shard, id, cx) {
+}
+
+/// An admitted GET waiting for packets: what its connection task keeps.
+pub(crate) struct Waiting {
+    /// The GET's connection.
+    pub stream: TcpStream,
+    /// The session.
+    pub id: ConnId,
+    /// The connection may carry another request after the answer.
+    pub keep: bool,
+    /// Bytes of a pipelined next request.
+    pub buf: Vec<u8>,
+}
+
+/// An admitted GET: waits until the session has packets (or a close, or the upgrade probe
+/// asks it to let go); `None` if the client went away meanwhile (the connection is
+/// watched while the GET waits; bytes of a pipelined next request are kept in `buf`).
+/// A plain future over `wait`, so that a waiting GET costs its connection task only a
+/// reference.
+pub(crate) fn wait<'a>(
+    shard: &'a Shard,
+    wait: &'a mut Waiting,
+) -> impl Future<Output = Option<Vec<u8>>> + 'a {
+    poll_fn(move |cx| {
+        if let Poll::Ready(body) = next_payload(shard, wait.id, cx) {
             return Poll::Ready(Some(body));
         }
         loop {
             let mut scratch = shard.scratch.borrow_mut();
-            match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
-                Poll::Ready(Ok(n)) if n > 0 && buf.len() < http::MAX_HEAD => {
-                    buf.extend_from_slice(&scratch[..n])
+            match Pin::new(&mut wait.stream).poll_read(cx, &mut scratch[..]) {
+                Poll::Ready(Ok(n)) if n > 0 && wait.buf.len() < http::MAX_HEAD => {
+                    wait.buf.extend_from_slice(&scratch[..n])
                 }
                 Poll::Ready(_) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             }
         }
     })
-    .await;
-    let Some(body) = body else {
-        let mut st = shard.state.borrow_mut();
-        if let Some(p) = st.conns.get_mut(id).and_then(|c| c.poll.as_deref_mut()) {
-            p.get = false;
+}
+
+/// The answer to a GET that waited: `body` (from [`wait`]) written, or, if its client
+/// went away, the session ended (its next packets would have nowhere to go). True if the
+/// connection may carry another request.
+pub(crate) async fn answer(shard: &Shard, wait: &mut Waiting, body: Option<Vec<u8>>) -> bool {
+    let id = wait.id;
+    match body {
+        Some(body) => respond(shard, &mut wait.stream, id, wait.keep, body).await,
+        None => {
+            let mut st = shard.state.borrow_mut();
+            if let Some(p) = st.conns.get_mut(id).and_then(|c| c.poll.as_deref_mut()) {
+                p.get = false;
+            }
+            close(&mut st, id, CloseReason::ClientClosed, false, shard.shared.now());
+            false
         }
-        close(&mut st, id, CloseReason::ClientClosed, false, shard.shared.now());
-        return false;
-    };
+    }
+}
+
+/// Writes a GET's answer.
+async fn respond(shard: &Shard, stream: &mut TcpStream, id: ConnId, keep: bool, body: Vec<u8>) -> bool {
     let resp = http::response_bytes(200, PAYLOAD_TYPE, &body, keep);
+    drop(body);
     shard.metrics().add(Counter::BytesOut, resp.len() as u64);
     if wire::write_all(stream, &resp).await.is_err() {
         // The packets taken out of the queue are lost with this response: end the session
