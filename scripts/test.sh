@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine with the Rust toolchain:
-# installs what the tests need (redis-server, nginx, HAProxy, Node.js and the C toolchain
-# for librdkafka from Debian packages, a JDK and Maven if missing, the Apache Kafka broker's
+# installs what the tests need (redis-server, nginx, HAProxy, Chromium, Node.js and the C
+# toolchain for librdkafka from Debian packages, a JDK and Maven if missing, the Apache Kafka broker's
 # jars from Maven Central, the pinned npm packages of the interop suite and of the
 # socket.io peer), then runs the gate:
 # formatting, clippy with warnings as errors, every test.
@@ -24,6 +24,8 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 # The load-balancer tests check and run the shipped deploy/nginx.conf and haproxy.cfg.
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing+=(nginx)
 [ -x /usr/sbin/haproxy ] || command -v haproxy >/dev/null || missing+=(haproxy)
+# The browser test drives Debian's Chromium headless (playwright-core from npm).
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 # librdkafka is built from source by rdkafka-sys: a C toolchain, make, zlib headers.
 command -v cc >/dev/null && command -v make >/dev/null || missing+=(build-essential)
 command -v pkg-config >/dev/null || missing+=(pkg-config)

@@ -294,6 +294,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         server_id: server_id.clone(),
         persist: persist_inbox.as_ref().map(|p| p.inbox.clone()),
         admin_token: cfg.admin.token.clone(),
+        dev_secret: dev_secret.then(|| DEV_SECRET.to_string()),
     };
     let shards = opts.shards;
     let handle =
@@ -325,6 +326,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if dev_secret {
         warn!("no --jwt-secret or --jwt-public-key: using the built-in development secret (loopback only)");
         println!("get a development token: shardgate token --sub alice --tenant demo");
+        println!("demo chat in a browser: http://{addr}/demo");
     }
     let mut sig: libc::c_int = 0;
     // SAFETY: waits on the signal set blocked above.

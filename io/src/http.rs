@@ -215,6 +215,17 @@ pub fn engineio_error(code: u8, message: &str, detail: &str) -> Vec<u8> {
     engineio_error_with(400, code, message, detail)
 }
 
+/// A static asset: cacheable for a day, then the connection closes.
+pub fn static_response(content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: public, max-age=86400\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
 /// Like [`engineio_error`] with another HTTP status (411, 413: the POST body's length).
 pub fn engineio_error_with(status: u16, code: u8, message: &str, detail: &str) -> Vec<u8> {
     let body = serde_json::json!({ "code": code, "message": message, "detail": detail });

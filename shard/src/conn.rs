@@ -309,7 +309,10 @@ fn route(shard: &Shard, req: &Request, full: bool) -> Route {
         }
         "/admin/drain" => return respond(admin_drain(shard, req)),
         "/socket.io/" | "/socket.io" => {}
-        _ => return respond(http::response(404, "text/plain", "not found\n")),
+        _ => {
+            let asset = crate::assets::response(shared, req);
+            return respond(asset.unwrap_or_else(|| http::response(404, "text/plain", "not found\n")));
+        }
     }
     let refuse = |code, msg, detail| Route::Respond(http::engineio_error(code, msg, detail));
     if req.query_param("EIO") != Some(engineio::PROTOCOL_VERSION) {

@@ -12,6 +12,7 @@
 //! (cross-core queues, [`msg::ShardMsg`]) and [`ids`] (the names everything uses).
 #![warn(missing_docs)]
 
+mod assets;
 pub mod auth;
 #[doc(hidden)]
 pub mod bench;

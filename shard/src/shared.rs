@@ -49,6 +49,9 @@ pub struct Shared {
     pub persist: Option<Arc<Inbox<Record>>>,
     /// Signs and checks Engine.IO session ids (`ids::SidKey`).
     pub sid_key: SidKey,
+    /// The built-in development secret, when the node runs on it (loopback only): the
+    /// demo page gets tokens minted with it.
+    pub dev_secret: Option<String>,
 }
 
 impl Shared {
@@ -72,6 +75,7 @@ impl Shared {
             server_id: opts.server_id,
             persist: opts.persist,
             sid_key: SidKey::random(),
+            dev_secret: opts.dev_secret,
         }
     }
 
@@ -153,6 +157,8 @@ pub struct StartOptions {
     pub persist: Option<Arc<Inbox<Record>>>,
     /// Bearer token of the admin endpoints (`None`: disabled).
     pub admin_token: Option<String>,
+    /// The built-in development secret, if the node runs on it (`Shared::dev_secret`).
+    pub dev_secret: Option<String>,
 }
 
 impl Default for StartOptions {
@@ -169,6 +175,7 @@ impl Default for StartOptions {
             server_id: "local".into(),
             persist: None,
             admin_token: None,
+            dev_secret: None,
         }
     }
 }

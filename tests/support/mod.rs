@@ -39,12 +39,21 @@ impl Server {
 
     /// Like [`Server::start`], with a TOML config file holding `toml`.
     pub fn start_with_config(args: &[&str], toml: Option<&str>) -> Server {
+        Server::spawn(args, toml, true)
+    }
+
+    /// A development node: no secret given, so it runs on the built-in one (loopback).
+    pub fn start_dev(args: &[&str]) -> Server {
+        Server::spawn(args, None, false)
+    }
+
+    fn spawn(args: &[&str], toml: Option<&str>, secret: bool) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardgate"));
         cmd.args(["serve", "--no-pin"]);
         if !args.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
-        if !args.contains(&"--jwt-public-key") {
+        if secret && !args.contains(&"--jwt-public-key") {
             cmd.args(["--jwt-secret", SECRET]);
         }
         if let Some(t) = toml {
