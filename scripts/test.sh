@@ -26,6 +26,11 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 [ -x /usr/sbin/haproxy ] || command -v haproxy >/dev/null || missing+=(haproxy)
 # The browser test drives Debian's Chromium headless (playwright-core from npm).
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+# The operations tests: promtool (Debian's prometheus), PyYAML for the Kubernetes manifests,
+# systemd-analyze for the unit.
+command -v promtool >/dev/null || missing+=(prometheus)
+python3 -c "import yaml" 2>/dev/null || missing+=(python3-yaml)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 # librdkafka is built from source by rdkafka-sys: a C toolchain, make, zlib headers.
 command -v cc >/dev/null && command -v make >/dev/null || missing+=(build-essential)
 command -v pkg-config >/dev/null || missing+=(pkg-config)

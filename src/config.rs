@@ -51,13 +51,24 @@ pub struct Config {
 pub struct AdminConfig {
     /// Bearer token of `POST /admin/drain`; unset disables the admin endpoints.
     pub token: Option<String>,
+    /// Internal address serving `/metrics` and `/admin/*` (and health); when set, the
+    /// public port no longer answers them.
+    pub listen: Option<SocketAddr>,
 }
 
 impl AdminConfig {
-    /// Checks the admin settings.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks the admin settings against the public address `public`.
+    pub fn validate(&self, public: SocketAddr) -> Result<(), ConfigError> {
         if matches!(&self.token, Some(t) if t.len() < MIN_SECRET_LEN) {
             return Err(invalid("admin.token", "must be at least 16 bytes"));
+        }
+        if let Some(addr) = self.listen {
+            if addr.port() != 0
+                && addr.port() == public.port()
+                && (addr.ip() == public.ip() || addr.ip().is_unspecified() || public.ip().is_unspecified())
+            {
+                return Err(invalid("admin.listen", "must differ from the public listen address"));
+            }
         }
         Ok(())
     }
@@ -266,7 +277,7 @@ impl Config {
         self.auth.validate(self.listen)?;
         self.cluster.validate()?;
         self.kafka.validate()?;
-        self.admin.validate()?;
+        self.admin.validate(self.listen)?;
         if self.shards > MAX_SHARDS {
             return Err(invalid("shards", "must be at most 1024"));
         }

@@ -29,6 +29,10 @@ const DRAIN_GRACE: Duration = Duration::from_secs(3);
 #[derive(Parser)]
 #[command(name = "shardgate", version, about)]
 struct Cli {
+    /// Log lines as `text` (human-readable) or `json` (one object per line, for log
+    /// shippers); the level filter is `RUST_LOG` (default `info`).
+    #[arg(long, global = true, env = "SHARDGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -102,6 +106,9 @@ struct ServeArgs {
     /// Bearer token of `POST /admin/drain` (unset: no admin endpoints).
     #[arg(long, env = "SHARDGATE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Internal address of `/metrics` and `/admin/*` (off the public port when set).
+    #[arg(long, env = "SHARDGATE_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
     /// Persistence: Kafka brokers `host:port[,host:port...]`.
     #[arg(long, env = "SHARDGATE_KAFKA")]
     kafka: Option<String>,
@@ -128,13 +135,14 @@ struct TokenArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        logs.json().with_current_span(false).init();
+    } else {
+        logs.init();
+    }
     match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Token(args) => {
@@ -190,6 +198,9 @@ fn load(args: &ServeArgs) -> anyhow::Result<Config> {
     set!(cfg.runtime.drain_ms, args.drain_ms);
     if args.admin_token.is_some() {
         cfg.admin.token = args.admin_token.clone();
+    }
+    if args.admin_listen.is_some() {
+        cfg.admin.listen = args.admin_listen;
     }
     if args.jwt_secret.is_some() {
         cfg.auth.jwt_secret = args.jwt_secret.clone();
@@ -257,7 +268,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let static_metrics = format!(
-        "# TYPE shardgate_fd_limit gauge\nshardgate_fd_limit {fds}\n# TYPE shardgate_connection_capacity gauge\nshardgate_connection_capacity {}\n",
+        "# HELP shardgate_fd_limit The process's open-file limit.\n# TYPE shardgate_fd_limit gauge\nshardgate_fd_limit {fds}\n\
+         # HELP shardgate_connection_capacity Connections this process can hold (open-file limit and max_connections).\n\
+         # TYPE shardgate_connection_capacity gauge\nshardgate_connection_capacity {}\n",
         capacity.min(cfg.runtime.max_connections as u64)
     );
     let sigs = block_signals();
@@ -295,6 +308,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         persist: persist_inbox.as_ref().map(|p| p.inbox.clone()),
         admin_token: cfg.admin.token.clone(),
         dev_secret: dev_secret.then(|| DEV_SECRET.to_string()),
+        admin_listen: cfg.admin.listen,
     };
     let shards = opts.shards;
     let handle =
@@ -323,6 +337,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     // The actual address on stdout, for scripts and tests that pass port 0.
     println!("listening on {addr}");
+    if let Some(admin) = handle.shared.admin_listen {
+        info!(
+            "operator endpoints (/metrics, /admin/drain, health) on http://{admin}; not on the public port"
+        );
+        println!("admin on {admin}");
+    }
     if dev_secret {
         warn!("no --jwt-secret or --jwt-public-key: using the built-in development secret (loopback only)");
         println!("get a development token: shardgate token --sub alice --tenant demo");

@@ -28,7 +28,7 @@ use glommio::net::TcpStream;
 use shardgate_io::engineio::{self, Open};
 use shardgate_io::http::{self, Request};
 use shardgate_io::ws::{self, close_code, Assembler, DataKind, OpKind, Role, WsError};
-use tracing::{debug, info};
+use tracing::debug;
 
 use crate::ids::{ConnId, ShardId};
 use crate::local::{Shard, SCRATCH};
@@ -36,7 +36,7 @@ use crate::metrics::{CloseReason, Counter};
 use crate::msg::ShardMsg;
 use crate::state::conns::{ConnEntry, Inbound};
 use crate::wire::{self, HeadError};
-use crate::{polling, upgrade};
+use crate::{operator, polling, upgrade};
 
 /// A request buffer larger than this is freed between two requests.
 const HEAD_KEEP: usize = 4096;
@@ -292,22 +292,10 @@ async fn open_websocket(shard: &Shard, stream: TcpStream, req: &Request, rest: V
 fn route(shard: &Shard, req: &Request, full: bool) -> Route {
     let shared = &shard.shared;
     let respond = |r| Route::Respond(r);
+    if let Some(resp) = operator::response(shard, req, true) {
+        return respond(resp);
+    }
     match req.path.as_str() {
-        "/healthz" => return respond(http::response(200, "text/plain", "ok\n")),
-        "/readyz" => {
-            return respond(if shared.ready.load(std::sync::atomic::Ordering::Relaxed) {
-                http::response(200, "text/plain", "ready\n")
-            } else {
-                http::response(503, "text/plain", "not ready\n")
-            })
-        }
-        "/metrics" => {
-            let mut body = String::with_capacity(8192);
-            crate::metrics::render(&shared.metrics, shared.mesh.len(), &mut body);
-            body.push_str(&shared.static_metrics);
-            return respond(http::response(200, "text/plain; version=0.0.4", &body));
-        }
-        "/admin/drain" => return respond(admin_drain(shard, req)),
         "/socket.io/" | "/socket.io" => {}
         _ => {
             let asset = crate::assets::response(shared, req);
@@ -379,39 +367,6 @@ fn route(shard: &Shard, req: &Request, full: bool) -> Route {
     } else {
         Route::PollOpen
     }
-}
-
-/// `POST /admin/drain` with `Authorization: Bearer <admin.token>`: the same drain as
-/// SIGTERM (the process signals itself; the main thread runs the drain and exits).
-fn admin_drain(shard: &Shard, req: &Request) -> Vec<u8> {
-    let json = "application/json";
-    let Some(token) = shard.shared.admin_token.as_deref() else {
-        let body = "{\"code\":403,\"message\":\"admin endpoints are disabled: set admin.token\"}";
-        return http::response(403, json, body);
-    };
-    if req.method != "POST" {
-        return http::response(405, json, "{\"code\":405,\"message\":\"use POST\"}");
-    }
-    let given = req.bearer.as_deref().unwrap_or_default();
-    if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-        shard.metrics().inc(Counter::AuthFailures);
-        let body = "{\"code\":401,\"message\":\"Authorization: Bearer <admin.token> required\"}";
-        return http::response(401, json, body);
-    }
-    if !shard.shared.closing() {
-        info!(shard = shard.id, "drain requested through /admin/drain");
-        // SAFETY: kill(2) on this process; the main thread waits for SIGTERM with sigwait.
-        unsafe {
-            libc::kill(libc::getpid(), libc::SIGTERM);
-        }
-    }
-    http::response(202, json, "{\"draining\":true}")
-}
-
-/// Compares secrets without a timing side channel on the position of the first
-/// difference.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The connection loop: flush queued frames, honour close requests, read and process.

@@ -24,6 +24,7 @@ mod local;
 pub mod mesh;
 pub mod metrics;
 pub mod msg;
+mod operator;
 mod polling;
 pub mod record;
 pub mod runtime;

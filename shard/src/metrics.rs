@@ -8,15 +8,17 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 macro_rules! labels {
-    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident => $s:literal),* $(,)? }) => {
+    ($(#[$m:meta])* $name:ident { $($(#[doc = $vdoc:literal])* $v:ident => $s:literal),* $(,)? }) => {
         $(#[$m])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-        pub enum $name { $($(#[$vm])* $v),* }
+        pub enum $name { $($(#[doc = $vdoc])* $v),* }
         impl $name {
             /// Every variant, in order.
             pub const ALL: &'static [$name] = &[$($name::$v),*];
             /// Label or metric name.
             pub fn as_str(self) -> &'static str { match self { $($name::$v => $s),* } }
+            /// The variant's documentation, as one line (the metric's `# HELP`).
+            pub fn help(self) -> &'static str { match self { $($name::$v => concat!($($vdoc),*)),* } }
         }
     };
 }
@@ -192,13 +194,17 @@ pub fn render(shards: &[ShardMetrics], shard_count: usize, out: &mut String) {
     for &c in Counter::ALL {
         let total: u64 = shards.iter().map(|s| s.get(c)).sum();
         let kind = if c.as_str().ends_with("_total") { "counter" } else { "gauge" };
-        let _ = writeln!(out, "# TYPE shardgate_{} {kind}\nshardgate_{} {total}", c.as_str(), c.as_str());
+        let name = c.as_str();
+        let _ = writeln!(out, "# HELP shardgate_{name} {}", c.help().trim());
+        let _ = writeln!(out, "# TYPE shardgate_{name} {kind}\nshardgate_{name} {total}");
     }
+    let _ = writeln!(out, "# HELP shardgate_connections_closed_total Connections closed, by reason.");
     let _ = writeln!(out, "# TYPE shardgate_connections_closed_total counter");
     for &r in CloseReason::ALL {
         let total: u64 = shards.iter().map(|s| s.closes(r)).sum();
         let _ = writeln!(out, "shardgate_connections_closed_total{{reason=\"{}\"}} {total}", r.as_str());
     }
+    let _ = writeln!(out, "# HELP shardgate_shard_connections_open Engine.IO sessions open now, by shard.");
     let _ = writeln!(out, "# TYPE shardgate_shard_connections_open gauge");
     for (i, s) in shards.iter().take(shard_count).enumerate() {
         let _ = writeln!(out, "shardgate_shard_connections_open{{shard=\"{i}\"}} {}", s.get(Counter::Open));

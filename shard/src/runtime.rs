@@ -137,8 +137,17 @@ fn bind(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
 }
 
 /// Binds the listeners and starts the shards.
-pub fn start(opts: StartOptions, verifier: Verifier) -> std::io::Result<ShardsHandle> {
+pub fn start(mut opts: StartOptions, verifier: Verifier) -> std::io::Result<ShardsHandle> {
     let n = opts.shards.max(1);
+    // The operator endpoints' own listener, accepted by shard 0.
+    let mut admin = match opts.admin_listen {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)?;
+            opts.admin_listen = Some(l.local_addr()?);
+            Some(l.into_raw_fd())
+        }
+        None => None,
+    };
     let first = bind(opts.listen)?;
     let listen = first
         .local_addr()?
@@ -159,12 +168,14 @@ pub fn start(opts: StartOptions, verifier: Verifier) -> std::io::Result<ShardsHa
         };
         let shared = shared.clone();
         let fd = sock.into_raw_fd();
+        let admin_fd = admin.take();
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))
             .spawn(move || async move {
-                // SAFETY: `fd` is a listening socket this thread now owns alone.
+                // SAFETY: `fd` (and `admin_fd`) are listening sockets this thread now owns alone.
                 let listener = unsafe { TcpListener::from_raw_fd(fd) };
-                run_shard(id, shared, listener, bell).await
+                let admin = admin_fd.map(|fd| unsafe { TcpListener::from_raw_fd(fd) });
+                run_shard(id, shared, listener, bell, admin).await
             })
             .map_err(|e| std::io::Error::other(format!("cannot start shard {id}: {e}")))?;
         handles.push(h);
@@ -197,7 +208,13 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     }
 }
 
-async fn run_shard(id: ShardId, shared: Arc<Shared>, listener: TcpListener, bell: Doorbell) {
+async fn run_shard(
+    id: ShardId,
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    bell: Doorbell,
+    admin: Option<TcpListener>,
+) {
     let shard = Rc::new(Shard::new(id, shared.clone()));
     debug_assert_eq!(bell.owner, Owner::Shard(id));
     let bell = bell.into_stream();
@@ -205,6 +222,7 @@ async fn run_shard(id: ShardId, shared: Arc<Shared>, listener: TcpListener, bell
     let tick = glommio::spawn_local(tick_task(shard.clone()));
     debug!(shard = id, "shard started");
     let acceptor = glommio::spawn_local(accept_loop(shard.clone(), listener));
+    let operator = admin.map(|l| glommio::spawn_local(crate::operator::admin_loop(shard.clone(), l)));
     // Wait for a drain or shutdown: the inbox task wakes us on `ShardMsg::Shutdown`.
     until(&shard, || shared.closing()).await;
     if !shared.stopping.load(Ordering::SeqCst) {
@@ -229,6 +247,7 @@ async fn run_shard(id: ShardId, shared: Arc<Shared>, listener: TcpListener, bell
     }
     drop(inbox);
     drop(tick);
+    drop(operator);
     info!(shard = id, "shard stopped");
 }
 

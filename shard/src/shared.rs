@@ -39,6 +39,9 @@ pub struct Shared {
     pub epoch: Instant,
     /// Address every shard listens on.
     pub listen: SocketAddr,
+    /// The internal address of the operator endpoints, if they are kept off the public
+    /// port (resolved: port 0 picks a free one).
+    pub admin_listen: Option<SocketAddr>,
     /// Extra Prometheus text appended to `/metrics` (process-level facts).
     pub static_metrics: String,
     /// The bridge's inbox in cluster mode; `None` runs the embedded bus.
@@ -70,6 +73,7 @@ impl Shared {
             admin_token: opts.admin_token,
             epoch: Instant::now(),
             listen,
+            admin_listen: opts.admin_listen,
             static_metrics: opts.static_metrics,
             bridge: opts.bridge,
             server_id: opts.server_id,
@@ -159,6 +163,8 @@ pub struct StartOptions {
     pub admin_token: Option<String>,
     /// The built-in development secret, if the node runs on it (`Shared::dev_secret`).
     pub dev_secret: Option<String>,
+    /// Serve `/metrics` and `/admin/*` on this internal address only (`--admin-listen`).
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl Default for StartOptions {
@@ -176,6 +182,7 @@ impl Default for StartOptions {
             persist: None,
             admin_token: None,
             dev_secret: None,
+            admin_listen: None,
         }
     }
 }

@@ -24,11 +24,25 @@ pub const SECRET: &str = "integration-test-secret-0123456789";
 /// Default bound of every wait.
 pub const WAIT: Duration = Duration::from_secs(5);
 
+/// One HTTP request to `addr` with extra header lines (`headers` ends each with CRLF);
+/// the status and the body.
+pub fn request_at(addr: SocketAddr, method: &str, path: &str, headers: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
 /// A running `shardgate serve`, killed on drop.
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
     log: std::sync::Arc<std::sync::Mutex<String>>,
+    admin: std::sync::Arc<std::sync::Mutex<Option<SocketAddr>>>,
 }
 
 impl Server {
@@ -74,10 +88,14 @@ impl Server {
             }
         });
         let (tx, rx) = std::sync::mpsc::channel();
+        let admin = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let admin2 = admin.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(a) = line.strip_prefix("listening on ") {
                     let _ = tx.send(a.parse::<SocketAddr>().unwrap());
+                } else if let Some(a) = line.strip_prefix("admin on ") {
+                    *admin2.lock().unwrap() = a.parse::<SocketAddr>().ok();
                 }
             }
         });
@@ -88,7 +106,19 @@ impl Server {
                 panic!("shardgate did not start: {}", log.lock().unwrap());
             }
         };
-        Server { child, addr, log }
+        Server { child, addr, log, admin }
+    }
+
+    /// The operator address printed at start (`--admin-listen`), waiting for it.
+    pub fn admin_addr(&self) -> SocketAddr {
+        let end = Instant::now() + WAIT;
+        loop {
+            if let Some(a) = *self.admin.lock().unwrap() {
+                return a;
+            }
+            assert!(Instant::now() < end, "no admin address printed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// The server's process id.
@@ -109,19 +139,13 @@ impl Server {
     /// One HTTP request with extra header lines (`headers` ends each with CRLF); the
     /// status and the body.
     pub fn request(&self, method: &str, path: &str, headers: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(self.addr).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        (status, body)
+        request_at(self.addr, method, path, headers)
     }
 
     /// Value of an unlabelled metric (or with its label set, e.g. `x{reason="y"}`).
     pub fn metric(&self, name: &str) -> u64 {
-        let (_, body) = self.get("/metrics");
+        let at = self.admin.lock().unwrap().unwrap_or(self.addr);
+        let (_, body) = request_at(at, "GET", "/metrics", "");
         body.lines()
             .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.parse().ok()))
             .unwrap_or(0)
