@@ -337,7 +337,30 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-/// A line chart; `x_ticks` label chosen x positions (else five even ticks).
+/// Round tick values for an axis over `lo..=hi`: multiples of 1, 2, 2.5 or 5 times a power
+/// of ten, about `n` of them, from the first at or below `lo` to the first at or above
+/// `hi` (so an axis can end on a tick).
+fn nice_ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
+    let span = (hi - lo).max(f64::EPSILON);
+    let raw = span / n.max(1) as f64;
+    let pow = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * pow).find(|s| *s >= raw).unwrap_or(10.0 * pow);
+    let first = (lo / step).floor() * step;
+    let mut ticks = Vec::new();
+    let mut k = 0.0;
+    loop {
+        let t = first + k * step;
+        // Rounded to the step's precision: 0.30000000000000004 reads as 0.3.
+        let t = (t / step).round() * step;
+        ticks.push(t);
+        if t >= hi - step * 1e-9 {
+            return ticks;
+        }
+        k += 1.0;
+    }
+}
+
+/// A line chart; `x_ticks` label chosen x positions (else round values over the data).
 fn chart(title: &str, y_label: &str, series: &[Series], x_ticks: Option<&[(f64, &str)]>) -> String {
     let (w, h, left, right, top, bottom) = (760.0, 280.0, 70.0, 40.0, 30.0, 40.0);
     let all = series.iter().flat_map(|s| s.points.iter());
@@ -353,7 +376,9 @@ fn chart(title: &str, y_label: &str, series: &[Series], x_ticks: Option<&[(f64, 
     if x1 <= x0 {
         x1 = x0 + 1.0;
     }
-    let y1 = if y1 <= 0.0 { 1.0 } else { y1 * 1.05 };
+    // The y axis runs from 0 to the first round tick at or above the data.
+    let y_ticks = nice_ticks(0.0, if y1 <= 0.0 { 1.0 } else { y1 }, 4);
+    let y1 = y_ticks.last().copied().unwrap_or(1.0);
     let px = |x: f64| left + (x - x0) / (x1 - x0) * (w - left - right);
     let py = |y: f64| top + (1.0 - y / y1) * (h - top - bottom);
     let mut svg = format!(
@@ -363,8 +388,7 @@ fn chart(title: &str, y_label: &str, series: &[Series], x_ticks: Option<&[(f64, 
         h / 2.0,
         esc(y_label)
     );
-    for i in 0..=4 {
-        let y = y1 * i as f64 / 4.0;
+    for &y in &y_ticks {
         svg += &format!(
             r##"<line x1="{left}" x2="{}" y1="{py}" y2="{py}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
             w - right,
@@ -374,11 +398,14 @@ fn chart(title: &str, y_label: &str, series: &[Series], x_ticks: Option<&[(f64, 
             py = py(y)
         );
     }
-    let even: Vec<(f64, String)> =
-        (0..=4).map(|i| x0 + (x1 - x0) * i as f64 / 4.0).map(|x| (x, fmt_num(x))).collect();
+    let round: Vec<(f64, String)> = nice_ticks(x0, x1, 5)
+        .into_iter()
+        .filter(|x| *x >= x0 - 1e-9 && *x <= x1 + 1e-9)
+        .map(|x| (x, fmt_num(x)))
+        .collect();
     let ticks: Vec<(f64, String)> = match x_ticks {
         Some(t) => t.iter().map(|(x, l)| (*x, l.to_string())).collect(),
-        None => even,
+        None => round,
     };
     for (x, label) in ticks {
         svg += &format!(
@@ -407,12 +434,16 @@ fn fmt_num(v: f64) -> String {
     if v.abs() >= 1e6 {
         format!("{:.1}M", v / 1e6)
     } else if v.abs() >= 1e4 {
-        format!("{:.0}k", v / 1e3)
-    } else if v.abs() >= 10.0 || v == 0.0 {
-        format!("{v:.0}")
+        format!("{}k", trim(v / 1e3))
     } else {
-        format!("{v:.2}")
+        trim(v)
     }
+}
+
+/// `v` with at most two decimals and no trailing zeros (2.5, 40, 0.25).
+fn trim(v: f64) -> String {
+    let s = format!("{v:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// A self-contained HTML report: latency percentile distribution, throughput, latency
@@ -451,13 +482,18 @@ pub fn html(r: &Value, tl: &Timeline) -> String {
             &[Series { name: "latency", color: "#c0392b", points: dist }],
             Some(&ticks),
         );
+        // Sent and received each on their own scale: a fan-out run receives far more than
+        // it sends, and one axis would flatten the sends to zero.
         body += &chart(
-            "Throughput over time (per second; x: seconds)",
-            "messages/s",
-            &[
-                Series { name: "sent", color: "#2980b9", points: sent },
-                Series { name: "received", color: "#27ae60", points: received },
-            ],
+            "Sent over time (per second; x: seconds)",
+            "messages sent/s",
+            &[Series { name: "sent", color: "#2980b9", points: sent }],
+            None,
+        );
+        body += &chart(
+            "Received over time (per second; x: seconds)",
+            "messages received/s",
+            &[Series { name: "received", color: "#27ae60", points: received }],
             None,
         );
         body += &chart(
@@ -490,4 +526,34 @@ pub fn html(r: &Value, tl: &Timeline) -> String {
         url = esc(r["url"].as_str().unwrap_or_default()),
         json = esc(&pretty),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_are_round_values() {
+        assert_eq!(nice_ticks(0.0, 7434.0, 4), vec![0.0, 2000.0, 4000.0, 6000.0, 8000.0]);
+        assert_eq!(nice_ticks(0.0, 5240.0, 4), vec![0.0, 2000.0, 4000.0, 6000.0]);
+        assert_eq!(nice_ticks(0.0, 6615.0, 4), vec![0.0, 2000.0, 4000.0, 6000.0, 8000.0]);
+        assert_eq!(nice_ticks(0.0, 1.0, 4), vec![0.0, 0.25, 0.5, 0.75, 1.0]);
+        assert_eq!(nice_ticks(0.4, 37.2, 5), vec![0.0, 10.0, 20.0, 30.0, 40.0]);
+        assert_eq!(nice_ticks(0.0, 20.0, 4), vec![0.0, 5.0, 10.0, 15.0, 20.0]);
+        assert_eq!(fmt_num(2500.0), "2500");
+        assert_eq!(fmt_num(25000.0), "25k");
+        assert_eq!(fmt_num(0.25), "0.25");
+    }
+
+    #[test]
+    fn sent_and_received_have_their_own_charts_and_axes() {
+        let svg = chart(
+            "t",
+            "y",
+            &[Series { name: "sent", color: "#000", points: vec![(0.0, 0.0), (10.0, 20.0)] }],
+            None,
+        );
+        assert!(svg.contains(">20</text>") && svg.contains(">10</text>"), "{svg}");
+        assert!(!svg.contains(">21</text>"), "no axis label off the round values");
+    }
 }
