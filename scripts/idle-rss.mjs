@@ -1,12 +1,13 @@
 // Measures the server's resident memory per idle authenticated connection.
 //
-//   node scripts/idle-rss.mjs --url ws://127.0.0.1:3000 --secret S --pid PID --connections 10000 [--transport polling]
+//   node scripts/idle-rss.mjs --url ws://127.0.0.1:3000 --secret S --pid PID --connections 10000 [--transport polling|upgrade]
 //
 // Opens N WebSocket connections (Engine.IO v4 + Socket.IO CONNECT with a JWT per user),
 // or with `--transport polling` N long-polling sessions (each with its GET waiting, as an
-// idle polling client has, on kept-alive HTTP connections), puts each socket in one of
-// 100 rooms, answers pings, waits for the server to settle, then reads the server's
-// VmRSS from /proc and /proc/net/sockstat before and after.
+// idle polling client has, on kept-alive HTTP connections), or with `--transport upgrade`
+// N sessions opened on long-polling and upgraded to WebSocket (the official client's
+// default), puts each socket in one of 100 rooms, answers pings, waits for the server to
+// settle, then reads the server's VmRSS from /proc and /proc/net/sockstat before and after.
 // Connections spread over source addresses 127.0.0.1..127.0.0.9 to stay clear of the
 // ephemeral-port limit. Uses the `ws` package installed with the interop suite.
 import { createHmac } from "node:crypto";
@@ -25,6 +26,7 @@ const pid = Number(args.pid);
 const total = Number(args.connections ?? 10000);
 const concurrency = Number(args.concurrency ?? 200);
 const polling = args.transport === "polling";
+const upgrade = args.transport === "upgrade";
 const settleMs = Number(args["settle-ms"] ?? 2000);
 if (!secret || !pid) throw new Error("--secret and --pid are required");
 
@@ -97,18 +99,42 @@ function openPolling(i) {
   });
 }
 
+// A session opened on long-polling, then upgraded: probe, `5`, the rest over WebSocket.
+function openUpgraded(i) {
+  return new Promise((resolve) => {
+    const agent = agents[i % 9];
+    request(agent, "GET", base)
+      .then(async (open) => {
+        const sid = JSON.parse(open.slice(1)).sid;
+        await request(agent, "POST", `${base}&sid=${sid}`, `40${JSON.stringify({ token: token(`user${i}`) })}`);
+        const ws = new WebSocket(`${url}/socket.io/?EIO=4&transport=websocket&sid=${sid}`, { localAddress: `127.0.0.${1 + (i % 9)}`, perMessageDeflate: false });
+        sockets.push(ws);
+        ws.on("open", () => ws.send("2probe"));
+        ws.on("message", (data) => {
+          const s = data.toString();
+          if (s === "3probe") { ws.send("5"); ws.send(`421["join_room","room-${i % 100}"]`); }
+          else if (s.startsWith("431")) { ready++; resolve(); }
+          else if (s === "2") ws.send("3");
+        });
+        ws.on("error", () => { failed++; resolve(); });
+        ws.on("close", () => resolve());
+      })
+      .catch(() => { failed++; resolve(); });
+  });
+}
+
 await sleep(500);
 const before = rss();
 const sockBefore = sockstat();
 const t0 = Date.now();
 for (let i = 0; i < total; i += concurrency) {
-  await Promise.all(Array.from({ length: Math.min(concurrency, total - i) }, (_, k) => (polling ? openPolling : open)(i + k)));
+  await Promise.all(Array.from({ length: Math.min(concurrency, total - i) }, (_, k) => (polling ? openPolling : upgrade ? openUpgraded : open)(i + k)));
 }
 const connectMs = Date.now() - t0;
 await sleep(settleMs);
 const after = rss();
 const result = {
-  transport: polling ? "polling" : "websocket",
+  transport: polling ? "polling" : upgrade ? "upgrade" : "websocket",
   connections: ready,
   failed,
   connect_seconds: connectMs / 1000,
