@@ -106,6 +106,9 @@ struct ServeArgs {
     /// Bearer token of `POST /admin/drain` (unset: no admin endpoints).
     #[arg(long, env = "SHARDGATE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Origin whose pages may use long-polling across origins (CORS); repeat it, or `*`.
+    #[arg(long = "cors-origin", env = "SHARDGATE_CORS_ORIGINS", value_delimiter = ',')]
+    cors_origins: Vec<String>,
     /// Internal address of `/metrics` and `/admin/*` (off the public port when set).
     #[arg(long, env = "SHARDGATE_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
@@ -198,6 +201,9 @@ fn load(args: &ServeArgs) -> anyhow::Result<Config> {
     set!(cfg.runtime.drain_ms, args.drain_ms);
     if args.admin_token.is_some() {
         cfg.admin.token = args.admin_token.clone();
+    }
+    if !args.cors_origins.is_empty() {
+        cfg.runtime.cors_origins = args.cors_origins.clone();
     }
     if args.admin_listen.is_some() {
         cfg.admin.listen = args.admin_listen;

@@ -270,3 +270,62 @@ fn upgrade_moves_a_polling_session_to_websocket() {
     assert_eq!(srv.metric("shardgate_polling_sessions_open"), 0);
     assert_eq!(srv.metric("shardgate_connections_open"), 5);
 }
+
+#[test]
+fn cors_lets_allowed_origins_poll_across_origins() {
+    let srv = Server::start(&["--cors-origin", "https://app.example,https://admin.example"]);
+    let mut s = TcpStream::connect(srv.addr).unwrap();
+    let pre = "Origin: https://app.example\r\nAccess-Control-Request-Method: POST\r\n";
+    write_request(&mut s, "OPTIONS", "/socket.io/?EIO=4&transport=polling", b"", pre);
+    let r = read_response(&mut s, Duration::from_secs(5));
+    assert_eq!(r.status, 204, "{}", r.head);
+    assert!(r.head.contains("Access-Control-Allow-Origin: https://app.example"), "{}", r.head);
+    assert!(r.head.contains("Access-Control-Allow-Methods: GET, POST"));
+    let mut s = TcpStream::connect(srv.addr).unwrap();
+    write_request(
+        &mut s,
+        "OPTIONS",
+        "/socket.io/?EIO=4&transport=polling",
+        b"",
+        "Origin: https://evil.example\r\n",
+    );
+    assert_eq!(read_response(&mut s, Duration::from_secs(5)).status, 403);
+    // The handshake, POSTs and GETs of an allowed origin carry the headers.
+    let mut s = TcpStream::connect(srv.addr).unwrap();
+    let from = format!("Origin: https://admin.example\r\nAuthorization: Bearer {}\r\n", token("c", "t"));
+    write_request(&mut s, "GET", "/socket.io/?EIO=4&transport=polling", b"", &from);
+    let open = read_response(&mut s, Duration::from_secs(5));
+    assert!(open.head.contains("Access-Control-Allow-Origin: https://admin.example"), "{}", open.head);
+    let sid = serde_json::from_str::<serde_json::Value>(&open.text()[1..]).unwrap()["sid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+    write_request(&mut s, "POST", &path, b"40", &from);
+    let post = read_response(&mut s, Duration::from_secs(5));
+    assert!(post.head.contains("Access-Control-Allow-Credentials: true"), "{}", post.head);
+    write_request(&mut s, "GET", &path, b"", &from);
+    let got = read_response(&mut s, Duration::from_secs(5));
+    assert!(got.text().starts_with("40{\"sid\""), "{}", got.text());
+    assert!(got.head.contains("Access-Control-Allow-Origin: https://admin.example"));
+    // Another origin gets no CORS headers (its browser then withholds the answer).
+    let other = request_with(
+        srv.addr,
+        "GET",
+        "/socket.io/?EIO=4&transport=polling",
+        "Origin: https://evil.example\r\n",
+    );
+    assert_eq!(other.status, 200);
+    assert!(!other.head.contains("Access-Control"), "{}", other.head);
+}
+
+fn request_with(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> support::polling::Response {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write_request(&mut s, method, path, b"", headers);
+    read_response(&mut s, Duration::from_secs(5))
+}

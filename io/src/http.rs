@@ -52,6 +52,8 @@ pub struct Request {
     /// The connection may carry another request after this one (HTTP/1.1 unless
     /// `Connection: close`; HTTP/1.0 only with `Connection: keep-alive`).
     pub keep_alive: bool,
+    /// `Origin` (browsers send it on cross-origin requests and on POSTs).
+    pub origin: Option<String>,
 }
 
 impl Request {
@@ -126,6 +128,8 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> 
                 Ok(n) if out.content_length.is_none_or(|m| m == n) => out.content_length = Some(n),
                 _ => out.bad_length = true,
             }
+        } else if h.name.eq_ignore_ascii_case("origin") {
+            out.origin = Some(value.to_string());
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             out.has_body = true;
             out.chunked = true;
@@ -215,6 +219,14 @@ pub fn engineio_error(code: u8, message: &str, detail: &str) -> Vec<u8> {
     engineio_error_with(400, code, message, detail)
 }
 
+/// `resp` (a complete response) with `lines` (each ending in CRLF) added to its head.
+pub fn with_headers(mut resp: Vec<u8>, lines: &str) -> Vec<u8> {
+    if let Some(end) = resp.windows(2).position(|w| w == b"\r\n") {
+        resp.splice(end + 2..end + 2, lines.bytes());
+    }
+    resp
+}
+
 /// A static asset: cacheable for a day, then the connection closes.
 pub fn static_response(content_type: &str, body: &[u8]) -> Vec<u8> {
     let mut out = format!(
@@ -235,7 +247,11 @@ pub fn engineio_error_with(status: u16, code: u8, message: &str, detail: &str) -
 fn reason_phrase(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        202 => "Accepted",
+        204 => "No Content",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         411 => "Length Required",
@@ -324,5 +340,16 @@ mod tests {
         assert!(String::from_utf8(response_bytes(200, "text/plain", b"", false))
             .unwrap()
             .contains("Connection: close"));
+    }
+
+    #[test]
+    fn headers_are_added_after_the_status_line() {
+        let r = with_headers(response(200, "text/plain", "ok"), "Vary: Origin\r\n");
+        let r = String::from_utf8(r).unwrap();
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\nVary: Origin\r\nContent-Type: text/plain\r\n"), "{r}");
+        assert!(r.ends_with("\r\n\r\nok"));
+        let (req, _) =
+            parse_request(b"GET / HTTP/1.1\r\nOrigin: https://app.example\r\n\r\n").unwrap().unwrap();
+        assert_eq!(req.origin.as_deref(), Some("https://app.example"));
     }
 }

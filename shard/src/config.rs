@@ -71,6 +71,10 @@ pub struct RuntimeConfig {
     /// Milliseconds over which a draining node (SIGTERM, `POST /admin/drain`) closes its
     /// connections, in batches, so the other nodes get the reconnects spread out.
     pub drain_ms: u64,
+    /// Origins (`scheme://host[:port]`) whose pages may use the long-polling transport
+    /// from another origin (CORS, with credentials); `*` allows any. Empty: same-origin
+    /// pages only. WebSocket is not subject to CORS.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for RuntimeConfig {
@@ -93,11 +97,17 @@ impl Default for RuntimeConfig {
             max_connections: 1_000_000,
             presence_retention_secs: 86_400,
             drain_ms: 10_000,
+            cors_origins: Vec::new(),
         }
     }
 }
 
 impl RuntimeConfig {
+    /// True if pages from `origin` may use long-polling across origins.
+    pub fn cors_allows(&self, origin: &str) -> bool {
+        self.cors_origins.iter().any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
+    }
+
     /// Checks that every value is usable; the message names the field.
     pub fn validate(&self) -> Result<(), InvalidConfig> {
         let positive = [
@@ -128,6 +138,16 @@ impl RuntimeConfig {
         }
         if self.max_payload > MAX_PAYLOAD_LIMIT {
             return Err(InvalidConfig::new("runtime.max_payload", "must be at most 64 MiB"));
+        }
+        for o in &self.cors_origins {
+            let rest = o.strip_prefix("https://").or_else(|| o.strip_prefix("http://"));
+            let ok = o == "*" || rest.is_some_and(|r| !r.is_empty() && !r.contains('/') && !r.contains(' '));
+            if !ok {
+                return Err(InvalidConfig::new(
+                    "runtime.cors_origins",
+                    format!("{o:?} is not an origin: use scheme://host[:port] (no path), or *"),
+                ));
+            }
         }
         Ok(())
     }

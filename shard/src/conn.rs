@@ -180,6 +180,10 @@ async fn http_requests(
         let route = match route(shard, &req, full) {
             Route::Respond(resp) => {
                 m.inc(Counter::HttpRequests);
+                // Engine.IO errors readable by the pages of allowed origins too.
+                let engineio = req.path.starts_with("/socket.io") && req.method != "OPTIONS";
+                let cors = engineio.then(|| polling::cors(shard, &req)).flatten();
+                let resp = polling::with_cors(resp, cors.as_deref());
                 let _ = Box::pin(wire::write_all(&mut stream, &resp)).await;
                 return Next::Done;
             }
@@ -224,7 +228,14 @@ async fn http_requests(
                 if buf.is_empty() {
                     buf = Vec::new();
                 }
-                return Next::Poll(Box::new(polling::Waiting { stream, id, keep: req.keep_alive, buf }));
+                let cors = polling::cors(shard, &req);
+                return Next::Poll(Box::new(polling::Waiting {
+                    stream,
+                    id,
+                    keep: req.keep_alive,
+                    buf,
+                    cors,
+                }));
             }
             Route::PollPost(id) => Box::pin(polling::post(shard, &mut stream, &req, id, &mut buf)).await,
             Route::Respond(_) | Route::Forward(_) => return Next::Done,
@@ -303,6 +314,9 @@ fn route(shard: &Shard, req: &Request, full: bool) -> Route {
         }
     }
     let refuse = |code, msg, detail| Route::Respond(http::engineio_error(code, msg, detail));
+    if req.method == "OPTIONS" {
+        return Route::Respond(polling::preflight(shard, req));
+    }
     if req.query_param("EIO") != Some(engineio::PROTOCOL_VERSION) {
         return refuse(
             5,

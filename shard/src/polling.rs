@@ -47,6 +47,41 @@ pub(crate) fn close(st: &mut State, id: ConnId, reason: CloseReason, now: bool, 
     }
 }
 
+/// CORS response headers for a request from a page of another origin, if the
+/// configuration (`runtime.cors_origins`) allows that origin; `None` otherwise (and for
+/// same-origin requests, which carry no `Origin` on GET).
+pub(crate) fn cors(shard: &Shard, req: &Request) -> Option<Box<str>> {
+    let origin = req.origin.as_deref()?;
+    shard.shared.config.cors_allows(origin).then(|| {
+        format!("Access-Control-Allow-Origin: {origin}\r\nAccess-Control-Allow-Credentials: true\r\nVary: Origin\r\n").into()
+    })
+}
+
+/// The answer to a CORS preflight (`OPTIONS /socket.io/`).
+pub(crate) fn preflight(shard: &Shard, req: &Request) -> Vec<u8> {
+    match cors(shard, req) {
+        Some(allow) => http::with_headers(
+            http::response(204, "text/plain", ""),
+            &format!(
+                "{allow}Access-Control-Allow-Methods: GET, POST\r\nAccess-Control-Allow-Headers: content-type, authorization\r\nAccess-Control-Max-Age: 86400\r\n"
+            ),
+        ),
+        None => http::response(
+            403,
+            "application/json",
+            "{\"code\":403,\"message\":\"origin not allowed: list it in runtime.cors_origins (--cors-origin)\"}",
+        ),
+    }
+}
+
+/// `resp` with the CORS headers `cors`, if any.
+pub(crate) fn with_cors(resp: Vec<u8>, cors: Option<&str>) -> Vec<u8> {
+    match cors {
+        Some(h) => http::with_headers(resp, h),
+        None => resp,
+    }
+}
+
 /// The handshake (`GET /socket.io/?EIO=4&transport=polling`, no sid): opens a session on
 /// this shard and answers its open packet, offering the upgrade to WebSocket.
 pub(crate) fn open(shard: &Shard, req: &Request) -> Vec<u8> {
@@ -69,7 +104,8 @@ pub(crate) fn open(shard: &Shard, req: &Request) -> Vec<u8> {
         ping_timeout: cfg.ping_timeout_ms,
         max_payload: cfg.max_payload as u64,
     };
-    http::response_bytes(200, PAYLOAD_TYPE, open.encode().as_bytes(), req.keep_alive)
+    let resp = http::response_bytes(200, PAYLOAD_TYPE, open.encode().as_bytes(), req.keep_alive);
+    with_cors(resp, cors(shard, req).as_deref())
 }
 
 fn unknown_sid(shard: &Shard) -> Vec<u8> {
@@ -116,6 +152,8 @@ pub(crate) struct Waiting {
     pub keep: bool,
     /// Bytes of a pipelined next request.
     pub buf: Vec<u8>,
+    /// CORS headers for the answer (a page of another, allowed origin).
+    pub cors: Option<Box<str>>,
 }
 
 /// An admitted GET: waits until the session has packets (or a close, or the upgrade probe
@@ -150,7 +188,7 @@ pub(crate) fn wait<'a>(
 pub(crate) async fn answer(shard: &Shard, wait: &mut Waiting, body: Option<Vec<u8>>) -> bool {
     let id = wait.id;
     match body {
-        Some(body) => respond(shard, &mut wait.stream, id, wait.keep, body).await,
+        Some(body) => respond(shard, wait, body).await,
         None => {
             let mut st = shard.state.borrow_mut();
             if let Some(p) = st.conns.get_mut(id).and_then(|c| c.poll.as_deref_mut()) {
@@ -163,8 +201,9 @@ pub(crate) async fn answer(shard: &Shard, wait: &mut Waiting, body: Option<Vec<u
 }
 
 /// Writes a GET's answer.
-async fn respond(shard: &Shard, stream: &mut TcpStream, id: ConnId, keep: bool, body: Vec<u8>) -> bool {
-    let resp = http::response_bytes(200, PAYLOAD_TYPE, &body, keep);
+async fn respond(shard: &Shard, wait: &mut Waiting, body: Vec<u8>) -> bool {
+    let (stream, id, keep) = (&mut wait.stream, wait.id, wait.keep);
+    let resp = with_cors(http::response_bytes(200, PAYLOAD_TYPE, &body, keep), wait.cors.as_deref());
     drop(body);
     shard.metrics().add(Counter::BytesOut, resp.len() as u64);
     if wire::write_all(stream, &resp).await.is_err() {
@@ -241,6 +280,7 @@ pub(crate) async fn post(
     id: ConnId,
     buf: &mut Vec<u8>,
 ) -> bool {
+    let cors = cors(shard, req);
     shard.metrics().inc(Counter::PollingRequests);
     let max = shard.shared.config.max_payload;
     let admitted = {
@@ -290,7 +330,7 @@ pub(crate) async fn post(
         Ok(len) => len,
         Err(resp) => {
             // The body was not read: the connection cannot carry another request.
-            let _ = wire::write_all(stream, &resp).await;
+            let _ = wire::write_all(stream, &with_cors(resp, cors.as_deref())).await;
             return false;
         }
     };
@@ -326,6 +366,7 @@ pub(crate) async fn post(
             http::engineio_error(3, "Bad request", &format!("the session is closed: {}", reason.as_str()))
         }
     };
+    let resp = with_cors(resp, cors.as_deref());
     wire::write_all(stream, &resp).await.is_ok() && result.is_ok() && req.keep_alive
 }
 

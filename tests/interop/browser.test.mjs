@@ -7,7 +7,11 @@ import assert from "node:assert/strict";
 import { chromium } from "playwright-core";
 
 const URL = process.env.SHARDGATE_URL;
-assert.ok(URL, "SHARDGATE_URL must be set");
+// The same node under another origin (it lists URL's origin in its CORS origins), and a
+// node that allows no other origin.
+const CROSS = process.env.SHARDGATE_CROSS_URL;
+const CLOSED = process.env.SHARDGATE_CLOSED_URL;
+assert.ok(URL && CROSS && CLOSED, "SHARDGATE_URL, SHARDGATE_CROSS_URL and SHARDGATE_CLOSED_URL must be set");
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
@@ -15,11 +19,12 @@ const browser = await chromium.launch({
 });
 after(() => browser.close());
 
-async function signIn(user, transport) {
+async function signIn(user, transport, server = "") {
   const page = await (await browser.newContext()).newPage();
   const errors = [];
   page.on("pageerror", (e) => errors.push(e.message));
-  await page.goto(`${URL}/demo?user=${user}&transport=${transport}`);
+  const target = server ? `&server=${encodeURIComponent(server)}` : "";
+  await page.goto(`${URL}/demo?user=${user}&transport=${transport}${target}`);
   await page.click("#connect");
   await page.waitForSelector("#status.on", { timeout: 5000 });
   page.errors = errors;
@@ -69,4 +74,19 @@ test("the page states plainly when no token can be had", async () => {
   await page.goto(`${URL}/demo?user=${"x".repeat(300)}`);
   await page.click("#connect");
   await page.waitForSelector("#log li.system:has-text('no token')", { timeout: 5000 });
+});
+
+test("a page of an allowed origin uses long-polling across origins; others are refused", async () => {
+  const carol = await signIn("carol", "polling", CROSS);
+  const dave = await signIn("dave", "websocket");
+  await dave.fill("#to", "carol");
+  await dave.fill("#dm", "across origins");
+  await dave.click("#senddm");
+  await carol.waitForSelector("#log li.direct:has-text('dave → you: across origins')", { timeout: 5000 });
+
+  const page = await (await browser.newContext()).newPage();
+  await page.goto(`${URL}/demo?user=erin&transport=polling&server=${encodeURIComponent(CLOSED)}`);
+  await page.click("#connect");
+  await page.waitForSelector("#log li.system:has-text('connect error')", { timeout: 10000 });
+  assert.equal(await page.textContent("#status"), "refused");
 });
