@@ -1,0 +1,189 @@
+//! The kernel's floor for room fan-out: what one `send(2)` of a server frame to each of
+//! N loopback TCP sockets costs the sending thread, with a reader draining the other ends
+//! on another core. shardgate's fan-out cost per delivery (the load generator's `fanout`
+//! scenario, `server_cpu_us_per_received`) is read against this number, measured on the
+//! same machine in the same session (`docs/performance.md`, "Fan-out against the kernel
+//! floor").
+//!
+//! Run: `cargo bench --bench send_floor -- [--sockets 1000] [--rate 50] [--seconds 10]
+//! [--frame 122] [--batch 1] [--sender-cpu 0] [--reader-cpu 1]`. `--batch K` sends K
+//! frames per socket per round: as K separate sends, then as one coalesced send of K
+//! frames, the two costs side by side.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Args {
+    sockets: usize,
+    rate: u64,
+    seconds: u64,
+    frame: usize,
+    batch: usize,
+    sender_cpu: usize,
+    reader_cpu: usize,
+}
+
+fn args() -> Args {
+    let mut a =
+        Args { sockets: 1000, rate: 50, seconds: 10, frame: 122, batch: 1, sender_cpu: 0, reader_cpu: 1 };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let v = argv.get(i + 1).and_then(|v| v.parse::<u64>().ok());
+        match (argv[i].as_str(), v) {
+            ("--sockets", Some(v)) => a.sockets = v as usize,
+            ("--rate", Some(v)) => a.rate = v.max(1),
+            ("--seconds", Some(v)) => a.seconds = v.max(1),
+            ("--frame", Some(v)) => a.frame = v as usize,
+            ("--batch", Some(v)) => a.batch = (v as usize).max(1),
+            ("--sender-cpu", Some(v)) => a.sender_cpu = v as usize,
+            ("--reader-cpu", Some(v)) => a.reader_cpu = v as usize,
+            // `cargo bench` passes `--bench`; anything else unknown is ignored too.
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    a
+}
+
+fn pin(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one bit set, applied to the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// CPU time (user + system) of the calling thread, in microseconds.
+fn thread_cpu_us() -> u64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
+        ru
+    };
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    us(ru.ru_utime) + us(ru.ru_stime)
+}
+
+/// A server frame of `len` bytes in all (2-byte header, text opcode), as shardgate sends.
+fn frame(len: usize) -> Vec<u8> {
+    let payload = len.saturating_sub(2).min(125);
+    let mut f = vec![0x81, payload as u8];
+    f.extend(std::iter::repeat_n(b'x', payload));
+    f
+}
+
+/// Drains every socket of `readers` until `stop`, counting bytes, with epoll.
+fn drain(readers: Vec<TcpStream>, stop: Arc<AtomicBool>, bytes: Arc<AtomicU64>) {
+    // SAFETY: epoll on descriptors owned by `readers`, which outlive the loop.
+    let ep = unsafe { libc::epoll_create1(0) };
+    for (i, r) in readers.iter().enumerate() {
+        r.set_nonblocking(true).unwrap();
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: i as u64 };
+        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, r.as_raw_fd(), &mut ev) };
+    }
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut readers = readers;
+    while !stop.load(Ordering::Relaxed) {
+        let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, 50) };
+        for ev in events.iter().take(n.max(0) as usize) {
+            let r = &mut readers[ev.u64 as usize];
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(k) => {
+                        bytes.fetch_add(k as u64, Ordering::Relaxed);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+    unsafe { libc::close(ep) };
+}
+
+/// Rounds at `rate` per second for `seconds`; each round writes `chunks` (one buffer per
+/// send) to every socket. Returns the sender thread's CPU microseconds and sends made.
+fn run(writers: &mut [TcpStream], chunks: &[Vec<u8>], rate: u64, seconds: u64) -> (u64, u64) {
+    let period = Duration::from_nanos(1_000_000_000 / rate);
+    let rounds = rate * seconds;
+    let start = Instant::now();
+    let cpu0 = thread_cpu_us();
+    let mut sends = 0u64;
+    for round in 0..rounds {
+        let due = start + period * round as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        for w in writers.iter_mut() {
+            for c in chunks {
+                w.write_all(c).unwrap();
+                sends += 1;
+            }
+        }
+    }
+    (thread_cpu_us() - cpu0, sends)
+}
+
+fn main() {
+    let a = args();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut writers = Vec::with_capacity(a.sockets);
+    let mut readers = Vec::with_capacity(a.sockets);
+    for _ in 0..a.sockets {
+        let r = TcpStream::connect(addr).unwrap();
+        let (w, _) = listener.accept().unwrap();
+        w.set_nodelay(true).unwrap();
+        writers.push(w);
+        readers.push(r);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let bytes = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (stop, bytes, cpu) = (stop.clone(), bytes.clone(), a.reader_cpu);
+        std::thread::spawn(move || {
+            pin(cpu);
+            drain(readers, stop, bytes)
+        })
+    };
+    pin(a.sender_cpu);
+    let f = frame(a.frame);
+    let separate: Vec<Vec<u8>> = (0..a.batch).map(|_| f.clone()).collect();
+    let (cpu, sends) = run(&mut writers, &separate, a.rate, a.seconds);
+    let per_send = cpu as f64 / sends as f64;
+    println!(
+        "send_floor: {} sockets, {} rounds/s, {} s, {}-byte frames, {} per socket per round",
+        a.sockets,
+        a.rate,
+        a.seconds,
+        f.len(),
+        a.batch
+    );
+    println!("  separate sends: {sends} sends, sender CPU {cpu} us, {per_send:.2} us per send");
+    if a.batch > 1 {
+        let coalesced = vec![separate.concat()];
+        let (cpu, sends) = run(&mut writers, &coalesced, a.rate, a.seconds);
+        let frames = sends * a.batch as u64;
+        println!(
+            "  coalesced: {sends} sends of {} frames, sender CPU {cpu} us, {:.2} us per frame ({:.2} us per send)",
+            a.batch,
+            cpu as f64 / frames as f64,
+            cpu as f64 / sends as f64
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    println!("  reader drained {} bytes", bytes.load(Ordering::Relaxed));
+}
