@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine with the Rust toolchain:
 # installs what the tests need (redis-server, nginx, HAProxy, Chromium, Node.js and the C
-# toolchain for librdkafka from Debian packages, a JDK and Maven if missing, the Apache Kafka broker's
-# jars from Maven Central, the pinned npm packages of the interop suite and of the
-# socket.io peer), then runs the gate:
+# toolchain for librdkafka from Debian packages, a JDK and Maven if missing, the Apache
+# Kafka broker's jars from Maven Central, FerretDB built from the Go module proxy, the
+# pinned npm packages of the interop suite and of the socket.io peer), then runs the gate:
 # formatting, clippy with warnings as errors, every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +39,9 @@ dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
 # The Kafka broker of the persistence tests runs on a JDK (17+), its jars come via Maven.
 command -v java >/dev/null || missing+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null || missing+=(maven)
+# FerretDB (the MongoDB-protocol server of the tests) is built with Go (1.22 or newer:
+# Debian 12's golang-go is older, so a Go in /usr/local/go is used when present).
+command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || missing+=(golang-go)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing from Debian packages: ${missing[*]}"
   apt_install "${missing[@]}"
@@ -54,6 +57,11 @@ fi
 # ~/.cache/shardgate (about 15 s and 44 MB once); the tests start it in KRaft mode.
 log "Apache Kafka for the persistence tests (scripts/kafka/install.sh)"
 scripts/kafka/install.sh
+
+# FerretDB v1 (SQLite backend): built from the Go module proxy and cached in
+# ~/.cache/shardgate (about 2 to 5 minutes once); the tests start it on free ports.
+log "FerretDB for the MongoDB tests (scripts/ferretdb/install.sh)"
+scripts/ferretdb/install.sh
 
 log "npm packages of the interop suite (tests/interop/package-lock.json)"
 npm ci --prefix tests/interop --no-audit --no-fund --loglevel=error

@@ -4,6 +4,7 @@
 //! Every wait is bounded; nothing sleeps where it can poll.
 #![allow(dead_code)]
 
+pub mod ferretdb;
 pub mod kafka;
 pub mod polling;
 pub mod redis;
