@@ -48,6 +48,33 @@ enum Command {
         /// TOML file to check.
         file: PathBuf,
     },
+    /// Run the Kafka -> MongoDB persister (a process of its own).
+    Persist(PersistArgs),
+}
+
+#[derive(Args)]
+struct PersistArgs {
+    /// Kafka brokers `host:port[,host:port...]`.
+    #[arg(long, env = "SHARDGATE_KAFKA")]
+    kafka: String,
+    /// `mongodb://host:port/DB` (the database is the URI's).
+    #[arg(long, env = "SHARDGATE_MONGODB")]
+    mongodb: String,
+    /// Consumer group: persisters in one group split the partitions.
+    #[arg(long, env = "SHARDGATE_PERSIST_GROUP", default_value = "shardgate-persister")]
+    group: String,
+    /// Most records per MongoDB batch.
+    #[arg(long, default_value_t = 1000)]
+    batch_records: usize,
+    /// Longest a batch waits to fill, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    batch_ms: u64,
+    /// How often new `messages.*` topics are looked for, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    topic_refresh_ms: u64,
+    /// Milliseconds before a silent (crashed) persister's partitions go to the others.
+    #[arg(long, default_value_t = 10_000)]
+    session_timeout_ms: u64,
 }
 
 #[derive(Args)]
@@ -159,6 +186,17 @@ fn main() -> anyhow::Result<()> {
             let secret = args.jwt_secret.unwrap_or_else(|| DEV_SECRET.to_string());
             println!("{}", mint_hs256(secret.as_bytes(), &claims));
             Ok(())
+        }
+        Command::Persist(a) => {
+            shardgate::persist::persister::run(shardgate::persist::persister::PersisterSettings {
+                brokers: a.kafka,
+                mongodb: a.mongodb,
+                group: a.group,
+                batch_records: a.batch_records.max(1),
+                batch_ms: a.batch_ms.max(1),
+                topic_refresh_ms: a.topic_refresh_ms.max(100),
+                session_timeout_ms: a.session_timeout_ms,
+            })
         }
         Command::CheckConfig { file } => {
             let cfg = Config::from_file(&file)?;

@@ -1,7 +1,9 @@
 //! Persistence: every message, socket event, presence change and notification produced
 //! to Kafka from the bridge thread ([`producer`]). Shards build the records
-//! (`shardgate_shard::record`) and hand them to the record inbox.
+//! (`shardgate_shard::record`) and hand them to the record inbox. The persister
+//! ([`persister`], `shardgate persist`, a process of its own) writes them to MongoDB.
 
+pub mod persister;
 pub mod producer;
 
 use std::sync::Arc;
