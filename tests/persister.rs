@@ -1,5 +1,6 @@
 //! `shardgate persist` end to end: messages through a node with `--kafka` reach MongoDB
-//! (FerretDB) exactly once, through a persister killed with SIGKILL and restarted, and a
+//! (FerretDB) exactly once, through a persister killed with SIGKILL and restarted;
+//! unreadable records go to the dead-letter topic without stalling their partition; a
 //! new tenant's topic is picked up without a restart. Real Apache Kafka, real FerretDB,
 //! the official MongoDB driver to read back.
 
@@ -9,9 +10,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mongodb::bson::{doc, Document};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::ClientConfig;
 use serde_json::json;
 use support::ferretdb::FerretDb;
-use support::kafka::{free_port, Broker};
+use support::kafka::{consume, free_port, Broker};
 use support::{token, Client, Server};
 
 struct Persister(Child);
@@ -110,6 +113,28 @@ fn messages_reach_mongodb_once_through_a_persister_crash_and_a_new_tenant() {
     let mut got = stored;
     got.sort();
     assert_eq!(got, want, "each acknowledged message once, nothing else");
+
+    // Unreadable records go to the dead-letter topic with their reason, and the partition
+    // goes on: the messages after them are stored.
+    let producer: BaseProducer =
+        ClientConfig::new().set("bootstrap.servers", broker.addr()).create().unwrap();
+    for bad in ["not json at all", r#"{"v":9,"type":"message"}"#] {
+        producer.send(BaseRecord::<str, str>::to("messages.t1").key("room:lobby").payload(bad)).unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    for i in 50..53 {
+        send(&mut alice, json!({ "to": "bob", "content": { "n": i } }), &mut ids);
+    }
+    assert_eq!(wait_count(&rt, &url, doc! {}, 63), 63, "the partition did not stall");
+    let dead = consume(&broker.addr(), &["dlq.messages"], 1, Duration::from_secs(30), |got| got.len() >= 2);
+    let reasons: Vec<&str> = dead.iter().map(|d| d.value["reason"].as_str().unwrap()).collect();
+    assert_eq!(dead.len(), 2, "{reasons:?}");
+    assert!(
+        reasons[0].starts_with("not JSON") && reasons[1].contains("unknown schema version"),
+        "{reasons:?}"
+    );
+    assert_eq!(dead[1].value["topic"], "messages.t1");
+    assert_eq!(dead[1].value["payload"], r#"{"v":9,"type":"message"}"#);
 
     // A new tenant: its topic appears after the persister subscribed, and is consumed.
     let mut carol = Client::connect(srv.addr, &token("carol", "t2"));

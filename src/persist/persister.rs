@@ -7,8 +7,10 @@
 //! success for that document), and the batch's offsets are committed only after MongoDB
 //! acknowledged it: a crash at any point replays records, never skips one, and replays
 //! cost nothing but duplicate-key errors. Any other write error keeps the batch and
-//! retries it with backoff. A record that is not a version-1 message is counted and
-//! logged, and its offset committed with the batch: it never stalls its partition.
+//! retries it with backoff. A record that is not a version-1 message goes to the
+//! dead-letter topic [`DLQ_TOPIC`] with the reason (a JSON envelope), is counted and
+//! logged, and its offset is committed with the batch once the dead letter is
+//! acknowledged: it never stalls its partition and is never silently dropped.
 //!
 //! The driver runs on a current-thread tokio runtime owned by the consumer's thread: the
 //! thread polls Kafka, then blocks on the batch's write.
@@ -20,11 +22,18 @@ use mongodb::bson::{doc, Bson, Document};
 use mongodb::error::ErrorKind;
 use mongodb::options::IndexOptions;
 use mongodb::{Client, Collection, IndexModel};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 use serde_json::Value;
 use tracing::{info, warn};
+
+/// Where unreadable records go, with the reason. Outside the `^messages\..*` pattern.
+pub const DLQ_TOPIC: &str = "dlq.messages";
 
 /// Duplicate key: the document is already there (a replayed record).
 const DUPLICATE_KEY: i32 = 11000;
@@ -126,11 +135,18 @@ pub fn run(settings: PersisterSettings) -> anyhow::Result<()> {
         .create()
         .context("creating the Kafka consumer")?;
     consumer.subscribe(&["^messages\\..*"]).context("subscribing to ^messages\\..*")?;
+    let dlq: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &settings.brokers)
+        .set("enable.idempotence", "true")
+        .create()
+        .context("creating the dead-letter producer")?;
+    rt.block_on(create_dlq(&settings.brokers))?;
     info!(brokers = %settings.brokers, group = %settings.group, "persister consuming ^messages\\..* into MongoDB");
     println!("persister running");
     let (mut stored, mut skipped) = (0u64, 0u64);
     loop {
         let mut batch = Vec::with_capacity(settings.batch_records);
+        let mut dead = Vec::new();
         let deadline = Instant::now() + Duration::from_millis(settings.batch_ms);
         let mut polled = 0usize;
         while batch.len() < settings.batch_records {
@@ -147,12 +163,15 @@ pub fn run(settings: PersisterSettings) -> anyhow::Result<()> {
                         Ok(d) => batch.push(d),
                         Err(e) => {
                             skipped += 1;
-                            warn!(
-                                topic = m.topic(),
-                                partition = m.partition(),
-                                offset = m.offset(),
-                                "record skipped: {e}"
-                            );
+                            warn!(topic = m.topic(), offset = m.offset(), "record to {DLQ_TOPIC}: {e}");
+                            let letter = serde_json::json!({
+                                "reason": e.to_string(),
+                                "topic": m.topic(),
+                                "partition": m.partition(),
+                                "offset": m.offset(),
+                                "payload": String::from_utf8_lossy(m.payload().unwrap_or_default()),
+                            });
+                            dead.push(letter.to_string());
                         }
                     }
                 }
@@ -163,12 +182,56 @@ pub fn run(settings: PersisterSettings) -> anyhow::Result<()> {
         }
         let n = batch.len();
         rt.block_on(write(&messages, batch));
+        send_dead_letters(&dlq, &dead);
         // Only now: everything polled so far is in MongoDB (or was unreadable).
         if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
             warn!("offset commit failed (the batch will be replayed, harmlessly): {e}");
         }
         stored += n as u64;
         info!(batch = n, stored, skipped, "batch stored");
+    }
+}
+
+/// The dead-letter topic, created if missing (one partition: dead letters are rare).
+async fn create_dlq(brokers: &str) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().context("Kafka admin client")?;
+    let topic = NewTopic::new(DLQ_TOPIC, 1, TopicReplication::Fixed(-1));
+    let results = admin
+        .create_topics([&topic], &AdminOptions::new())
+        .await
+        .context("creating the dead-letter topic")?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => anyhow::bail!("cannot create {name}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+/// Produces `letters` to the dead-letter topic and waits until Kafka acknowledged them
+/// all (retrying while it does not): only then may their offsets be committed.
+fn send_dead_letters(dlq: &BaseProducer, letters: &[String]) {
+    if letters.is_empty() {
+        return;
+    }
+    for letter in letters {
+        loop {
+            match dlq.send(BaseRecord::<(), String>::to(DLQ_TOPIC).payload(letter)) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    dlq.poll(Duration::from_millis(100));
+                }
+                Err((e, _)) => {
+                    warn!("dead letter not queued, retrying: {e}");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+    while let Err(e) = dlq.flush(Duration::from_secs(30)) {
+        warn!("dead letters not acknowledged yet: {e}");
     }
 }
 
