@@ -5,14 +5,14 @@
 
 mod support;
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::kafka::free_port;
 use support::redis::RedisServer;
-use support::{temp_dir, Server};
+use support::{temp_dir, wait_listening, Server};
 
 fn deploy(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(file)
@@ -49,14 +49,6 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-fn wait_listening(port: u16, what: &str) {
-    let end = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < end, "{what} did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -117,7 +109,7 @@ fn official_client_through_nginx_and_haproxy_across_three_nodes() {
         .stderr(Stdio::null())
         .spawn();
     let _nginx = Proxy(child.expect("nginx"));
-    wait_listening(ngx_port, "nginx");
+    wait_listening(ngx_port, "nginx", Duration::from_secs(10));
 
     let hap_port = free_port();
     let cfg = temp_dir("haproxy").join("haproxy.cfg");
@@ -131,7 +123,7 @@ fn official_client_through_nginx_and_haproxy_across_three_nodes() {
         .stderr(Stdio::null())
         .spawn();
     let _haproxy = Proxy(child.expect("haproxy"));
-    wait_listening(hap_port, "haproxy");
+    wait_listening(hap_port, "haproxy", Duration::from_secs(10));
 
     let node_urls: Vec<String> = addrs.iter().map(|a| format!("http://{a}")).collect();
     let env = [

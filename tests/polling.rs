@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use shardgate_io::ws::{self, OpKind, Role};
-use support::polling::{read_response, request, write_request, Poller};
+use support::polling::{read_response, request, request_with, write_request, Poller};
 use support::{token, Client, Server};
 
 fn two_shards(extra: &[&str]) -> Server {
@@ -274,26 +274,17 @@ fn upgrade_moves_a_polling_session_to_websocket() {
 #[test]
 fn cors_lets_allowed_origins_poll_across_origins() {
     let srv = Server::start(&["--cors-origin", "https://app.example,https://admin.example"]);
-    let mut s = TcpStream::connect(srv.addr).unwrap();
+    let base = "/socket.io/?EIO=4&transport=polling";
     let pre = "Origin: https://app.example\r\nAccess-Control-Request-Method: POST\r\n";
-    write_request(&mut s, "OPTIONS", "/socket.io/?EIO=4&transport=polling", b"", pre);
-    let r = read_response(&mut s, Duration::from_secs(5));
+    let r = request_with(srv.addr, "OPTIONS", base, b"", pre);
     assert_eq!(r.status, 204, "{}", r.head);
     assert!(r.head.contains("Access-Control-Allow-Origin: https://app.example"), "{}", r.head);
     assert!(r.head.contains("Access-Control-Allow-Methods: GET, POST"));
-    let mut s = TcpStream::connect(srv.addr).unwrap();
-    write_request(
-        &mut s,
-        "OPTIONS",
-        "/socket.io/?EIO=4&transport=polling",
-        b"",
-        "Origin: https://evil.example\r\n",
-    );
-    assert_eq!(read_response(&mut s, Duration::from_secs(5)).status, 403);
+    assert_eq!(request_with(srv.addr, "OPTIONS", base, b"", "Origin: https://evil.example\r\n").status, 403);
     // The handshake, POSTs and GETs of an allowed origin carry the headers.
     let mut s = TcpStream::connect(srv.addr).unwrap();
     let from = format!("Origin: https://admin.example\r\nAuthorization: Bearer {}\r\n", token("c", "t"));
-    write_request(&mut s, "GET", "/socket.io/?EIO=4&transport=polling", b"", &from);
+    write_request(&mut s, "GET", base, b"", &from);
     let open = read_response(&mut s, Duration::from_secs(5));
     assert!(open.head.contains("Access-Control-Allow-Origin: https://admin.example"), "{}", open.head);
     let sid = serde_json::from_str::<serde_json::Value>(&open.text()[1..]).unwrap()["sid"]
@@ -309,23 +300,7 @@ fn cors_lets_allowed_origins_poll_across_origins() {
     assert!(got.text().starts_with("40{\"sid\""), "{}", got.text());
     assert!(got.head.contains("Access-Control-Allow-Origin: https://admin.example"));
     // Another origin gets no CORS headers (its browser then withholds the answer).
-    let other = request_with(
-        srv.addr,
-        "GET",
-        "/socket.io/?EIO=4&transport=polling",
-        "Origin: https://evil.example\r\n",
-    );
+    let other = request_with(srv.addr, "GET", base, b"", "Origin: https://evil.example\r\n");
     assert_eq!(other.status, 200);
     assert!(!other.head.contains("Access-Control"), "{}", other.head);
-}
-
-fn request_with(
-    addr: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &str,
-) -> support::polling::Response {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write_request(&mut s, method, path, b"", headers);
-    read_response(&mut s, Duration::from_secs(5))
 }

@@ -199,10 +199,16 @@ pub fn response(status: u16, content_type: &str, body: &str) -> Vec<u8> {
 /// client's next request (HTTP/1.1 persistent connection), otherwise it says
 /// `Connection: close`.
 pub fn response_bytes(status: u16, content_type: &str, body: &[u8], keep_alive: bool) -> Vec<u8> {
+    with_body(status, content_type, "no-store", body, keep_alive)
+}
+
+/// The one place a response head is written: status, type, length, cache policy and,
+/// unless kept alive, `Connection: close`; then `body`.
+fn with_body(status: u16, content_type: &str, cache: &str, body: &[u8], keep_alive: bool) -> Vec<u8> {
     let mut head = String::with_capacity(160);
     let _ = write!(
         head,
-        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{}\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: {cache}\r\n{}\r\n",
         reason_phrase(status),
         body.len(),
         if keep_alive { "" } else { "Connection: close\r\n" },
@@ -229,13 +235,7 @@ pub fn with_headers(mut resp: Vec<u8>, lines: &str) -> Vec<u8> {
 
 /// A static asset: cacheable for a day, then the connection closes.
 pub fn static_response(content_type: &str, body: &[u8]) -> Vec<u8> {
-    let mut out = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: public, max-age=86400\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    out.extend_from_slice(body);
-    out
+    with_body(200, content_type, "public, max-age=86400", body, false)
 }
 
 /// Like [`engineio_error`] with another HTTP status (411, 413: the POST body's length).

@@ -53,6 +53,19 @@ pub enum OpKind {
 }
 
 impl OpKind {
+    /// The kind of a frame header's opcode; `None` for the reserved ones.
+    fn from_opcode(op: OpCode) -> Option<OpKind> {
+        Some(match op {
+            OpCode::Data(Data::Continue) => OpKind::Continuation,
+            OpCode::Data(Data::Text) => OpKind::Text,
+            OpCode::Data(Data::Binary) => OpKind::Binary,
+            OpCode::Control(Control::Close) => OpKind::Close,
+            OpCode::Control(Control::Ping) => OpKind::Ping,
+            OpCode::Control(Control::Pong) => OpKind::Pong,
+            _ => return None,
+        })
+    }
+
     fn is_control(self) -> bool {
         matches!(self, OpKind::Close | OpKind::Ping | OpKind::Pong)
     }
@@ -132,15 +145,7 @@ pub fn decode_frame(
         Err(_) => return Err(WsError::Protocol("invalid frame header or opcode")),
     };
     let header_len = cursor.position() as usize;
-    let op = match header.opcode {
-        OpCode::Data(Data::Continue) => OpKind::Continuation,
-        OpCode::Data(Data::Text) => OpKind::Text,
-        OpCode::Data(Data::Binary) => OpKind::Binary,
-        OpCode::Control(Control::Close) => OpKind::Close,
-        OpCode::Control(Control::Ping) => OpKind::Ping,
-        OpCode::Control(Control::Pong) => OpKind::Pong,
-        _ => return Err(WsError::Protocol("reserved opcode")),
-    };
+    let op = OpKind::from_opcode(header.opcode).ok_or(WsError::Protocol("reserved opcode"))?;
     if header.rsv1 || header.rsv2 || header.rsv3 {
         return Err(WsError::Protocol("reserved bits set without a negotiated extension"));
     }
@@ -215,15 +220,7 @@ pub fn server_frames(buf: &[u8]) -> impl Iterator<Item = (OpKind, &[u8])> {
         let start = cursor.position() as usize;
         let end = start.checked_add(usize::try_from(len).ok()?)?;
         let payload = rest.get(start..end)?;
-        let op = match header.opcode {
-            OpCode::Data(Data::Continue) => OpKind::Continuation,
-            OpCode::Data(Data::Text) => OpKind::Text,
-            OpCode::Data(Data::Binary) => OpKind::Binary,
-            OpCode::Control(Control::Close) => OpKind::Close,
-            OpCode::Control(Control::Ping) => OpKind::Ping,
-            OpCode::Control(Control::Pong) => OpKind::Pong,
-            _ => return None,
-        };
+        let op = OpKind::from_opcode(header.opcode)?;
         pos += end;
         Some((op, payload))
     })

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
-use shardgate_io::engineio::{self, Open};
+use shardgate_io::engineio;
 use shardgate_io::http::{self, Request};
 use shardgate_io::ws::{self, close_code, Assembler, DataKind, OpKind, Role, WsError};
 use tracing::debug;
@@ -34,7 +34,7 @@ use crate::ids::{ConnId, ShardId};
 use crate::local::{Shard, SCRATCH};
 use crate::metrics::{CloseReason, Counter};
 use crate::msg::ShardMsg;
-use crate::state::conns::{ConnEntry, Inbound};
+use crate::state::conns::Inbound;
 use crate::wire::{self, HeadError};
 use crate::{operator, polling, upgrade};
 
@@ -267,31 +267,11 @@ fn hand_off(shard: &Shard, stream: TcpStream, read: Vec<u8>, owner: ShardId) {
 
 /// Registers a new WebSocket connection and sends the Engine.IO open packet.
 async fn open_websocket(shard: &Shard, stream: TcpStream, req: &Request, rest: Vec<u8>) -> Option<ConnIo> {
-    let cfg = &shard.shared.config;
-    let now = shard.shared.now();
-    let id = shard.state.borrow_mut().conns.insert(ConnEntry {
-        next_ping: now + cfg.ping_interval_ms,
-        connect_deadline: now + cfg.connect_timeout_ms,
-        ..ConnEntry::default()
-    });
-    let open = Open {
-        sid: shard.shared.sid_key.engine_sid(shard.id, id),
-        upgrades: vec![],
-        ping_interval: cfg.ping_interval_ms,
-        ping_timeout: cfg.ping_timeout_ms,
-        max_payload: cfg.max_payload as u64,
-    };
+    let (id, open) = shard.open_session(None);
     let mut hello = http::upgrade_response(req.ws_key.as_deref().unwrap_or_default());
-    ws::encode_frame(OpKind::Text, open.encode().as_bytes(), &mut hello);
-    shard.metrics().inc(Counter::Open);
-    let token = req.bearer.clone().or_else(|| req.query_param("token").map(str::to_string));
-    let mut io = ConnIo {
-        id,
-        stream,
-        rbuf: rest,
-        assembler: Assembler::default(),
-        inbound: Inbound { token, binary: None },
-    };
+    ws::encode_frame(OpKind::Text, open.as_bytes(), &mut hello);
+    let mut io =
+        ConnIo { id, stream, rbuf: rest, assembler: Assembler::default(), inbound: Inbound::opening(req) };
     if wire::write_all(&mut io.stream, &hello).await.is_err() {
         finish(shard, &mut io, CloseReason::TransportError).await;
         return None;
@@ -347,8 +327,7 @@ fn route(shard: &Shard, req: &Request, full: bool) -> Route {
     if let Some(sid) = req.query_param("sid") {
         let owner = shared.sid_key.verify(sid).filter(|(s, _)| *s < shared.mesh.len());
         let Some((owner, id)) = owner else {
-            shard.metrics().inc(Counter::UnknownSids);
-            return refuse(1, "Session ID unknown", "the session id is not one this server issued");
+            return Route::Respond(polling::unknown_sid(shard));
         };
         if owner != shard.id {
             return Route::Forward(owner);

@@ -94,14 +94,17 @@ impl SidKey {
     pub fn verify(&self, engine_sid: &str) -> Option<(ShardId, ConnId)> {
         let split = engine_sid.len().checked_sub(TAG_CHARS)?;
         let (name, tag) = (engine_sid.get(..split)?, engine_sid.get(split..)?);
-        let want = self.tag(name);
-        let same =
-            want.len() == tag.len() && want.bytes().zip(tag.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
-        if !same {
+        if !constant_time_eq(self.tag(name).as_bytes(), tag.as_bytes()) {
             return None;
         }
         parse_sid(name)
     }
+}
+
+/// Compares secrets (session-id tags, admin tokens) without a timing side channel on the
+/// position of the first difference.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A connection anywhere in the process.

@@ -6,9 +6,12 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use std::task::Waker;
 
-use crate::ids::ShardId;
-use crate::metrics::ShardMetrics;
+use shardgate_io::engineio::Open;
+
+use crate::ids::{ConnId, ShardId};
+use crate::metrics::{Counter, ShardMetrics};
 use crate::shared::{MetricsBlock, Shared};
+use crate::state::conns::{ConnEntry, Polling};
 use crate::state::State;
 
 /// Bytes read from a socket per call, and the most a write coalesces: one buffer per
@@ -42,6 +45,34 @@ impl Shard {
             wbuf: RefCell::new(Vec::with_capacity(SCRATCH)),
             stop_waker: RefCell::new(None),
         }
+    }
+
+    /// Opens an Engine.IO session on this shard: registers its entry (ping and CONNECT
+    /// timers running), counts it, and returns its id and the encoded open packet. `poll`
+    /// makes it a long-polling session, which is offered the upgrade to WebSocket.
+    pub fn open_session(&self, poll: Option<Box<Polling>>) -> (ConnId, String) {
+        let cfg = &self.shared.config;
+        let now = self.shared.now();
+        let polling = poll.is_some();
+        let id = self.state.borrow_mut().conns.insert(ConnEntry {
+            next_ping: now + cfg.ping_interval_ms,
+            connect_deadline: now + cfg.connect_timeout_ms,
+            poll,
+            ..ConnEntry::default()
+        });
+        let m = self.metrics();
+        m.inc(Counter::Open);
+        if polling {
+            m.inc(Counter::PollingOpen);
+        }
+        let open = Open {
+            sid: self.shared.sid_key.engine_sid(self.id, id),
+            upgrades: if polling { vec!["websocket".into()] } else { vec![] },
+            ping_interval: cfg.ping_interval_ms,
+            ping_timeout: cfg.ping_timeout_ms,
+            max_payload: cfg.max_payload as u64,
+        };
+        (id, open.encode())
     }
 
     /// This shard's counters.

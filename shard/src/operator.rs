@@ -13,6 +13,7 @@ use glommio::net::{TcpListener, TcpStream};
 use shardgate_io::http::{self, Request};
 use tracing::{info, warn};
 
+use crate::ids::constant_time_eq;
 use crate::local::Shard;
 use crate::metrics::Counter;
 use crate::wire::{self, HeadError};
@@ -101,10 +102,4 @@ fn admin_drain(shard: &Shard, req: &Request) -> Vec<u8> {
         }
     }
     http::response(202, json, "{\"draining\":true}")
-}
-
-/// Compares secrets without a timing side channel on the position of the first
-/// difference.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use futures_lite::AsyncRead;
 use glommio::net::TcpStream;
-use shardgate_io::engineio::{self, Open, PayloadPacket};
+use shardgate_io::engineio::{self, PayloadPacket};
 use shardgate_io::http::{self, Request};
 use shardgate_io::ws::{self, OpKind};
 
@@ -85,35 +85,21 @@ pub(crate) fn with_cors(resp: Vec<u8>, cors: Option<&str>) -> Vec<u8> {
 /// The handshake (`GET /socket.io/?EIO=4&transport=polling`, no sid): opens a session on
 /// this shard and answers its open packet, offering the upgrade to WebSocket.
 pub(crate) fn open(shard: &Shard, req: &Request) -> Vec<u8> {
-    let cfg = &shard.shared.config;
-    let now = shard.shared.now();
-    let token = req.bearer.clone().or_else(|| req.query_param("token").map(str::to_string));
-    let id = shard.state.borrow_mut().conns.insert(ConnEntry {
-        next_ping: now + cfg.ping_interval_ms,
-        connect_deadline: now + cfg.connect_timeout_ms,
-        poll: Some(Box::new(Polling { inbound: Inbound { token, binary: None }, ..Polling::default() })),
-        ..ConnEntry::default()
-    });
-    let m = shard.metrics();
-    m.inc(Counter::Open);
-    m.inc(Counter::PollingOpen);
-    let open = Open {
-        sid: shard.shared.sid_key.engine_sid(shard.id, id),
-        upgrades: vec!["websocket".into()],
-        ping_interval: cfg.ping_interval_ms,
-        ping_timeout: cfg.ping_timeout_ms,
-        max_payload: cfg.max_payload as u64,
-    };
-    let resp = http::response_bytes(200, PAYLOAD_TYPE, open.encode().as_bytes(), req.keep_alive);
+    let poll = Box::new(Polling { inbound: Inbound::opening(req), ..Polling::default() });
+    let (_, open) = shard.open_session(Some(poll));
+    let resp = http::response_bytes(200, PAYLOAD_TYPE, open.as_bytes(), req.keep_alive);
     with_cors(resp, cors(shard, req).as_deref())
 }
 
-fn unknown_sid(shard: &Shard) -> Vec<u8> {
+/// The answer to a request naming a session that is closed, was never opened here, or
+/// whose id is not this process's (counted): Engine.IO code 1, and the client connects
+/// again.
+pub(crate) fn unknown_sid(shard: &Shard) -> Vec<u8> {
     shard.metrics().inc(Counter::UnknownSids);
     http::engineio_error(
         1,
         "Session ID unknown",
-        "the session is closed or was never opened here: connect again",
+        "the session is closed or was never opened by this server: connect again",
     )
 }
 

@@ -32,14 +32,7 @@ pub(crate) const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) fn admit(shard: &Shard, id: ConnId) -> Result<(), Vec<u8>> {
     let mut st = shard.state.borrow_mut();
     match st.conns.get_mut(id).map(|c| (c.close.is_some(), c.poll.as_deref_mut())) {
-        None | Some((true, _)) => {
-            shard.metrics().inc(Counter::UnknownSids);
-            Err(http::engineio_error(
-                1,
-                "Session ID unknown",
-                "the session is closed or was never opened here",
-            ))
-        }
+        None | Some((true, _)) => Err(crate::polling::unknown_sid(shard)),
         Some((_, None)) => Err(http::engineio_error(3, "Bad request", "the session is already on websocket")),
         Some((_, Some(p))) if p.probing => {
             Err(http::engineio_error(3, "Bad request", "an upgrade of this session is already being probed"))

@@ -2,10 +2,9 @@
 //! (`scripts/ferretdb/install.sh` builds and caches it; the test script runs that first),
 //! on a free loopback port, its data in a temp directory that survives a kill -9.
 
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::kafka::free_port;
 use super::temp_dir;
@@ -53,11 +52,7 @@ impl FerretDb {
             .spawn()
             .expect("start FerretDB");
         self.child = Some(child);
-        let end = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < end, "FerretDB did not listen on {}", self.port);
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::wait_listening(self.port, "FerretDB", Duration::from_secs(10));
     }
 
     /// `mongodb://127.0.0.1:PORT/DB`.

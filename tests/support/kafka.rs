@@ -97,11 +97,7 @@ impl Broker {
             .spawn()
             .expect("start the kafka broker");
         self.child = Some(child);
-        let end = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < end, "kafka did not start on port {}", self.port);
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        super::wait_listening(self.port, "kafka", Duration::from_secs(60));
     }
 
     /// Kills the broker with SIGKILL (its data stays, as after a crash).

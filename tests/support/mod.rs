@@ -25,6 +25,16 @@ pub const SECRET: &str = "integration-test-secret-0123456789";
 /// Default bound of every wait.
 pub const WAIT: Duration = Duration::from_secs(5);
 
+/// Waits until something listens on loopback `port` (a server the test started), at most
+/// `max`; `what` names it in the failure.
+pub fn wait_listening(port: u16, what: &str, max: Duration) {
+    let end = Instant::now() + max;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < end, "{what} did not listen on {port} within {max:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// One HTTP request to `addr` with extra header lines (`headers` ends each with CRLF);
 /// the status and the body.
 pub fn request_at(addr: SocketAddr, method: &str, path: &str, headers: &str) -> (u16, String) {

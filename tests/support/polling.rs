@@ -94,8 +94,13 @@ pub fn write_request(s: &mut TcpStream, method: &str, path: &str, body: &[u8], e
 
 /// One request on a new connection.
 pub fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Response {
+    request_with(addr, method, path, body, "")
+}
+
+/// One request on a new connection, with extra header lines (each ending in CRLF).
+pub fn request_with(addr: SocketAddr, method: &str, path: &str, body: &[u8], headers: &str) -> Response {
     let mut s = TcpStream::connect(addr).unwrap();
-    write_request(&mut s, method, path, body, "");
+    write_request(&mut s, method, path, body, headers);
     read_response(&mut s, WAIT)
 }
 

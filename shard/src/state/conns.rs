@@ -69,6 +69,14 @@ pub(crate) struct Inbound {
     pub binary: Option<Box<PendingBinary>>,
 }
 
+impl Inbound {
+    /// The reader state of a session opened by `req`: its bearer header or `?token=`.
+    pub fn opening(req: &shardgate_io::http::Request) -> Inbound {
+        let token = req.bearer.clone().or_else(|| req.query_param("token").map(str::to_string));
+        Inbound { token, binary: None }
+    }
+}
+
 /// A session on the HTTP long-polling transport, between and during its requests.
 #[derive(Default)]
 pub(crate) struct Polling {
