@@ -75,6 +75,12 @@ struct PersistArgs {
     /// Milliseconds before a silent (crashed) persister's partitions go to the others.
     #[arg(long, default_value_t = 10_000)]
     session_timeout_ms: u64,
+    /// Partitions of `presence.changes` and `events.socket` when the persister creates them.
+    #[arg(long, env = "SHARDGATE_PERSIST_PARTITIONS", default_value_t = 6)]
+    partitions: i32,
+    /// Where `/metrics` (progress, lag) and `/healthz` are served; `off` for nowhere.
+    #[arg(long, env = "SHARDGATE_PERSIST_METRICS", default_value = "127.0.0.1:9465")]
+    metrics_listen: String,
 }
 
 #[derive(Args)]
@@ -196,6 +202,11 @@ fn main() -> anyhow::Result<()> {
                 batch_ms: a.batch_ms.max(1),
                 topic_refresh_ms: a.topic_refresh_ms.max(100),
                 session_timeout_ms: a.session_timeout_ms,
+                partitions: a.partitions.max(1),
+                metrics_listen: match a.metrics_listen.as_str() {
+                    "off" => None,
+                    addr => Some(addr.parse().with_context(|| format!("--metrics-listen {addr}"))?),
+                },
             })
         }
         Command::CheckConfig { file } => {

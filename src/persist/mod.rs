@@ -3,8 +3,11 @@
 //! (`shardgate_shard::record`) and hand them to the record inbox. The persister
 //! ([`persister`], `shardgate persist`, a process of its own) writes them to MongoDB.
 
+pub mod documents;
+pub mod monitor;
 pub mod persister;
 pub mod producer;
+pub mod store;
 
 use std::sync::Arc;
 

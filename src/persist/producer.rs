@@ -66,7 +66,7 @@ impl ClientContext for Reports {
 
 /// librdkafka's own log lines, one level down: an outage is reported by our counters
 /// and one warning per failed admin request, not by a line every 500 ms.
-fn quiet_log(level: rdkafka::config::RDKafkaLogLevel, fac: &str, msg: &str) {
+pub(crate) fn quiet_log(level: rdkafka::config::RDKafkaLogLevel, fac: &str, msg: &str) {
     use rdkafka::config::RDKafkaLogLevel::*;
     match level {
         Emerg | Alert | Critical | Error => tracing::info!(facility = fac, "librdkafka: {msg}"),

@@ -62,10 +62,20 @@ impl FerretDb {
 
     /// SIGKILL, then a new process on the same port and data.
     pub fn kill_and_restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// SIGKILL: the server is gone until [`FerretDb::restart`].
+    pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// A new process on the same port and data.
+    pub fn restart(&mut self) {
         self.spawn();
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod ferretdb;
 pub mod kafka;
+pub mod persister;
 pub mod polling;
 pub mod redis;
 
