@@ -43,6 +43,24 @@ pub struct Config {
     pub kafka: KafkaSettings,
     /// Operator endpoints (`POST /admin/drain`); off unless `admin.token` is set.
     pub admin: AdminConfig,
+    /// The message store read by `history:fetch`; off unless `mongodb.uri` is set.
+    pub mongodb: MongoSettings,
+}
+
+/// The message store (MongoDB, written by `shardgate persist`) for `history:fetch`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MongoSettings {
+    /// `mongodb://host:port/DB`; unset: `history:fetch` answers `history_off`.
+    pub uri: Option<String>,
+    /// Longest a history read may take before the client gets `history_timeout`.
+    pub history_timeout_ms: u64,
+}
+
+impl Default for MongoSettings {
+    fn default() -> Self {
+        MongoSettings { uri: None, history_timeout_ms: 5_000 }
+    }
 }
 
 /// Operator endpoints.
@@ -227,6 +245,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             kafka: KafkaSettings::default(),
             admin: AdminConfig::default(),
+            mongodb: MongoSettings::default(),
         }
     }
 }
@@ -277,6 +296,16 @@ impl Config {
         self.auth.validate(self.listen)?;
         self.cluster.validate()?;
         self.kafka.validate()?;
+        if self.mongodb.uri.is_some() && self.mongodb.history_timeout_ms == 0 {
+            return Err(invalid("mongodb.history_timeout_ms", "must be at least 1"));
+        }
+        if matches!(&self.mongodb.uri, Some(u) if !u.starts_with("mongodb://") && !u.starts_with("mongodb+srv://"))
+        {
+            return Err(invalid(
+                "mongodb.uri",
+                "must be a mongodb:// or mongodb+srv:// URI naming a database",
+            ));
+        }
         self.admin.validate(self.listen)?;
         if self.shards > MAX_SHARDS {
             return Err(invalid("shards", "must be at most 1024"));

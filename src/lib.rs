@@ -7,4 +7,5 @@
 pub mod bridge;
 pub mod cluster;
 pub mod config;
+pub mod history;
 pub mod persist;

@@ -148,6 +148,9 @@ struct ServeArgs {
     /// Persistence: Kafka brokers `host:port[,host:port...]`.
     #[arg(long, env = "SHARDGATE_KAFKA")]
     kafka: Option<String>,
+    /// Message history (`history:fetch`): `mongodb://host:port/DB`, the persister's store.
+    #[arg(long, env = "SHARDGATE_MONGODB")]
+    mongodb: Option<String>,
 }
 
 #[derive(Args)]
@@ -279,6 +282,9 @@ fn load(args: &ServeArgs) -> anyhow::Result<Config> {
     if args.kafka.is_some() {
         cfg.kafka.brokers = args.kafka.clone();
     }
+    if args.mongodb.is_some() {
+        cfg.mongodb.uri = args.mongodb.clone();
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -352,6 +358,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let history = cfg.mongodb.uri.as_ref().map(|_| shardgate::history::channel());
     let opts = StartOptions {
         listen: cfg.listen,
         shards: cfg.shard_count(),
@@ -361,6 +368,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         bridge: cluster_inbox.as_ref().map(|p| p.inbox.clone()),
         server_id: server_id.clone(),
         persist: persist_inbox.as_ref().map(|p| p.inbox.clone()),
+        history: history.as_ref().map(|(q, _)| q.clone() as Arc<dyn shardgate_shard::history::HistorySink>),
         admin_token: cfg.admin.token.clone(),
         dev_secret: dev_secret.then(|| DEV_SECRET.to_string()),
         admin_listen: cfg.admin.listen,
@@ -375,6 +383,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let cpu = cfg.pin.then_some(cores - 1);
         bridge_thread = Some(bridge::start(handle.shared.clone(), cluster_part, persist_part, cpu)?);
+    }
+    // The history reader lives as long as the process (it holds no state to flush).
+    if let (Some((_, reader)), Some(uri)) = (history, &cfg.mongodb.uri) {
+        let timeout = Duration::from_millis(cfg.mongodb.history_timeout_ms);
+        shardgate::history::start(uri, reader, handle.shared.clone(), timeout)?;
     }
     let persistence = match &cfg.kafka.brokers {
         Some(b) => format!("persistence on: kafka {b}"),

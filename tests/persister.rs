@@ -333,3 +333,117 @@ fn three_nodes_through_a_broker_crash_store_every_acknowledged_message_once() {
         conversation(&mongo, "t1", &conv, n);
     }
 }
+
+#[test]
+fn history_pages_through_what_the_persister_stored() {
+    let broker = Broker::start_on(free_port());
+    let mut db = FerretDb::start();
+    let url = db.url("chat");
+    let srv = Server::start_with_config(
+        &["--shards", "2", "--kafka", &broker.addr(), "--mongodb", &url, "--events-per-second", "10000"],
+        Some("[kafka]\npartitions = 2\nlinger_ms = 2\n[mongodb]\nhistory_timeout_ms = 1500\n"),
+    );
+    let mongo = Mongo::connect(&url);
+    let _persister = Persister::start(&broker.addr(), &url);
+    let mut alice = Client::connect(srv.addr, &token("alice", "t1"));
+    let mut bob = Client::connect(srv.addr, &token("bob", "t1"));
+    let mut carol = Client::connect(srv.addr, &token("carol", "t1"));
+    let mut mallory = Client::connect(srv.addr, &token("mallory", "t2"));
+    assert_eq!(alice.emit_ack("join_room", json!("lobby"))["ok"], true);
+    let (mut dm, mut room) = (Vec::new(), Vec::new());
+    for i in 0..25 {
+        let (from, to) = if i % 2 == 0 { (&mut alice, "bob") } else { (&mut bob, "alice") };
+        send(
+            from,
+            json!({ "to": to, "content": { "text": format!("m{i}") }, "clientMsgId": format!("c{i}") }),
+            &mut dm,
+        );
+    }
+    for i in 0..5 {
+        send(&mut alice, json!({ "room": "lobby", "content": i }), &mut room);
+    }
+    assert_eq!(mongo.wait_count("messages", doc! {}, 30, CATCH_UP), 30);
+
+    // Pages of 10, newest first, each with the cursor of the next; the last has none.
+    let mut seen = Vec::new();
+    let mut before = serde_json::Value::Null;
+    for want in [10, 10, 5] {
+        let page = alice.emit_ack("history:fetch", json!({ "with": "bob", "limit": 10, "before": before }));
+        assert_eq!(page["ok"], true, "{page}");
+        let msgs = page["messages"].as_array().unwrap();
+        assert_eq!(msgs.len(), want, "{page}");
+        seen.extend(msgs.iter().map(|m| m["id"].as_str().unwrap().to_string()));
+        before = page["before"].clone();
+        assert_eq!(before.is_string(), want == 10, "{page}");
+    }
+    // Newest first by id: ids are send times (ms) and, within one millisecond, the order
+    // of the shard that made them; two senders' messages of the same millisecond sort by
+    // id, not by arrival.
+    let mut newest_first = dm.clone();
+    newest_first.sort();
+    newest_first.reverse();
+    assert_eq!(seen, newest_first, "the whole conversation, newest first, once");
+    // Message objects as message:new carried them.
+    let last = &bob.emit_ack("history:fetch", json!({ "with": "alice", "limit": 1 }))["messages"][0];
+    assert_eq!(last["id"], json!(newest_first[0]));
+    let i = dm.iter().position(|id| *id == newest_first[0]).unwrap();
+    let (from, to) = if i % 2 == 0 { ("alice", "bob") } else { ("bob", "alice") };
+    assert_eq!((last["from"].as_str(), last["to"].as_str()), (Some(from), Some(to)));
+    let (text, client_id) = (format!("m{i}"), format!("c{i}"));
+    assert_eq!(
+        (last["content"]["text"].as_str(), last["clientMsgId"].as_str()),
+        (Some(&*text), Some(&*client_id))
+    );
+    assert!(last["ts"].as_i64().unwrap() > 1_700_000_000_000, "{last}");
+    assert!(last.get("tenantId").is_none() && last.get("conversationId").is_none(), "{last}");
+    // The default page holds the whole 25.
+    assert_eq!(
+        bob.emit_ack("history:fetch", json!({ "with": "alice" }))["messages"].as_array().unwrap().len(),
+        25
+    );
+
+    // Rooms: members only.
+    let page = alice.emit_ack("history:fetch", json!({ "room": "lobby" }));
+    let ids: Vec<&str> =
+        page["messages"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, room.iter().rev().map(String::as_str).collect::<Vec<_>>(), "one sender: send order");
+    let code = |c: &mut Client, arg: serde_json::Value| c.emit_ack("history:fetch", arg)["code"].clone();
+    assert_eq!(code(&mut carol, json!({ "room": "lobby" })), "not_in_room");
+    // Each refusal has its own code.
+    assert_eq!(code(&mut alice, json!({ "with": "bob", "limit": 101 })), "limit_too_large");
+    assert_eq!(code(&mut alice, json!({ "with": "bob", "before": "not-an-id" })), "bad_cursor");
+    assert_eq!(code(&mut alice, json!({ "with": "bob", "before": room[2] })), "bad_cursor");
+    assert_eq!(code(&mut mallory, json!({ "with": "alice", "before": dm[3] })), "other_tenant");
+    assert_eq!(code(&mut alice, json!({ "with": "bob", "room": "lobby" })), "invalid_history");
+    // Another tenant reads its own (empty) conversation with the same user names.
+    let other = mallory.emit_ack("history:fetch", json!({ "with": "alice" }));
+    assert_eq!((other["ok"].clone(), other["messages"].as_array().map(Vec::len)), (json!(true), Some(0)));
+
+    // The store gone: a clear error within the timeout, and the node keeps chatting.
+    db.kill();
+    let started = Instant::now();
+    let down = alice.emit_ack("history:fetch", json!({ "with": "bob" }));
+    assert!(
+        down["code"] == "history_timeout" || down["code"] == "history_unavailable",
+        "{down} after {:?}",
+        started.elapsed()
+    );
+    let mut more = Vec::new();
+    send(&mut alice, json!({ "to": "bob", "content": "still here" }), &mut more);
+    assert!(srv.metric("shardgate_history_errors_total") >= 1);
+    db.restart();
+    let end = Instant::now() + CATCH_UP;
+    loop {
+        let page = alice.emit_ack("history:fetch", json!({ "with": "bob", "limit": 1 }));
+        if page["ok"] == true && page["messages"][0]["id"] == json!(more[0]) {
+            break;
+        }
+        assert!(Instant::now() < end, "history did not come back: {page}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    // A node without a store says so.
+    let plain = Server::start(&[]);
+    let mut dora = Client::connect(plain.addr, &token("dora", "t1"));
+    assert_eq!(code(&mut dora, json!({ "with": "bob" })), "history_off");
+}

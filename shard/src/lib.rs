@@ -18,6 +18,7 @@ pub mod auth;
 pub mod bench;
 pub mod config;
 mod conn;
+pub mod history;
 pub mod ids;
 mod inbound;
 mod local;

@@ -132,6 +132,12 @@ labels! {
         KafkaDropped => "kafka_dropped_total",
         /// Records waiting in the bridge for librdkafka or their topic (gauge).
         KafkaBuffered => "kafka_buffered",
+        /// `history:fetch` requests handed to the history reader.
+        HistoryQueries => "history_queries_total",
+        /// `history:fetch` refused because the reader's queue was full (`busy`).
+        HistoryBusy => "history_busy_total",
+        /// History reads that failed or timed out (`history_unavailable`, `history_timeout`).
+        HistoryErrors => "history_errors_total",
     }
 }
 

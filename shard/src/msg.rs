@@ -284,6 +284,13 @@ pub enum ShardMsg {
         /// Message id.
         msg_id: u128,
     },
+    /// From the history reader: the answer to a `history:fetch`, a ready ack frame.
+    History {
+        /// The asking connection.
+        conn: ConnId,
+        /// The encoded ack.
+        frame: Vec<u8>,
+    },
     /// Wakes a shard so that it notices a drain or shutdown.
     Shutdown,
     /// Test-only payload.

@@ -11,6 +11,7 @@ use shardgate_io::socketio::{Packet, PacketType};
 use tracing::{debug, info};
 
 use crate::auth::Perms;
+use crate::history::{self, HistoryQuery};
 use crate::ids::{key, key_id, sid, ConnId, Frame, Key};
 use crate::metrics::{CloseReason, Counter};
 use crate::msg::DeliveryStatus;
@@ -174,7 +175,7 @@ fn on_event(
         "join_room" => Perms::JOIN,
         "presence:subscribe" => Perms::PRESENCE,
         "typing:start" | "typing:stop" => Perms::TYPING,
-        "leave_room" | "presence:unsubscribe" => Perms(0),
+        "leave_room" | "presence:unsubscribe" | "history:fetch" => Perms(0),
         _ => {
             refuse(st, id, ack, &name, "unknown_event", "this server does not handle that event");
             return Ok(());
@@ -192,6 +193,7 @@ fn on_event(
         "typing:stop" => typing(st, id, ack, args, false, now),
         "presence:subscribe" => presence(st, id, ack, args, true),
         "presence:unsubscribe" => presence(st, id, ack, args, false),
+        "history:fetch" => fetch_history(st, id, ack, args),
         _ => {}
     }
     Ok(())
@@ -351,6 +353,47 @@ fn send_message(
         st.pending.insert(msg_id.0, Pending { conn: id, ack_id: ack, client_msg_id, deadline, to });
         let d = st.router.direct(target, frame, msg_id.0, st.socket(id));
         st.dispatch(d);
+    }
+}
+
+/// `history:fetch`: checked here, read by the history reader (`crate::history`), which
+/// answers the ack later through the mesh.
+fn fetch_history(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value]) {
+    const EV: &str = "history:fetch";
+    let Some(ack_id) = ack else {
+        return refuse(st, id, ack, EV, "invalid_history", "history:fetch needs an acknowledgement callback");
+    };
+    let a = match history::parse_args(args, st.shared.config.max_id_len) {
+        Ok(a) => a,
+        Err((code, why)) => return refuse(st, id, ack, EV, code, why),
+    };
+    let Some(s) = st.conns.session(id) else { return };
+    let conversation = match (&a.with, &a.room) {
+        (Some(with), _) => record::dm_conversation(&s.identity.user, with),
+        (None, Some(room)) => {
+            if !s.rooms.contains(&key(&s.identity.tenant, room)) {
+                return refuse(st, id, ack, EV, "not_in_room", "join the room to read its history");
+            }
+            format!("room:{room}")
+        }
+        (None, None) => return,
+    };
+    let Some(sink) = st.shared.history.clone() else {
+        return refuse(st, id, ack, EV, "history_off", "this node has no message store (--mongodb)");
+    };
+    let q = HistoryQuery {
+        shard: st.shard,
+        conn: id,
+        ack: ack_id,
+        tenant: s.identity.tenant.clone(),
+        conversation,
+        before: a.before,
+        limit: a.limit,
+    };
+    st.metrics().inc(Counter::HistoryQueries);
+    if !sink.submit(q) {
+        st.metrics().inc(Counter::HistoryBusy);
+        refuse(st, id, ack, EV, "busy", "too many history reads in flight; retry shortly");
     }
 }
 

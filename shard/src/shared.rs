@@ -50,6 +50,8 @@ pub struct Shared {
     pub server_id: Arc<str>,
     /// The record inbox when persistence (Kafka) is on.
     pub persist: Option<Arc<Inbox<Record>>>,
+    /// The history reader when the node has `--mongodb` (`history:fetch`).
+    pub history: Option<Arc<dyn crate::history::HistorySink>>,
     /// Signs and checks Engine.IO session ids (`ids::SidKey`).
     pub sid_key: SidKey,
     /// The built-in development secret, when the node runs on it (loopback only): the
@@ -78,6 +80,7 @@ impl Shared {
             bridge: opts.bridge,
             server_id: opts.server_id,
             persist: opts.persist,
+            history: opts.history,
             sid_key: SidKey::random(),
             dev_secret: opts.dev_secret,
         }
@@ -112,6 +115,7 @@ impl Shared {
             MetricsBlock::Shard(id) => id,
             MetricsBlock::Bridge => shards,
             MetricsBlock::KafkaReports => shards + 1,
+            MetricsBlock::History => shards + 2,
         };
         &self.metrics[i]
     }
@@ -135,11 +139,13 @@ pub enum MetricsBlock {
     Bridge,
     /// librdkafka's delivery-report thread.
     KafkaReports,
+    /// The history reader thread (`history:fetch`).
+    History,
 }
 
 /// Counter blocks beyond the shards' ([`MetricsBlock::Bridge`],
-/// [`MetricsBlock::KafkaReports`]).
-const EXTRA_METRIC_BLOCKS: usize = 2;
+/// [`MetricsBlock::KafkaReports`], [`MetricsBlock::History`]).
+const EXTRA_METRIC_BLOCKS: usize = 3;
 
 /// How to start the shards.
 pub struct StartOptions {
@@ -159,6 +165,8 @@ pub struct StartOptions {
     pub server_id: Arc<str>,
     /// The record inbox (persistence on).
     pub persist: Option<Arc<Inbox<Record>>>,
+    /// The history reader (`--mongodb`).
+    pub history: Option<Arc<dyn crate::history::HistorySink>>,
     /// Bearer token of the admin endpoints (`None`: disabled).
     pub admin_token: Option<String>,
     /// The built-in development secret, if the node runs on it (`Shared::dev_secret`).
@@ -180,6 +188,7 @@ impl Default for StartOptions {
             bridge: None,
             server_id: "local".into(),
             persist: None,
+            history: None,
             admin_token: None,
             dev_secret: None,
             admin_listen: None,

@@ -274,6 +274,9 @@ impl State {
                 let body = json!({ "id": ulid::Ulid(msg_id).to_string() });
                 self.push_new(conn, packet::event_frame("message:persisted", &body));
             }
+            ShardMsg::History { conn, frame } => {
+                self.push_new(conn, frame);
+            }
             ShardMsg::Adopt { fd, read } => self.adopted.push((fd, read)),
             ShardMsg::Shutdown => {}
             #[cfg(test)]
