@@ -1,24 +1,57 @@
 //! Persistence benchmark against a real Apache Kafka broker (KRaft, started from the jars
-//! `scripts/kafka/install.sh` caches): run with
-//! `cargo bench --bench persist`.
+//! `scripts/kafka/install.sh` caches) and FerretDB (`scripts/ferretdb/install.sh`): run
+//! with `cargo bench --bench persist`. Everything in one run, on the same two cores:
 //!
-//! The same 1:1 workload (4 senders -> 4 recipients, 20 000 messages each way, fire and
-//! forget, 64-byte content) runs against a node without `--kafka` and one with it, in the
-//! same run; reported: delivered messages/s on each, the ratio (the cost of persistence
-//! on the node's message throughput), and the records/s the bridge got acknowledged by
-//! the broker (every message plus its socket events).
+//! 1. **The node's cost.** The same 1:1 workload (4 senders -> 4 recipients, 20 000
+//!    messages each, fire and forget, 64-byte content) against a node without `--kafka`
+//!    and one with it: delivered messages/s and the node process's CPU per message
+//!    (from `/proc`), with their ratios.
+//! 2. **The persister's throughput.** The 80 000 messages now in Kafka, consumed by a
+//!    fresh `shardgate persist` into FerretDB (messages, conversations, users): documents/s
+//!    until its `/metrics` counts them all, against a plain loop of `insert_many`
+//!    (batches of 1000, as the persister's) of the same documents into another database
+//!    of the same server.
+//! 3. **End-to-end lag.** A steady 5 000 messages/s through the node for 20 s; every
+//!    50th is sent with an ack (for its id) and looked up by `_id` until readable: lag
+//!    from the send to the document, p50 / p99 / max.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::time::{Duration, Instant};
 
+use mongodb::bson::doc;
 use serde_json::json;
+use support::ferretdb::FerretDb;
 use support::kafka::{free_port, Broker};
+use support::persister::{Mongo, Persister};
 use support::{token, Client, Incoming, Server};
 
 const SENDERS: usize = 4;
 const PER_SENDER: usize = 20_000;
+
+/// CPU seconds (user + system) the process `pid` used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of stat (utime, stime), counted after the command name.
+    (ticks(11) + ticks(12)) / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+/// Delivered messages/s and the node's CPU microseconds per delivered message.
+fn measured(srv: &Server, tenant: &str) -> (f64, f64) {
+    let cpu = cpu_seconds(srv.pid());
+    let rate = workload(srv, tenant);
+    let used = cpu_seconds(srv.pid()) - cpu;
+    (rate, used * 1e6 / (SENDERS * PER_SENDER) as f64)
+}
 
 fn workload(srv: &Server, tenant: &str) -> f64 {
     let mut receivers: Vec<Client> =
@@ -67,7 +100,7 @@ fn main() {
         "[runtime]\nevents_per_second = 10000000\nevent_burst = 10000000\noutbound_queue_bytes = 67108864\n";
     let args = ["--shards", "1"];
     let plain = Server::start_with_config(&args, Some(config));
-    let off = workload(&plain, "off");
+    let (off, cpu_off) = measured(&plain, "off");
     drop(plain);
 
     let broker = Broker::start_on(free_port());
@@ -76,10 +109,14 @@ fn main() {
     with.extend_from_slice(&["--kafka", addr.as_str()]);
     let node = Server::start_with_config(&with, Some(config));
     let before = Instant::now();
-    let on = workload(&node, "on");
+    let (on, cpu_on) = measured(&node, "on");
     let expected = (SENDERS * PER_SENDER) as u64;
-    println!("messages/s delivered, persistence off: {off:>10.0}");
-    println!("messages/s delivered, persistence on:  {on:>10.0}  ({:.2}x of off)", on / off);
+    println!("messages/s delivered, persistence off: {off:>10.0}   node CPU {cpu_off:.2} us/message");
+    println!(
+        "messages/s delivered, persistence on:  {on:>10.0}   node CPU {cpu_on:.2} us/message  ({:.2}x throughput, {:.2}x CPU of off)",
+        on / off,
+        cpu_on / cpu_off
+    );
     let end = Instant::now() + Duration::from_secs(300);
     while node.metric("shardgate_kafka_delivered_total") < expected && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(100));
@@ -90,9 +127,97 @@ fn main() {
         "records acknowledged by the broker: {records} in {kafka_secs:.2}s = {:.0} records/s",
         records as f64 / kafka_secs
     );
+
+    // 2. The persister through the backlog, against plain insert_many of the same documents.
+    let db = FerretDb::start();
+    let url = db.url("chat");
+    let mongo = Mongo::connect(&url);
+    let started = Instant::now();
+    let persister = Persister::start_with(&addr, &url, &["--batch-records", "1000", "--batch-ms", "200"]);
+    let end = Instant::now() + Duration::from_secs(600);
+    while persister.metric("shardgate_persister_messages_inserted_total") < expected as i64
+        && Instant::now() < end
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let persist_secs = started.elapsed().as_secs_f64();
+    let stored = persister.metric("shardgate_persister_messages_inserted_total");
+    let persister_rate = stored as f64 / persist_secs;
+    let docs = mongo.find("messages", doc! { "tenantId": "on" });
+    let baseline_rate = mongo.insert_loop("baseline", &docs, 1000);
+    println!(
+        "persister: {stored} messages (+ conversations, users) in {persist_secs:.2}s = {persister_rate:.0} documents/s; plain insert_many of the same {} documents: {baseline_rate:.0}/s ({:.2}x)",
+        docs.len(),
+        persister_rate / baseline_rate
+    );
+
+    // 3. End-to-end lag at a steady 5k messages/s.
+    let (p50, p99, max, sent) = lag(&node, &mongo, 5_000, Duration::from_secs(20));
+    println!(
+        "end-to-end lag at 5000 msgs/s ({sent} sent): p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms"
+    );
     println!(
         "RESULT {}",
         json!({ "msgs_per_sec_off": off.round(), "msgs_per_sec_on": on.round(), "ratio_on_off": on / off,
-                "kafka_records": records, "kafka_records_per_sec": (records as f64 / kafka_secs).round() })
+                "cpu_us_per_msg_off": cpu_off, "cpu_us_per_msg_on": cpu_on, "cpu_ratio_on_off": cpu_on / cpu_off,
+                "kafka_records": records, "kafka_records_per_sec": (records as f64 / kafka_secs).round(),
+                "persister_docs_per_sec": persister_rate.round(), "insert_many_docs_per_sec": baseline_rate.round(),
+                "persister_ratio": persister_rate / baseline_rate,
+                "lag_ms_p50": p50, "lag_ms_p99": p99, "lag_ms_max": max })
     );
+}
+
+/// Sends `rate` messages/s for `secs` (4 senders, 1:1), every 50th with an ack; returns
+/// the lag from send to readable in MongoDB (ms: p50, p99, max) and the count sent.
+fn lag(srv: &Server, mongo: &Mongo, rate: u64, secs: Duration) -> (f64, f64, f64, u64) {
+    // The tenant's topic exists and the persister reads it before the clock starts.
+    let mut warm = Client::connect(srv.addr, &token("warm", "lag"));
+    let id = warm.emit_ack("message:send", json!({ "to": "nobody", "content": "warm-up" }))["id"].clone();
+    let end = Instant::now() + Duration::from_secs(60);
+    while !mongo.has("messages", id.as_str().unwrap_or_default()) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<(String, Instant)>();
+    let addr = srv.addr;
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|i| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut s = Client::connect(addr, &token(&format!("l{i}"), "lag"));
+                let _r = Client::connect(addr, &token(&format!("m{i}"), "lag"));
+                let each = Duration::from_secs_f64(SENDERS as f64 / rate as f64);
+                let start = Instant::now();
+                let mut n = 0u64;
+                while start.elapsed() < secs {
+                    let due = start + each * n as u32;
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let arg = json!({ "to": format!("m{i}"), "content": "x".repeat(64) });
+                    if n % 50 == 0 {
+                        let at = Instant::now();
+                        let ack = s.emit_ack("message:send", arg);
+                        let _ = tx.send((ack["id"].as_str().unwrap_or_default().to_string(), at));
+                    } else {
+                        s.emit("message:send", arg);
+                    }
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    drop(tx);
+    let mut lags = Vec::new();
+    for (id, at) in rx {
+        let end = Instant::now() + Duration::from_secs(60);
+        while !mongo.has("messages", &id) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        lags.push(at.elapsed().as_secs_f64() * 1000.0);
+    }
+    let sent: u64 = senders.into_iter().map(|t| t.join().unwrap()).sum();
+    lags.sort_by(f64::total_cmp);
+    let q = |p: f64| lags.get(((lags.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
+    (q(0.5), q(0.99), q(1.0), sent)
 }

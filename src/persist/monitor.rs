@@ -137,7 +137,7 @@ impl Monitor {
         let newest = self.newest_ts.load(Relaxed);
         let behind = if newest > 0 { (now_ms - newest).max(0) as u64 } else { 0 };
         metric(
-            "shardgate_persister_behind_milliseconds",
+            "shardgate_persister_newest_age_milliseconds",
             "gauge",
             "Milliseconds from the newest stored message's send time to now (0 before the first).",
             behind,
@@ -214,7 +214,7 @@ mod tests {
         m.lag.lock().unwrap().insert(("presence.changes".into(), 0), 2);
         let text = m.render(1_500);
         assert!(text.contains("shardgate_persister_messages_inserted_total 7\n"), "{text}");
-        assert!(text.contains("shardgate_persister_behind_milliseconds 500\n"));
+        assert!(text.contains("shardgate_persister_newest_age_milliseconds 500\n"));
         assert!(text.contains("shardgate_persister_lag_records{topic=\"messages.t\",partition=\"1\"} 5\n"));
         assert!(text.contains("shardgate_persister_lag_records_sum 7\n"));
         let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();

@@ -23,11 +23,21 @@ impl Persister {
 
     /// Same, with extra arguments.
     pub fn start_with(brokers: &str, mongodb: &str, extra: &[&str]) -> Persister {
+        let mut args =
+            vec!["persist", "--kafka", brokers, "--mongodb", mongodb, "--metrics-listen", "127.0.0.1:0"];
+        for (flag, value) in [
+            ("--batch-ms", "100"),
+            ("--topic-refresh-ms", "500"),
+            ("--session-timeout-ms", "6000"),
+            ("--partitions", "2"),
+        ] {
+            if !extra.contains(&flag) {
+                args.extend_from_slice(&[flag, value]);
+            }
+        }
+        args.extend_from_slice(extra);
         let mut child = Command::new(env!("CARGO_BIN_EXE_shardgate"))
-            .args(["persist", "--kafka", brokers, "--mongodb", mongodb, "--metrics-listen", "127.0.0.1:0"])
-            .args(["--batch-ms", "100", "--topic-refresh-ms", "500", "--session-timeout-ms", "6000"])
-            .args(["--partitions", "2"])
-            .args(extra)
+            .args(&args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -103,6 +113,15 @@ impl Mongo {
         })
     }
 
+    /// Whether `coll` holds a document with `_id` `id` (a lookup by `_id`, which every
+    /// server answers from its primary key).
+    pub fn has(&self, coll: &str, id: &str) -> bool {
+        self.rt.block_on(async {
+            let c = self.db.collection::<Document>(coll);
+            c.find_one(mongodb::bson::doc! { "_id": id }).await.ok().flatten().is_some()
+        })
+    }
+
     /// Number of documents of `coll` matching `filter`; None while the server is away.
     pub fn count(&self, coll: &str, filter: Document) -> Option<u64> {
         self.rt.block_on(async { self.db.collection::<Document>(coll).count_documents(filter).await.ok() })
@@ -119,6 +138,19 @@ impl Mongo {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Inserts `docs` into collection `coll` with unordered `insert_many` in batches of
+    /// `batch`; documents per second.
+    pub fn insert_loop(&self, coll: &str, docs: &[Document], batch: usize) -> f64 {
+        let c = self.db.collection::<Document>(coll);
+        let start = Instant::now();
+        self.rt.block_on(async {
+            for chunk in docs.chunks(batch) {
+                c.insert_many(chunk).ordered(false).await.unwrap();
+            }
+        });
+        docs.len() as f64 / start.elapsed().as_secs_f64()
     }
 
     /// Waits until `check` holds for the documents of `coll` matching `filter`.
