@@ -12,6 +12,10 @@ use std::time::Duration;
 
 use shardgate_io::http;
 
+/// Upper bounds (ms) of the store-lag histogram's buckets.
+pub const LAG_BUCKETS_MS: [u64; 16] =
+    [1, 2, 5, 10, 20, 50, 100, 150, 200, 300, 500, 1000, 2000, 5000, 10_000, 30_000];
+
 /// Counters and gauges of one persister process.
 #[derive(Default)]
 pub struct Monitor {
@@ -43,12 +47,24 @@ pub struct Monitor {
     pub pauses: AtomicU64,
     /// `ts` (ms since the epoch) of the newest message stored.
     pub newest_ts: AtomicI64,
+    /// Messages stored by how long after their send (`ts`) MongoDB acknowledged them:
+    /// counts per [`LAG_BUCKETS_MS`] bucket (the last is +Inf).
+    pub store_lag: [AtomicU64; LAG_BUCKETS_MS.len() + 1],
+    /// Sum of those lags, in milliseconds.
+    pub store_lag_sum_ms: AtomicU64,
     /// Records behind the partitions' ends, per `topic/partition`, from librdkafka's
     /// statistics.
     pub lag: Mutex<BTreeMap<(String, i32), i64>>,
 }
 
 impl Monitor {
+    /// Counts one message stored `ms` after it was sent.
+    pub fn stored_after(&self, ms: u64) {
+        let i = LAG_BUCKETS_MS.iter().position(|&b| ms <= b).unwrap_or(LAG_BUCKETS_MS.len());
+        self.store_lag[i].fetch_add(1, Relaxed);
+        self.store_lag_sum_ms.fetch_add(ms, Relaxed);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self, now_ms: i64) -> String {
         let mut out = String::new();
@@ -142,6 +158,19 @@ impl Monitor {
             "Milliseconds from the newest stored message's send time to now (0 before the first).",
             behind,
         );
+        let name = "shardgate_persister_store_lag_milliseconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} From a message's send (its ts) to MongoDB acknowledging its document.\n# TYPE {name} histogram"
+        );
+        let mut cumulative = 0;
+        for (i, n) in self.store_lag.iter().enumerate() {
+            cumulative += n.load(Relaxed);
+            let le = LAG_BUCKETS_MS.get(i).map_or("+Inf".to_string(), u64::to_string);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let _ =
+            writeln!(out, "{name}_sum {}\n{name}_count {cumulative}", self.store_lag_sum_ms.load(Relaxed));
         let lag = self.lag.lock().map(|l| l.clone()).unwrap_or_default();
         let _ = writeln!(
             out,
@@ -217,6 +246,14 @@ mod tests {
         assert!(text.contains("shardgate_persister_newest_age_milliseconds 500\n"));
         assert!(text.contains("shardgate_persister_lag_records{topic=\"messages.t\",partition=\"1\"} 5\n"));
         assert!(text.contains("shardgate_persister_lag_records_sum 7\n"));
+        m.stored_after(0);
+        m.stored_after(120);
+        m.stored_after(60_000);
+        let text = m.render(1_500);
+        assert!(text.contains("shardgate_persister_store_lag_milliseconds_bucket{le=\"1\"} 1\n"), "{text}");
+        assert!(text.contains("shardgate_persister_store_lag_milliseconds_bucket{le=\"150\"} 2\n"));
+        assert!(text.contains("shardgate_persister_store_lag_milliseconds_bucket{le=\"+Inf\"} 3\n"));
+        assert!(text.contains("shardgate_persister_store_lag_milliseconds_count 3\n"));
         let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
         assert_eq!(families, text.lines().filter(|l| l.starts_with("# HELP")).count());
     }

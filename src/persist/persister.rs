@@ -264,6 +264,7 @@ pub fn run(settings: PersisterSettings) -> anyhow::Result<()> {
         let started = Instant::now();
         let write = write(&store, &batch, &monitor);
         rt.block_on(serving_the_group(&consumer, write, &monitor, &mut carry, &mut quiet));
+        let stored_at = now_ms();
         send_dead_letters(&dlq, &batch.dead);
         // Only now: every record of the batch is in MongoDB (or a dead letter).
         let mut tpl = TopicPartitionList::new();
@@ -278,6 +279,9 @@ pub fn run(settings: PersisterSettings) -> anyhow::Result<()> {
         monitor.write_micros.fetch_add(started.elapsed().as_micros() as u64, Relaxed);
         if let Some(ts) = batch.messages.iter().map(|(m, _)| m.ts).max() {
             monitor.newest_ts.fetch_max(ts, Relaxed);
+        }
+        for (m, _) in &batch.messages {
+            monitor.stored_after(stored_at.saturating_sub(m.ts).max(0) as u64);
         }
         tracing::debug!(records = batch.records, messages = batch.messages.len(), "batch stored");
     }
