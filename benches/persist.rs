@@ -97,6 +97,19 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    if std::env::var("PERSIST_BENCH").as_deref() == Ok("node") {
+        // Only the node with persistence on, repeated (for a profiler).
+        let broker = Broker::start_on(free_port());
+        let addr = broker.addr();
+        let config = "[runtime]\nevents_per_second = 10000000\nevent_burst = 10000000\noutbound_queue_bytes = 67108864\n";
+        let node = Server::start_with_config(&["--shards", "1", "--kafka", addr.as_str()], Some(config));
+        println!("node pid {}", node.pid());
+        for round in 0..10 {
+            let (rate, cpu) = measured(&node, &format!("r{round}"));
+            println!("persistence on: {rate:.0} msgs/s, {cpu:.2} us/message");
+        }
+        return;
+    }
     if std::env::var("PERSIST_BENCH").as_deref() == Ok("lag") {
         // Only the lag phase (for a quick look).
         let broker = Broker::start_on(free_port());

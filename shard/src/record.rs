@@ -89,24 +89,63 @@ pub fn dm_conversation(a: &str, b: &str) -> String {
     format!("dm:{}:{x}:{y}", x.len())
 }
 
-/// A chat message (`messages.{tenant}`). `msg` is the `message:new` payload.
+/// A chat message (`messages.{tenant}`). `msg` is the `message:new` payload;
+/// `attachments` its binary attachments, base64, in placeholder order.
+///
+/// On the send path of every message: written straight into the payload buffer from the
+/// borrowed parts (no copy of `msg`, no intermediate JSON tree).
 pub fn message(
     tenant: &str,
     conversation: String,
     msg: &Value,
     client_msg_id: Option<&Value>,
+    attachments: &[String],
     receipt: Option<Receipt>,
 ) -> Record {
-    let mut body = msg.clone();
-    if let Value::Object(m) = &mut body {
-        m.insert("type".into(), json!("message"));
-        m.insert("tenantId".into(), json!(tenant));
-        m.insert("conversationId".into(), json!(conversation));
-        if let Some(c) = client_msg_id {
-            m.insert("clientMsgId".into(), c.clone());
+    let mut out = Vec::with_capacity(192);
+    let field = |out: &mut Vec<u8>, name: &str, v: &dyn erased::Json| {
+        out.push(b',');
+        // Writing JSON into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, name);
+        out.push(b':');
+        v.write(out);
+    };
+    let _ =
+        std::io::Write::write_fmt(&mut out, format_args!("{{\"v\":{SCHEMA_VERSION},\"type\":\"message\""));
+    field(&mut out, "tenantId", &tenant);
+    field(&mut out, "conversationId", &conversation.as_str());
+    if let Some(c) = client_msg_id {
+        field(&mut out, "clientMsgId", c);
+    }
+    if let Value::Object(m) = msg {
+        for (k, v) in m {
+            if !matches!(
+                k.as_str(),
+                "v" | "type" | "tenantId" | "conversationId" | "clientMsgId" | "attachments"
+            ) {
+                field(&mut out, k, v);
+            }
         }
     }
-    record(Topic::Messages(tenant.to_string()), conversation, body, receipt)
+    if !attachments.is_empty() {
+        field(&mut out, "attachments", &attachments);
+    }
+    out.push(b'}');
+    Record { topic: Topic::Messages(tenant.to_string()), key: conversation, payload: out, receipt }
+}
+
+/// Values [`message`] writes, without naming their types.
+mod erased {
+    /// Something serde_json can write.
+    pub trait Json {
+        fn write(&self, out: &mut Vec<u8>);
+    }
+
+    impl<T: serde::Serialize + ?Sized> Json for T {
+        fn write(&self, out: &mut Vec<u8>) {
+            let _ = serde_json::to_writer(out, self);
+        }
+    }
 }
 
 /// A socket event (`events.socket`): `connect`, `disconnect` (with `reason`), `join`,
@@ -156,6 +195,23 @@ mod tests {
         let odd = Topic::Messages("a/b c".into()).name();
         assert!(odd.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)), "{odd}");
         assert_ne!(topic_safe("a_2f_"), topic_safe("a/"));
+    }
+
+    #[test]
+    fn message_records_hold_the_payload_and_their_own_fields_once() {
+        let payload =
+            json!({ "id": "01K", "from": "a", "to": "b", "content": {"t": "x\"y"}, "ts": 5, "v": 9 });
+        let r =
+            message("acme", dm_conversation("a", "b"), &payload, Some(&json!("c1")), &["AAE=".into()], None);
+        let v: Value = serde_json::from_slice(&r.payload).unwrap();
+        assert_eq!(
+            v,
+            json!({ "v": 1, "type": "message", "tenantId": "acme", "conversationId": "dm:1:a:b", "clientMsgId": "c1",
+                    "id": "01K", "from": "a", "to": "b", "content": {"t": "x\"y"}, "ts": 5, "attachments": ["AAE="] })
+        );
+        assert_eq!((r.topic, r.key.as_str()), (Topic::Messages("acme".into()), "dm:1:a:b"));
+        let text = String::from_utf8(r.payload).unwrap();
+        assert_eq!(text.matches("\"v\"").count(), 1, "{text}");
     }
 
     #[test]

@@ -332,12 +332,8 @@ fn send_message(
     let frame: Frame = packet::binary_event_frames("message:new", &payload, &attachments).into();
     st.persist(|| {
         let receipt = wants_receipt.then_some(Receipt { shard: st.shard, conn: id, msg_id: msg_id.0 });
-        let mut msg = payload.clone();
-        if !attachments.is_empty() {
-            let encoded: Vec<String> = attachments.iter().map(|a| data_encoding::BASE64.encode(a)).collect();
-            msg["attachments"] = json!(encoded);
-        }
-        record::message(&tenant, conversation, &msg, client_msg_id.as_ref(), receipt)
+        let encoded: Vec<String> = attachments.iter().map(|a| data_encoding::BASE64.encode(a)).collect();
+        record::message(&tenant, conversation, &payload, client_msg_id.as_ref(), &encoded, receipt)
     });
     if room.is_some() {
         st.metrics().inc(Counter::RoomMessages);

@@ -354,16 +354,19 @@ async fn serving_the_group(
     }
 }
 
-/// Writes one batch: messages, then conversations, then users, each retried until
-/// MongoDB takes it.
+/// Writes one batch: messages, then conversations and users (side by side), each
+/// retried until MongoDB takes it.
 async fn write(store: &Store, batch: &Batch, monitor: &Monitor) {
     let docs: Vec<Document> = batch.messages.iter().map(|(m, _)| m.doc.clone()).collect();
     let inserted = retry("messages", monitor, || store.insert_messages(&docs)).await;
     monitor.inserted.fetch_add(inserted, Relaxed);
     monitor.duplicates.fetch_add(docs.len() as u64 - inserted, Relaxed);
-    let c = retry("conversations", monitor, || store.fold_conversations(&batch.messages)).await;
+    // Conversations and users are independent of each other: written side by side.
+    let (c, u) = tokio::join!(
+        retry("conversations", monitor, || store.fold_conversations(&batch.messages)),
+        retry("users", monitor, || store.fold_users(&batch.users)),
+    );
     monitor.conversations.fetch_add(c.written, Relaxed);
-    let u = retry("users", monitor, || store.fold_users(&batch.users)).await;
     monitor.users.fetch_add(u.written, Relaxed);
     monitor.conflicts.fetch_add(c.conflicts + u.conflicts, Relaxed);
 }

@@ -243,18 +243,23 @@ impl RecordProducer {
         let mut keep = VecDeque::new();
         let mut full = false;
         let mut produced = 0;
+        // Runs of records share a topic: its name is made once per run.
+        let mut named: Option<(Topic, String)> = None;
         while let Some(r) = self.buffer.pop_front() {
-            let name = r.topic.name();
-            if full || blocked.contains(&name) || !self.topics.contains(&name) {
-                if !self.topics.contains(&name) && !missing.contains(&name) {
-                    missing.push(name.clone());
+            if named.as_ref().is_none_or(|(t, _)| *t != r.topic) {
+                named = Some((r.topic.clone(), r.topic.name()));
+            }
+            let name: &str = named.as_ref().map(|(_, n)| n.as_str()).unwrap_or_default();
+            if full || blocked.contains(name) || !self.topics.contains(name) {
+                if !self.topics.contains(name) && !missing.iter().any(|m| m == name) {
+                    missing.push(name.to_string());
                 }
-                blocked.insert(name);
+                blocked.insert(name.to_string());
                 keep.push_back(r);
                 continue;
             }
             let receipt = Box::new(r.receipt);
-            let rec = BaseRecord::with_opaque_to(&name, receipt).key(r.key.as_bytes()).payload(&r.payload);
+            let rec = BaseRecord::with_opaque_to(name, receipt).key(r.key.as_bytes()).payload(&r.payload);
             match self.producer.send(rec) {
                 Ok(()) => produced += 1,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {

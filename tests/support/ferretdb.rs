@@ -1,6 +1,10 @@
 //! A real MongoDB-protocol server for the tests: FerretDB v1 with its SQLite backend
 //! (`scripts/ferretdb/install.sh` builds and caches it; the test script runs that first),
 //! on a free loopback port, its data in a temp directory that survives a kill -9.
+//!
+//! `SHARDGATE_FERRETDB_BACKEND=pg` puts it on its PostgreSQL backend instead (Debian's
+//! `postgresql` 15, a throwaway cluster on another free port, run as the `postgres`
+//! user): used to compare the two backends with `cargo bench --bench persist`.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -12,6 +16,8 @@ use super::temp_dir;
 /// A running FerretDB, killed on drop.
 pub struct FerretDb {
     child: Option<Child>,
+    /// The PostgreSQL cluster behind it (`pg` backend): data directory and port.
+    pg: Option<(PathBuf, u16)>,
     bin: PathBuf,
     dir: PathBuf,
     pub port: u16,
@@ -31,7 +37,11 @@ fn binary() -> PathBuf {
 impl FerretDb {
     /// Starts a fresh instance.
     pub fn start() -> FerretDb {
-        let mut db = FerretDb { child: None, bin: binary(), dir: temp_dir("ferretdb"), port: free_port() };
+        let mut db =
+            FerretDb { child: None, pg: None, bin: binary(), dir: temp_dir("ferretdb"), port: free_port() };
+        if std::env::var("SHARDGATE_FERRETDB_BACKEND").as_deref() == Ok("pg") {
+            db.pg = Some(postgres(&db.dir));
+        }
         db.spawn();
         db
     }
@@ -39,9 +49,14 @@ impl FerretDb {
     fn spawn(&mut self) {
         let data = self.dir.join("data");
         std::fs::create_dir_all(&data).unwrap();
-        let child = Command::new(&self.bin)
-            .arg("--handler=sqlite")
-            .arg(format!("--sqlite-url=file:{}/", data.display()))
+        let mut cmd = Command::new(&self.bin);
+        match &self.pg {
+            Some((_, port)) => cmd
+                .arg("--handler=pg")
+                .arg(format!("--postgresql-url=postgres://postgres@127.0.0.1:{port}/ferretdb")),
+            None => cmd.arg("--handler=sqlite").arg(format!("--sqlite-url=file:{}/", data.display())),
+        };
+        let child = cmd
             .arg(format!("--listen-addr=127.0.0.1:{}", self.port))
             .arg("--debug-addr=-")
             .arg(format!("--state-dir={}", self.dir.display()))
@@ -80,11 +95,75 @@ impl FerretDb {
     }
 }
 
+/// A throwaway PostgreSQL cluster under `dir` on a free port, with database `ferretdb`.
+fn postgres(dir: &std::path::Path) -> (PathBuf, u16) {
+    let bin = std::path::Path::new("/usr/lib/postgresql/15/bin");
+    let data = dir.join("pg");
+    std::fs::create_dir_all(&data).unwrap();
+    let as_postgres = |args: &[&str]| {
+        let ok = Command::new("chown").args(["-R", "postgres:postgres", &dir.display().to_string()]).status();
+        assert!(ok.is_ok_and(|s| s.success()), "chown for PostgreSQL");
+        let st =
+            Command::new("runuser").args(["-u", "postgres", "--"]).args(args).stdout(Stdio::null()).status();
+        assert!(st.is_ok_and(|s| s.success()), "PostgreSQL: {args:?} (apt-get install postgresql)");
+    };
+    let port = free_port();
+    let (initdb, pg_ctl) = (bin.join("initdb"), bin.join("pg_ctl"));
+    as_postgres(&[
+        &initdb.display().to_string(),
+        "-D",
+        &data.display().to_string(),
+        "--auth=trust",
+        "-U",
+        "postgres",
+    ]);
+    let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1", data.display());
+    as_postgres(&[
+        &pg_ctl.display().to_string(),
+        "-D",
+        &data.display().to_string(),
+        "-o",
+        &opts,
+        "-w",
+        "-l",
+        "/dev/null",
+        "start",
+    ]);
+    as_postgres(&[
+        "/usr/bin/createdb",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        "postgres",
+        "ferretdb",
+    ]);
+    (data, port)
+}
+
 impl Drop for FerretDb {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if let Some((data, _)) = self.pg.take() {
+            let pg_ctl = "/usr/lib/postgresql/15/bin/pg_ctl";
+            let _ = Command::new("runuser")
+                .args([
+                    "-u",
+                    "postgres",
+                    "--",
+                    pg_ctl,
+                    "-D",
+                    &data.display().to_string(),
+                    "-m",
+                    "immediate",
+                    "stop",
+                ])
+                .stdout(Stdio::null())
+                .status();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
