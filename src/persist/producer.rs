@@ -120,6 +120,10 @@ pub struct RecordProducer {
     buffer: VecDeque<Record>,
     /// Last failed attempt to create a topic, to pace retries.
     creating: HashMap<String, Instant>,
+    /// Kept between rounds so that their capacity is reused: the inbox's batch, and the
+    /// buffer's other half while `flush` sorts records out.
+    scratch: Vec<Record>,
+    spare: VecDeque<Record>,
 }
 
 fn client_config(cfg: &KafkaConfig) -> ClientConfig {
@@ -153,6 +157,8 @@ impl RecordProducer {
             topics: HashSet::new(),
             buffer: VecDeque::new(),
             creating: HashMap::new(),
+            scratch: Vec::new(),
+            spare: VecDeque::new(),
         })
     }
 
@@ -218,18 +224,15 @@ impl RecordProducer {
 
     /// Takes new records from the inbox, bounded; drops the newest past the bound.
     fn take(&mut self) {
-        let mut batch = Vec::new();
+        let mut batch = std::mem::take(&mut self.scratch);
         self.inbox.drain(RECORD_BATCH, &mut batch);
-        let mut dropped = 0;
-        for r in batch {
-            if self.buffer.len() >= self.cfg.buffer_records {
-                dropped += 1;
-                continue;
-            }
-            self.buffer.push_back(r);
-        }
+        let room = self.cfg.buffer_records.saturating_sub(self.buffer.len());
+        let dropped = batch.len().saturating_sub(room);
+        batch.truncate(room);
+        self.buffer.extend(batch.drain(..));
+        self.scratch = batch;
         if dropped > 0 {
-            self.m().add(Counter::KafkaDropped, dropped);
+            self.m().add(Counter::KafkaDropped, dropped as u64);
             warn!("kafka buffer full ({} records): dropped the {dropped} newest", self.cfg.buffer_records);
         }
     }
@@ -240,7 +243,7 @@ impl RecordProducer {
     fn flush(&mut self) -> Vec<String> {
         let mut missing: Vec<String> = Vec::new();
         let mut blocked: HashSet<String> = HashSet::new();
-        let mut keep = VecDeque::new();
+        let mut keep = std::mem::take(&mut self.spare);
         let mut full = false;
         let mut produced = 0;
         // Runs of records share a topic: its name is made once per run.
@@ -273,7 +276,8 @@ impl RecordProducer {
             }
         }
         self.m().add(Counter::KafkaProduced, produced);
-        self.buffer = keep;
+        // The drained buffer (empty, with its capacity) becomes the next spare.
+        self.spare = std::mem::replace(&mut self.buffer, keep);
         missing
     }
 
