@@ -49,7 +49,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tracing::{info, warn};
 
 use super::documents::{self, Message, Parsed, Pos};
-use super::monitor::{self, Monitor};
+use super::monitor::{self, now_ms, Monitor};
 use super::store::{Store, UserRecord};
 
 /// Where unreadable records go, with the reason. Outside the subscription.
@@ -84,14 +84,6 @@ pub struct PersisterSettings {
     pub partitions: i32,
     /// Where `/metrics` and `/healthz` are served (None: not served).
     pub metrics_listen: Option<SocketAddr>,
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// The consumer's context: quiet librdkafka logs, lag from its statistics, rebalances
