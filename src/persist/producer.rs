@@ -42,6 +42,11 @@ const TOPIC_RETRY: Duration = Duration::from_secs(1);
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Records taken from the inbox per round.
 const RECORD_BATCH: usize = 8192;
+/// After a wake-up, how long the task lets records gather before taking them (at most
+/// `linger_ms`, which librdkafka waits anyway): under load one wake-up per interval
+/// instead of one per handful of records, and the shards' doorbell stays rung meanwhile,
+/// so they skip their doorbell writes too.
+const GATHER: Duration = Duration::from_millis(1);
 /// At shutdown, how long librdkafka may take to deliver what it holds.
 const FLUSH_GRACE: Duration = Duration::from_secs(5);
 
@@ -296,6 +301,10 @@ pub async fn run(mut p: RecordProducer, mut bell: glommio::net::UnixStream) {
     let mut last_gauge = 0u64;
     while !p.shared.stopping.load(std::sync::atomic::Ordering::Relaxed) || p.inbox.backlog() > 0 {
         wait_ring(&p.inbox, &mut bell, IDLE_WAKE).await;
+        let gather = GATHER.min(Duration::from_millis(p.cfg.linger_ms));
+        if !gather.is_zero() && p.inbox.backlog() < RECORD_BATCH {
+            glommio::timer::sleep(gather).await;
+        }
         p.take();
         let missing = p.flush();
         if !missing.is_empty() {
