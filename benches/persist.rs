@@ -96,50 +96,52 @@ fn workload(srv: &Server, tenant: &str) -> f64 {
     delivered as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Fire-and-forget senders: no rate limit, queues large enough for the bursts.
+const CONFIG: &str =
+    "[runtime]\nevents_per_second = 10000000\nevent_burst = 10000000\noutbound_queue_bytes = 67108864\n";
+
+/// `shardgate persist` with the batches the measurements use.
+fn persister(brokers: &str, url: &str) -> Persister {
+    Persister::start_with(brokers, url, &["--batch-records", "1000", "--batch-ms", "200"])
+}
+
+/// Phase 3 on `node`, printed; (p50, p99, p99.9) in ms.
+fn store_lag(node: &Server, persister: &Persister) -> (f64, f64, f64) {
+    let (p50, p99, p999, sent) = lag(node, persister, 5_000, Duration::from_secs(20));
+    println!("store lag at 5000 msgs/s ({sent} sent): p50 {p50:.1} ms, p99 {p99:.1} ms, p99.9 {p999:.1} ms");
+    (p50, p99, p999)
+}
+
+/// `PERSIST_BENCH=node` runs only the node with persistence, ten turns (for a profiler
+/// attached to the printed pid); `PERSIST_BENCH=lag` only phase 3.
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    if std::env::var("PERSIST_BENCH").as_deref() == Ok("node") {
-        // Only the node with persistence on, repeated (for a profiler).
-        let broker = Broker::start_on(free_port());
-        let addr = broker.addr();
-        let config = "[runtime]\nevents_per_second = 10000000\nevent_burst = 10000000\noutbound_queue_bytes = 67108864\n";
-        let node = Server::start_with_config(&["--shards", "1", "--kafka", addr.as_str()], Some(config));
-        println!("node pid {}", node.pid());
-        for round in 0..10 {
-            let (rate, cpu) = measured(&node, &format!("r{round}"));
-            println!("persistence on: {rate:.0} msgs/s, {cpu:.2} us/message");
-        }
-        return;
-    }
-    if std::env::var("PERSIST_BENCH").as_deref() == Ok("lag") {
-        // Only the lag phase (for a quick look).
-        let broker = Broker::start_on(free_port());
-        let addr = broker.addr();
-        let config = "[runtime]\nevents_per_second = 10000000\nevent_burst = 10000000\n";
-        let node = Server::start_with_config(&["--shards", "1", "--kafka", addr.as_str()], Some(config));
-        let db = FerretDb::start();
-        let url = db.url("chat");
-        let persister = Persister::start_with(&addr, &url, &["--batch-records", "1000", "--batch-ms", "200"]);
-        let (p50, p99, p999, sent) = lag(&node, &persister, 5_000, Duration::from_secs(20));
-        println!(
-            "store lag at 5000 msgs/s ({sent} sent): p50 {p50:.1} ms, p99 {p99:.1} ms, p99.9 {p999:.1} ms"
-        );
-        return;
-    }
-    // Fire-and-forget senders: no rate limit, queues large enough for the bursts.
-    let config =
-        "[runtime]\nevents_per_second = 10000000\nevent_burst = 10000000\noutbound_queue_bytes = 67108864\n";
-    let args = ["--shards", "1"];
+    let only = std::env::var("PERSIST_BENCH").ok();
     let broker = Broker::start_on(free_port());
     let addr = broker.addr();
-    let mut with = args.to_vec();
-    with.extend_from_slice(&["--kafka", addr.as_str()]);
+    let args = ["--shards", "1"];
+    let node = Server::start_with_config(&["--shards", "1", "--kafka", addr.as_str()], Some(CONFIG));
+    match only.as_deref() {
+        Some("node") => {
+            println!("node pid {}", node.pid());
+            for _ in 0..10 {
+                let (rate, cpu) = measured(&node, "on");
+                println!("persistence on: {rate:.0} msgs/s, {cpu:.2} us/message");
+            }
+            return;
+        }
+        Some("lag") => {
+            let db = FerretDb::start();
+            store_lag(&node, &persister(&addr, &db.url("chat")));
+            return;
+        }
+        _ => {}
+    }
     // Both nodes up at once, measured in turns: the broker and the machine's noise fall
     // on both alike. Medians of ROUNDS.
-    let plain = Server::start_with_config(&args, Some(config));
-    let node = Server::start_with_config(&with, Some(config));
+    let plain = Server::start_with_config(&args, Some(CONFIG));
     // One turn each to warm up (connections, the tenant's topic), then the measured ones.
     measured(&plain, "off");
     measured(&node, "on");
@@ -149,14 +151,13 @@ fn main() {
         ons.push(measured(&node, "on"));
     }
     drop(plain);
-    let median = |v: &mut Vec<f64>| {
+    let median = |turns: &[(f64, f64)], pick: fn(&(f64, f64)) -> f64| {
+        let mut v: Vec<f64> = turns.iter().map(pick).collect();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (off, cpu_off) =
-        (median(&mut offs.iter().map(|x| x.0).collect()), median(&mut offs.iter().map(|x| x.1).collect()));
-    let (on, cpu_on) =
-        (median(&mut ons.iter().map(|x| x.0).collect()), median(&mut ons.iter().map(|x| x.1).collect()));
+    let (off, cpu_off) = (median(&offs, |t| t.0), median(&offs, |t| t.1));
+    let (on, cpu_on) = (median(&ons, |t| t.0), median(&ons, |t| t.1));
     let expected = (SENDERS * PER_SENDER * (ROUNDS + 1)) as u64;
     println!("rounds (msgs/s, node CPU us/message): off {offs:.2?}; on {ons:.2?}");
     println!("messages/s delivered, persistence off: {off:>10.0}   node CPU {cpu_off:.2} us/message (medians of {ROUNDS})");
@@ -177,7 +178,7 @@ fn main() {
     let url = db.url("chat");
     let mongo = Mongo::connect(&url);
     let started = Instant::now();
-    let persister = Persister::start_with(&addr, &url, &["--batch-records", "1000", "--batch-ms", "200"]);
+    let persister = persister(&addr, &url);
     let end = Instant::now() + Duration::from_secs(600);
     while persister.metric("shardgate_persister_messages_inserted_total") < expected as i64
         && Instant::now() < end
@@ -196,8 +197,7 @@ fn main() {
     );
 
     // 3. End-to-end lag at a steady 5k messages/s.
-    let (p50, p99, p999, sent) = lag(&node, &persister, 5_000, Duration::from_secs(20));
-    println!("store lag at 5000 msgs/s ({sent} sent): p50 {p50:.1} ms, p99 {p99:.1} ms, p99.9 {p999:.1} ms");
+    let (p50, p99, p999) = store_lag(&node, &persister);
     println!(
         "RESULT {}",
         json!({ "msgs_per_sec_off": off.round(), "msgs_per_sec_on": on.round(), "ratio_on_off": on / off,

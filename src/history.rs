@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, Document};
 use mongodb::{Client, Collection};
 use serde_json::{json, Map, Value};
 use shardgate_io::packet;
@@ -187,12 +187,8 @@ fn message_new(d: Document) -> Value {
             "tenantId" | "conversationId" => continue,
             _ => k,
         };
-        let v = match v {
-            Bson::Int64(n) => json!(n),
-            Bson::Int32(n) => json!(n),
-            other => other.into_relaxed_extjson(),
-        };
-        m.insert(k, v);
+        // Relaxed extended JSON: numbers stay plain JSON numbers.
+        m.insert(k, v.into_relaxed_extjson());
     }
     Value::Object(m)
 }

@@ -200,11 +200,7 @@ fn mongodb_down_pauses_the_partitions_and_nothing_is_lost() {
         send(&mut alice, json!({ "to": "bob", "content": i }), &mut ids);
     }
     assert!(started.elapsed() < Duration::from_secs(5), "chat does not wait for MongoDB");
-    let end = Instant::now() + Duration::from_secs(30);
-    while persister.metric("shardgate_persister_paused") != 1 {
-        assert!(Instant::now() < end, "the partitions were not paused while MongoDB was down");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    persister.wait_metric("shardgate_persister_paused", 1, "the partitions paused while MongoDB is down");
     std::thread::sleep(Duration::from_secs(3));
     assert!(persister.metric("shardgate_persister_write_errors_total") > 0);
     assert_eq!(persister.metric("shardgate_persister_paused"), 1, "still paused");
@@ -213,11 +209,7 @@ fn mongodb_down_pauses_the_partitions_and_nothing_is_lost() {
     assert_eq!(mongo.wait_count("messages", doc! {}, 60, CATCH_UP), 60, "caught up");
     assert_exactly(&mongo, doc! {}, &ids);
     conversation(&mongo, "t1", "dm:5:alice:bob", 60);
-    let end = Instant::now() + Duration::from_secs(30);
-    while persister.metric("shardgate_persister_paused") != 0 {
-        assert!(Instant::now() < end, "the partitions were not resumed");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    persister.wait_metric("shardgate_persister_paused", 0, "the partitions resumed");
     assert!(persister.metric("shardgate_persister_pauses_total") >= 1);
 }
 

@@ -103,17 +103,10 @@ pub fn message(
     receipt: Option<Receipt>,
 ) -> Record {
     let mut out = Vec::with_capacity(192);
-    let field = |out: &mut Vec<u8>, name: &str, v: &dyn erased::Json| {
-        out.push(b',');
-        // Writing JSON into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *out, name);
-        out.push(b':');
-        v.write(out);
-    };
     let _ =
         std::io::Write::write_fmt(&mut out, format_args!("{{\"v\":{SCHEMA_VERSION},\"type\":\"message\""));
-    field(&mut out, "tenantId", &tenant);
-    field(&mut out, "conversationId", &conversation.as_str());
+    field(&mut out, "tenantId", tenant);
+    field(&mut out, "conversationId", conversation.as_str());
     if let Some(c) = client_msg_id {
         field(&mut out, "clientMsgId", c);
     }
@@ -128,24 +121,19 @@ pub fn message(
         }
     }
     if !attachments.is_empty() {
-        field(&mut out, "attachments", &attachments);
+        field(&mut out, "attachments", attachments);
     }
     out.push(b'}');
     Record { topic: Topic::Messages(tenant.to_string()), key: conversation, payload: out, receipt }
 }
 
-/// Values [`message`] writes, without naming their types.
-mod erased {
-    /// Something serde_json can write.
-    pub trait Json {
-        fn write(&self, out: &mut Vec<u8>);
-    }
-
-    impl<T: serde::Serialize + ?Sized> Json for T {
-        fn write(&self, out: &mut Vec<u8>) {
-            let _ = serde_json::to_writer(out, self);
-        }
-    }
+/// Appends `,"name":value` to a JSON object being written.
+fn field<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, name: &str, value: &T) {
+    out.push(b',');
+    // Writing JSON into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, name);
+    out.push(b':');
+    let _ = serde_json::to_writer(&mut *out, value);
 }
 
 /// A socket event (`events.socket`): `connect`, `disconnect` (with `reason`), `join`,

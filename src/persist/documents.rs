@@ -2,7 +2,7 @@
 //!
 //! * [`read`] turns one record into a [`Parsed`] value or a [`RecordError`] (the
 //!   record's dead-letter reason).
-//! * `messages` documents are the messages themselves ([`message_document`]).
+//! * `messages` documents are the messages themselves ([`Message::doc`]).
 //! * `conversations` and `users` documents are **folds** of the records of one key, in
 //!   partition order: [`Conversation::apply`] and [`User::apply`]. Each folded document
 //!   remembers the Kafka position (partition, offset) of the last record it took per
@@ -32,9 +32,12 @@ pub enum RecordError {
     /// A required field is missing or of the wrong type.
     #[error("missing or invalid field {0}")]
     Field(&'static str),
-    /// A record type this topic does not carry.
+    /// An unknown record type.
     #[error("unknown record type {0:?}")]
     Type(String),
+    /// A known record type on a topic that does not carry it.
+    #[error("a {0} record does not belong on {1}")]
+    Topic(&'static str, String),
 }
 
 /// Where a record sits in Kafka.
@@ -162,12 +165,19 @@ pub fn read(payload: &[u8]) -> Result<Parsed, RecordError> {
     }
 }
 
-/// The `messages` document of one version-1 message record.
-pub fn message_document(payload: &[u8]) -> Result<Document, RecordError> {
-    match read(payload)? {
-        Parsed::Message(m) => Ok(m.doc),
-        _ => Err(RecordError::Field("type")),
+/// Reads one record of `topic`: as [`read`], and its type must be one that topic
+/// carries (messages on `messages.*`, socket events and presence elsewhere).
+pub fn read_on(topic: &str, payload: &[u8]) -> Result<Parsed, RecordError> {
+    let p = read(payload)?;
+    let kind = match &p {
+        Parsed::Message(_) => "message",
+        Parsed::Socket(_) => "socket event",
+        Parsed::Presence(_) => "presence",
+    };
+    if matches!(p, Parsed::Message(_)) != topic.starts_with("messages.") {
+        return Err(RecordError::Topic(kind, topic.to_string()));
     }
+    Ok(p)
 }
 
 fn message(v: &Value) -> Result<Message, RecordError> {
@@ -512,6 +522,13 @@ mod tests {
         }
     }
 
+    fn message_document(rec: &[u8]) -> Result<Document, RecordError> {
+        match read_on("messages.t", rec)? {
+            Parsed::Message(m) => Ok(m.doc),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn message_records_become_documents() {
         let rec = br#"{"v":1,"type":"message","id":"01K","tenantId":"t","conversationId":"room:r","from":"a","room":"r","content":{"x":[1,2]},"ts":1795729196016,"clientMsgId":"c1"}"#;
@@ -526,6 +543,7 @@ mod tests {
         let no_id = br#"{"v":1,"type":"message","tenantId":"t","conversationId":"c","from":"a","to":"b","content":1,"ts":1}"#;
         assert_eq!(message_document(no_id), Err(RecordError::Field("id")));
         assert_eq!(read(br#"{"v":1,"type":"bogus"}"#), Err(RecordError::Type("bogus".into())));
+        assert_eq!(read_on("events.socket", rec), Err(RecordError::Topic("message", "events.socket".into())));
         let bad_status =
             br#"{"v":1,"type":"presence","tenantId":"t","userId":"u","status":"away","lastSeen":1}"#;
         assert_eq!(read(bad_status), Err(RecordError::Field("status")));

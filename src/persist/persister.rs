@@ -29,7 +29,6 @@
 //! The driver runs on a current-thread tokio runtime owned by the consumer's thread.
 //! Progress and lag are on `/metrics` ([`super::monitor`]).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -147,8 +146,9 @@ struct Batch {
     messages: Vec<(Message, Pos)>,
     users: Vec<(UserRecord, Pos)>,
     dead: Vec<String>,
-    /// Next offset to commit per (topic, partition).
-    next: HashMap<(String, i32), i64>,
+    /// Next offset to commit per (topic, partition): a few entries, scanned, so no key is
+    /// allocated per record.
+    next: Vec<(String, i32, i64)>,
     records: usize,
 }
 
@@ -157,15 +157,13 @@ impl Batch {
         self.records += 1;
         monitor.records.fetch_add(1, Relaxed);
         let pos = Pos { partition: m.partition(), offset: m.offset() };
-        let next = self.next.entry((m.topic().to_string(), m.partition())).or_insert(0);
-        *next = (*next).max(m.offset() + 1);
+        let (topic, partition, after) = (m.topic(), m.partition(), m.offset() + 1);
+        match self.next.iter_mut().find(|(t, p, _)| *p == partition && t == topic) {
+            Some((_, _, next)) => *next = (*next).max(after),
+            None => self.next.push((topic.to_string(), partition, after)),
+        }
         let payload = m.payload().unwrap_or_default();
-        let parsed = documents::read(payload).and_then(|p| match (&p, m.topic().starts_with("messages.")) {
-            (Parsed::Message(_), true) | (Parsed::Socket(_) | Parsed::Presence(_), false) => Ok(p),
-            _ => Err(documents::RecordError::Type(
-                format!("{p:?} on {}", m.topic()).chars().take(80).collect(),
-            )),
-        });
+        let parsed = documents::read_on(m.topic(), payload);
         match parsed {
             Ok(Parsed::Message(msg)) => self.messages.push((msg, pos)),
             Ok(Parsed::Socket(e)) => self.users.push((UserRecord::Socket(e), pos)),
@@ -260,7 +258,7 @@ pub fn run(settings: PersisterSettings) -> anyhow::Result<()> {
         send_dead_letters(&dlq, &batch.dead);
         // Only now: every record of the batch is in MongoDB (or a dead letter).
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), next) in &batch.next {
+        for (topic, partition, next) in &batch.next {
             tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))?;
         }
         if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {

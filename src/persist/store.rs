@@ -82,32 +82,23 @@ impl Store {
         }
         match self.messages.insert_many(docs).ordered(false).await {
             Ok(r) => Ok(r.inserted_ids.len() as u64),
-            Err(e) => {
-                if let ErrorKind::InsertMany(ref m) = *e.kind {
-                    let dups =
-                        m.write_errors.as_ref().map(|w| w.iter().filter(|e| e.code == DUPLICATE_KEY).count());
-                    let only_duplicates = m.write_concern_error.is_none()
-                        && m.write_errors.as_ref().is_some_and(|w| w.iter().all(|e| e.code == DUPLICATE_KEY));
-                    if only_duplicates {
-                        return Ok((docs.len() - dups.unwrap_or(0)) as u64);
-                    }
+            Err(e) => match &*e.kind {
+                ErrorKind::InsertMany(m)
+                    if m.write_concern_error.is_none()
+                        && m.write_errors
+                            .as_ref()
+                            .is_some_and(|w| w.iter().all(|e| e.code == DUPLICATE_KEY)) =>
+                {
+                    Ok((docs.len() - m.write_errors.as_ref().map_or(0, Vec::len)) as u64)
                 }
-                Err(e)
-            }
+                _ => Err(e),
+            },
         }
     }
 
     /// Folds a batch's messages into their conversations.
     pub async fn fold_conversations(&self, items: &[(Message, Pos)]) -> Result<Folded, Error> {
-        let mut keys: Vec<String> = Vec::new();
-        let mut by_key: HashMap<String, Vec<usize>> = HashMap::new();
-        for (i, (m, _)) in items.iter().enumerate() {
-            let k = scoped_id(&m.tenant, &m.conversation);
-            if !by_key.contains_key(&k) {
-                keys.push(k.clone());
-            }
-            by_key.entry(k).or_default().push(i);
-        }
+        let (keys, by_key) = group(items, |(m, _)| scoped_id(&m.tenant, &m.conversation));
         let fold = |stored: Option<&Document>, key: &str| {
             let idx = &by_key[key];
             let (first, _) = &items[idx[0]];
@@ -130,16 +121,10 @@ impl Store {
 
     /// Folds a batch's socket events and presence changes into their users.
     pub async fn fold_users(&self, items: &[(UserRecord, Pos)]) -> Result<Folded, Error> {
-        let mut keys: Vec<String> = Vec::new();
-        let mut by_key: HashMap<String, Vec<usize>> = HashMap::new();
-        for (i, (r, _)) in items.iter().enumerate() {
+        let (keys, by_key) = group(items, |(r, _)| {
             let (t, u) = r.user();
-            let k = scoped_id(t, u);
-            if !by_key.contains_key(&k) {
-                keys.push(k.clone());
-            }
-            by_key.entry(k).or_default().push(i);
-        }
+            scoped_id(t, u)
+        });
         let fold = |stored: Option<&Document>, key: &str| {
             let idx = &by_key[key];
             let (t, u) = items[idx[0]].0.user();
@@ -160,6 +145,21 @@ impl Store {
         };
         conditional_writes(&self.users, keys, fold).await
     }
+}
+
+/// The indexes of `items` per document key (in batch order), and the keys in the order
+/// first seen.
+fn group<T>(items: &[T], key: impl Fn(&T) -> String) -> (Vec<String>, HashMap<String, Vec<usize>>) {
+    let mut keys = Vec::new();
+    let mut by_key: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, item) in items.iter().enumerate() {
+        let k = key(item);
+        if !by_key.contains_key(&k) {
+            keys.push(k.clone());
+        }
+        by_key.entry(k).or_default().push(i);
+    }
+    (keys, by_key)
 }
 
 /// A record that updates a `users` document.

@@ -100,9 +100,9 @@ fn postgres(dir: &std::path::Path) -> (PathBuf, u16) {
     let bin = std::path::Path::new("/usr/lib/postgresql/15/bin");
     let data = dir.join("pg");
     std::fs::create_dir_all(&data).unwrap();
+    let ok = Command::new("chown").args(["-R", "postgres:postgres", &dir.display().to_string()]).status();
+    assert!(ok.is_ok_and(|s| s.success()), "chown for PostgreSQL");
     let as_postgres = |args: &[&str]| {
-        let ok = Command::new("chown").args(["-R", "postgres:postgres", &dir.display().to_string()]).status();
-        assert!(ok.is_ok_and(|s| s.success()), "chown for PostgreSQL");
         let st =
             Command::new("runuser").args(["-u", "postgres", "--"]).args(args).stdout(Stdio::null()).status();
         assert!(st.is_ok_and(|s| s.success()), "PostgreSQL: {args:?} (apt-get install postgresql)");

@@ -62,6 +62,15 @@ impl Persister {
             .unwrap_or(0)
     }
 
+    /// Waits until metric `name` reads `want` (at most 30 s); `what` names it in the failure.
+    pub fn wait_metric(&self, name: &str, want: i64, what: &str) {
+        let end = Instant::now() + Duration::from_secs(30);
+        while self.metric(name) != want {
+            assert!(Instant::now() < end, "timed out waiting for {what} ({name} = {want})");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Partitions it reports lag for (its assignment).
     pub fn lag_partitions(&self) -> Vec<String> {
         let (_, body) = super::request_at(self.metrics, "GET", "/metrics", "");
