@@ -133,6 +133,13 @@ struct ServeArgs {
     /// Lifetime of the node's liveness key in Redis, in milliseconds.
     #[arg(long, env = "SHARDGATE_LIVENESS_TTL_MS")]
     liveness_ttl_ms: Option<u64>,
+    /// Connection state recovery: reconnecting clients get their rooms and missed messages
+    /// back, on any node (needs --redis).
+    #[arg(long, env = "SHARDGATE_RECOVERY")]
+    recovery: bool,
+    /// How long after a disconnect a session can be recovered, in milliseconds.
+    #[arg(long, env = "SHARDGATE_MAX_DISCONNECTION_MS")]
+    max_disconnection_ms: Option<u64>,
     /// Milliseconds over which a draining node closes its connections.
     #[arg(long, env = "SHARDGATE_DRAIN_MS")]
     drain_ms: Option<u64>,
@@ -251,6 +258,10 @@ fn load(args: &ServeArgs) -> anyhow::Result<Config> {
     set!(cfg.runtime.events_per_second, args.events_per_second);
     set!(cfg.runtime.outbound_queue_bytes, args.outbound_queue_bytes);
     set!(cfg.runtime.drain_ms, args.drain_ms);
+    set!(cfg.runtime.max_disconnection_ms, args.max_disconnection_ms);
+    if args.recovery {
+        cfg.runtime.recovery = true;
+    }
     if args.admin_token.is_some() {
         cfg.admin.token = args.admin_token.clone();
     }

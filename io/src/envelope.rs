@@ -13,7 +13,13 @@
 //! | [`Envelope::Ack`] | `server:{id}` | `A` msg_id:u128 origin_shard:u16 origin_conn:u64 status:u8 |
 //! | [`RoomEnvelope`] | `room:{id}` | origin_server frame… |
 //!
+//! | [`LoggedRoom`] | `room:{id}` | `R` origin_server origin_shard:u16 origin_conn:u64 frame… |
+//!
 //! `frame` is the rest of the payload: pre-encoded WebSocket frames, passed through.
+//!
+//! With connection state recovery, a message is published by a Redis script that gives
+//! it its place in the cluster's order: the script prefixes the envelope the node built
+//! with `S`, the sequence number in ASCII decimal and a space ([`split_logged`]).
 
 /// Outcome of a 1:1 message as it travels back to the sender's node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +96,18 @@ pub struct RoomEnvelope<'a> {
     pub frame: &'a [u8],
 }
 
+/// A recoverable room message on `room:{id}`: who sent it (the sender does not get its
+/// own message), and the frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedRoom<'a> {
+    /// Server id of the sender's node.
+    pub origin_server: &'a str,
+    /// The sender's socket inside its node.
+    pub origin: RemoteSocket,
+    /// Pre-encoded frame, without its offset.
+    pub frame: &'a [u8],
+}
+
 /// A payload that is not an envelope.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EnvelopeError {
@@ -108,12 +126,17 @@ pub enum EnvelopeError {
     /// Bytes after an ack.
     #[error("{0} trailing bytes after an ack envelope")]
     Trailing(usize),
+    /// The `S` prefix of a logged payload without a valid sequence number.
+    #[error("logged payload without a valid sequence number")]
+    BadSequence,
     /// A string longer than a u16 length can say (encoding side).
     #[error("envelope field {0} is longer than 65535 bytes")]
     TooLong(&'static str),
 }
 
 const DELIVER: u8 = b'D';
+const LOGGED_ROOM: u8 = b'R';
+const LOGGED: u8 = b'S';
 const ACK: u8 = b'A';
 
 impl Envelope<'_> {
@@ -198,6 +221,56 @@ pub fn decode_room(bytes: &[u8]) -> Result<RoomEnvelope<'_>, EnvelopeError> {
     Ok(RoomEnvelope { origin_server, frame: r.0 })
 }
 
+impl LoggedRoom<'_> {
+    /// Appends the encoded envelope to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), EnvelopeError> {
+        out.reserve(self.frame.len() + self.origin_server.len() + 13);
+        out.push(LOGGED_ROOM);
+        put_str(out, self.origin_server, "origin_server")?;
+        out.extend_from_slice(&self.origin.shard.to_be_bytes());
+        out.extend_from_slice(&self.origin.conn.to_be_bytes());
+        out.extend_from_slice(self.frame);
+        Ok(())
+    }
+
+    /// The encoded envelope as a new buffer.
+    pub fn to_vec(&self) -> Result<Vec<u8>, EnvelopeError> {
+        let mut out = Vec::new();
+        self.encode(&mut out)?;
+        Ok(out)
+    }
+}
+
+/// Decodes a [`LoggedRoom`] (the part after [`split_logged`]'s prefix).
+pub fn decode_logged_room(bytes: &[u8]) -> Result<LoggedRoom<'_>, EnvelopeError> {
+    let mut r = Reader(bytes);
+    match r.u8("kind")? {
+        LOGGED_ROOM => {
+            let origin_server = r.str("origin_server")?;
+            let origin = RemoteSocket { shard: r.u16("origin_shard")?, conn: r.u64("origin_conn")? };
+            Ok(LoggedRoom { origin_server, origin, frame: r.0 })
+        }
+        other => Err(EnvelopeError::UnknownKind(other)),
+    }
+}
+
+/// Splits a logged payload (`S` seq ` ` envelope) into its sequence number and envelope;
+/// `Ok(None)` for a payload that is not logged. (A [`RoomEnvelope`] starts with the
+/// length of a server id, which is far below the 0x53xx an `S` would make it.)
+pub fn split_logged(bytes: &[u8]) -> Result<Option<(u64, &[u8])>, EnvelopeError> {
+    let Some((&LOGGED, rest)) = bytes.split_first() else {
+        return Ok(None);
+    };
+    let space = rest.iter().position(|&b| b == b' ').ok_or(EnvelopeError::BadSequence)?;
+    let digits = &rest[..space];
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(EnvelopeError::BadSequence);
+    }
+    let seq =
+        std::str::from_utf8(digits).ok().and_then(|d| d.parse().ok()).ok_or(EnvelopeError::BadSequence)?;
+    Ok(Some((seq, &rest[space + 1..])))
+}
+
 fn put_str(out: &mut Vec<u8>, s: &str, field: &'static str) -> Result<(), EnvelopeError> {
     let len = u16::try_from(s.len()).map_err(|_| EnvelopeError::TooLong(field))?;
     out.extend_from_slice(&len.to_be_bytes());
@@ -259,6 +332,22 @@ mod tests {
         let bytes = a.to_vec().unwrap();
         assert_eq!(bytes.len(), 28);
         assert_eq!(decode(&bytes).unwrap(), a);
+    }
+
+    #[test]
+    fn logged_payloads_carry_their_sequence() {
+        let origin = RemoteSocket { shard: 1, conn: 9 };
+        let room = LoggedRoom { origin_server: "srv", origin, frame: b"f" };
+        let mut payload = b"S42 ".to_vec();
+        room.encode(&mut payload).unwrap();
+        let (seq, inner) = split_logged(&payload).unwrap().unwrap();
+        assert_eq!((seq, decode_logged_room(inner).unwrap()), (42, room));
+        let plain = RoomEnvelope { origin_server: "srv", frame: b"f" }.to_vec().unwrap();
+        assert_eq!(split_logged(&plain), Ok(None));
+        for bad in [&b"S"[..], b"S ", b"Sx1 D", b"S99999999999999999999 D"] {
+            assert_eq!(split_logged(bad), Err(EnvelopeError::BadSequence), "{bad:?}");
+        }
+        assert_eq!(decode_logged_room(b"D"), Err(EnvelopeError::UnknownKind(b'D')));
     }
 
     #[test]

@@ -51,6 +51,15 @@ pub fn connect_reply(sid: &str) -> String {
     message(PacketType::Connect, "/", None, 0, Some(&data))
 }
 
+/// The CONNECT answer of a session with connection state recovery:
+/// `40{"sid":…,"pid":…}` (the client sends `pid` back when it reconnects).
+pub fn connect_reply_with_pid(sid: &str, pid: &str) -> String {
+    // Written in this order whatever serde_json's map features are.
+    let (sid, pid) = (Value::from(sid), Value::from(pid));
+    let data = format!("{{\"sid\":{sid},\"pid\":{pid}}}");
+    message(PacketType::Connect, "/", None, 0, Some(&data))
+}
+
 /// Socket.IO CONNECT_ERROR `44{"message":…,"data":{"code":…}}` on namespace `nsp`.
 pub fn connect_error(nsp: &str, message_: &str, code: &str) -> String {
     let data = serde_json::json!({ "message": message_, "data": { "code": code } }).to_string();
@@ -130,6 +139,28 @@ pub fn ack_frame(ack_id: u64, payload: &Value) -> Vec<u8> {
     server_frame(&packet)
 }
 
+/// `frames` (a server frame group: an event, possibly followed by its binary
+/// attachments) with `offset` appended as the event's last argument, a JSON string:
+/// `42["message:new",{…}]` becomes `42["message:new",{…},"17"]`. That is how the
+/// connection-state-recovery protocol tells a client which event it processed last.
+/// `None` if the first frame is not a text frame whose packet ends with `]`.
+pub fn with_offset(frames: &[u8], offset: u64) -> Option<Vec<u8>> {
+    let (op, payload) = ws::server_frames(frames).next()?;
+    if op != OpKind::Text || payload.last() != Some(&b']') {
+        return None;
+    }
+    // What follows the first frame (attachments) is kept as it is.
+    let first_end = (payload.as_ptr() as usize - frames.as_ptr() as usize) + payload.len();
+    let rest = frames.get(first_end..).unwrap_or_default();
+    let mut packet = Vec::with_capacity(payload.len() + 24);
+    packet.extend_from_slice(&payload[..payload.len() - 1]);
+    // Writing into a Vec cannot fail.
+    let _ = write!(packet, ",\"{offset}\"]");
+    let mut out = server_frame(&packet);
+    out.extend_from_slice(rest);
+    Some(out)
+}
+
 /// An event with binary attachments as one contiguous frame group: the header packet,
 /// then one binary frame per attachment (without attachments, a plain event frame).
 pub fn binary_event_frames(name: &str, payload: &Value, attachments: &[Vec<u8>]) -> Vec<u8> {
@@ -206,5 +237,24 @@ mod tests {
         let mut rest = frames[used..].to_vec();
         let (f, _) = ws::decode_frame(&mut rest, 1 << 20, Role::Client).unwrap().unwrap();
         assert_eq!((f.op, &rest[f.payload]), (OpKind::Binary, &[1u8, 2, 3][..]));
+    }
+
+    #[test]
+    fn an_offset_becomes_the_last_argument() {
+        let f = event_frame("message:new", &json!({ "id": "a" }));
+        let with = with_offset(&f, 17).unwrap();
+        let (_, payload) = ws::server_frames(&with).next().unwrap();
+        assert_eq!(payload, br#"42["message:new",{"id":"a"},"17"]"#);
+        // Attachments after the header packet stay as they were.
+        let b =
+            binary_event_frames("m", &json!({ "f": { "_placeholder": true, "num": 0 } }), &[vec![9; 200]]);
+        let with = with_offset(&b, 3).unwrap();
+        let frames: Vec<_> = ws::server_frames(&with).collect();
+        assert_eq!(frames.len(), 2);
+        assert!(frames[0].1.ends_with(br#","3"]"#));
+        assert_eq!(frames[1], (OpKind::Binary, &[9u8; 200][..]));
+        assert!(with_offset(b"", 1).is_none());
+        assert!(with_offset(&server_frame(b"40{}"), 1).is_none());
+        assert_eq!(connect_reply_with_pid("s", "p"), r#"40{"sid":"s","pid":"p"}"#);
     }
 }

@@ -75,6 +75,14 @@ pub struct RuntimeConfig {
     /// from another origin (CORS, with credentials); `*` allows any. Empty: same-origin
     /// pages only. WebSocket is not subject to CORS.
     pub cors_origins: Vec<String>,
+    /// Connection state recovery (Socket.IO's protocol, kept in Redis): a client that
+    /// reconnects within `max_disconnection_ms`, on any node, gets its rooms back and the
+    /// room and 1:1 messages it missed (`docs/recovery.md`). Needs cluster mode.
+    pub recovery: bool,
+    /// How long after a disconnect (or a node's crash) a session can still be recovered.
+    pub max_disconnection_ms: u64,
+    /// Entries kept per room log and per user log for recovery (trimmed roughly).
+    pub recovery_log_len: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -98,6 +106,9 @@ impl Default for RuntimeConfig {
             presence_retention_secs: 86_400,
             drain_ms: 10_000,
             cors_origins: Vec::new(),
+            recovery: false,
+            max_disconnection_ms: 120_000,
+            recovery_log_len: 1000,
         }
     }
 }
@@ -124,6 +135,8 @@ impl RuntimeConfig {
             ("delivery_report_timeout_ms", self.delivery_report_timeout_ms),
             ("max_connections", self.max_connections as u64),
             ("drain_ms", self.drain_ms),
+            ("max_disconnection_ms", self.max_disconnection_ms),
+            ("recovery_log_len", self.recovery_log_len as u64),
         ];
         for (name, v) in positive {
             if v == 0 {

@@ -48,6 +48,31 @@ pub fn parse_sid(sid: &str) -> Option<(ShardId, ConnId)> {
     Some((shard, ConnId::from_u64(conn ^ SID_XOR)))
 }
 
+/// Fills `buf` from the kernel's random source (`getrandom(2)`).
+fn fill_random(buf: &mut [u8]) {
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: writes at most the remaining bytes of `buf`.
+        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if n > 0 {
+            filled += n as usize;
+        }
+    }
+}
+
+/// A private session id for connection state recovery: 128 random bits as 32 lowercase
+/// hex digits. It is a credential (it restores a session), so it comes from the kernel.
+pub fn new_pid() -> Arc<str> {
+    let mut b = [0u8; 16];
+    fill_random(&mut b);
+    data_encoding::HEXLOWER.encode(&b).into()
+}
+
+/// True for something [`new_pid`] could have made.
+pub fn valid_pid(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// Length of the tag [`SidKey`] appends to a socket name: 128 bits, base64url.
 const TAG_CHARS: usize = 22;
 
@@ -62,14 +87,7 @@ impl SidKey {
     /// A fresh random key from the kernel (`getrandom(2)`).
     pub fn random() -> SidKey {
         let mut key = [0u8; 32];
-        let mut filled = 0;
-        while filled < key.len() {
-            // SAFETY: writes at most the remaining bytes of `key`.
-            let n = unsafe { libc::getrandom(key[filled..].as_mut_ptr().cast(), key.len() - filled, 0) };
-            if n > 0 {
-                filled += n as usize;
-            }
-        }
+        fill_random(&mut key);
         SidKey(key)
     }
 

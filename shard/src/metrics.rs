@@ -138,6 +138,18 @@ labels! {
         HistoryBusy => "history_busy_total",
         /// History reads that failed or timed out (`history_unavailable`, `history_timeout`).
         HistoryErrors => "history_errors_total",
+        /// Sessions restored by connection state recovery.
+        RecoveryRestored => "recovery_restored_total",
+        /// Missed messages replayed to restored sessions.
+        RecoveryReplayed => "recovery_replayed_total",
+        /// Recovery claims refused: no such session (unknown pid, or expired).
+        RecoveryUnknown => "recovery_refused_unknown_total",
+        /// Recovery claims refused: the session belongs to another user or tenant.
+        RecoveryOtherUser => "recovery_refused_other_user_total",
+        /// Recovery claims refused: a log was trimmed past the client's offset.
+        RecoveryTrimmed => "recovery_refused_trimmed_total",
+        /// Recoverable messages ordered and logged in Redis.
+        RecoveryLogged => "recovery_logged_total",
     }
 }
 

@@ -24,6 +24,9 @@ pub enum BridgeMsg {
         sid: String,
         /// Where it lives.
         socket: SocketRef,
+        /// Its private session id, when connection state recovery is on: the bridge keeps
+        /// the session (user, rooms) in Redis under it.
+        pid: Option<Arc<str>>,
     },
     /// A socket closed: unregister it, mark the user offline if it was the last.
     SocketDown {
@@ -33,6 +36,24 @@ pub enum BridgeMsg {
         sid: String,
         /// Shard it lived on.
         shard: ShardId,
+        /// Keep its recovery session for `max_disconnection_ms` (false when the client
+        /// said goodbye itself: it will not come back for it).
+        keep: bool,
+    },
+    /// A reconnecting client presented `pid` (and the offset of the last event it
+    /// processed): restore that session on `socket` if it is `user`'s, answered with
+    /// `ShardMsg::Resumed`.
+    Resume {
+        /// User key from the new token.
+        user: Key,
+        /// Socket id of the new socket.
+        sid: String,
+        /// The new socket.
+        socket: SocketRef,
+        /// The private session id presented.
+        pid: Arc<str>,
+        /// The last offset the client processed (`None`: it processed none).
+        offset: Option<u64>,
     },
     /// A socket joined a room.
     RoomJoin {
@@ -51,6 +72,9 @@ pub enum BridgeMsg {
         room: Key,
         /// Socket id.
         sid: String,
+        /// The socket left the room itself (`leave_room`): its recovery session forgets
+        /// the room too. False when the socket closes (the session keeps its rooms).
+        forget: bool,
     },
     /// Publish a room frame to the other cluster members.
     RoomPublish {
@@ -58,6 +82,18 @@ pub enum BridgeMsg {
         room: Key,
         /// Encoded event.
         frame: Frame,
+    },
+    /// A room message under connection state recovery: logged and published by Redis,
+    /// delivered to every member (local ones too) from the room's channel.
+    RoomLogged {
+        /// Room key.
+        room: Key,
+        /// Encoded `message:new`, without its offset.
+        frame: Frame,
+        /// Message id: the sender hears `sent` once Redis has logged it.
+        msg_id: u128,
+        /// Sender, who does not get it.
+        origin: SocketRef,
     },
     /// Route a 1:1 message through the registry.
     ToUser {
@@ -107,6 +143,15 @@ pub enum BridgeMsg {
         /// Started (true) or stopped.
         on: bool,
     },
+}
+
+/// A session restored by connection state recovery.
+#[derive(Debug)]
+pub struct Restored {
+    /// Its rooms.
+    pub rooms: Vec<Key>,
+    /// Missed messages, oldest first, with their offsets.
+    pub frames: Vec<Frame>,
 }
 
 /// Outcome of a 1:1 message, reported to the sender as `message:sent`.
@@ -163,12 +208,14 @@ pub enum ShardMsg {
         /// What the sender read from it: the request head and anything after.
         read: Vec<u8>,
     },
-    /// Deliver `frame` to every local member of `room`.
+    /// Deliver `frame` to every local member of `room` but `except`.
     RoomDeliver {
         /// Room key.
         room: Key,
         /// Encoded `message:new` / `typing` event.
         frame: Frame,
+        /// The sender, when it is a socket of this process that must not get it.
+        except: Option<SocketRef>,
     },
     /// To the user's home shard: a socket of `user` came up at `socket`.
     UserUp {
@@ -241,6 +288,16 @@ pub enum ShardMsg {
         conn: ConnId,
         /// Queued `message:new` frames.
         frames: Vec<Frame>,
+    },
+    /// From the bridge: the outcome of a `BridgeMsg::Resume`. `Some`: the session is
+    /// restored (registered, subscribed): join `rooms` and send `frames` (the missed
+    /// messages, in order, with their offsets) after the CONNECT answer. `None`: nothing
+    /// to restore; connect as a new session.
+    Resumed {
+        /// The socket.
+        conn: ConnId,
+        /// The restored session.
+        session: Option<Restored>,
     },
     /// From the bridge: the node receives room `room` from the cluster now; answer the
     /// socket's `join_room`.

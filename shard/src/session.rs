@@ -104,18 +104,49 @@ fn on_connect(
             tokens: burst,
             refilled: now,
             strikes: 0,
+            pid: None,
         }));
     }
     st.metrics().inc(Counter::Sessions);
-    // The CONNECT is answered when the user's directory (home shard, or the cluster
-    // registry) has the socket: `ShardMsg::Registered`. A connected client is reachable.
-    st.users.add(&user_key, id);
     if let Some(s) = st.conns.session(id) {
         socket_event(st, id, s, "connect", json!({}));
     }
-    let d = st.router.user_up(user_key, st.socket(id));
+    let recovery = st.shared.config.recovery && st.router.bridge().is_some();
+    let claim = if recovery { recovery_claim(p.data.as_ref()) } else { None };
+    if let Some((pid, offset)) = claim {
+        // A reconnect: the bridge restores the session or says there is none
+        // (`ShardMsg::Resumed`); the socket takes no messages until then.
+        if let Some(s) = st.conns.session_mut(id) {
+            s.pid = Some(pid.clone());
+        }
+        let d = st.router.resume(user_key, st.socket(id), pid, offset);
+        st.dispatch(d);
+        return Ok(());
+    }
+    let pid = recovery.then(crate::ids::new_pid);
+    if let Some(s) = st.conns.session_mut(id) {
+        s.pid = pid.clone();
+    }
+    // The CONNECT is answered when the user's directory (home shard, or the cluster
+    // registry) has the socket: `ShardMsg::Registered`. A connected client is reachable.
+    st.users.add(&user_key, id);
+    let d = st.router.user_up(user_key, st.socket(id), pid);
     st.dispatch(d);
     Ok(())
+}
+
+/// The recovery claim in a CONNECT's auth payload: `pid` (as this server makes them) and
+/// `offset` (the last argument of the last event the client processed, a decimal
+/// string; absent when it processed none). Anything else is no claim: a new session.
+fn recovery_claim(auth: Option<&Value>) -> Option<(std::sync::Arc<str>, Option<u64>)> {
+    let auth = auth?;
+    let pid = auth.get("pid")?.as_str().filter(|p| crate::ids::valid_pid(p))?;
+    let offset = match auth.get("offset") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(o)) => Some(o.parse::<u64>().ok()?),
+        Some(_) => return None,
+    };
+    Some((pid.into(), offset))
 }
 
 /// Replies to an event: the ack (when asked for) with `body`.
@@ -273,7 +304,7 @@ fn leave_room(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value]) {
     }
     st.rooms.remove(&k, id);
     st.push_new(id, packet::event_frame("room_left", &json!({ "room": room })));
-    let d = st.router.room_left(&k, st.shard, id);
+    let d = st.router.room_left(&k, st.shard, id, true);
     st.dispatch(d);
     if let Some(s) = st.conns.session(id) {
         socket_event(st, id, s, "leave", json!({ "room": room }));
@@ -337,6 +368,16 @@ fn send_message(
     });
     if room.is_some() {
         st.metrics().inc(Counter::RoomMessages);
+        if st.conns.session(id).is_some_and(|s| s.pid.is_some()) {
+            // Recoverable: the cluster gives it its place in the order every member sees,
+            // local members included, so it is delivered from there; the sender hears
+            // `sent` once it is logged (or `sent` at the report timeout).
+            let deadline = now + st.shared.config.delivery_report_timeout_ms;
+            st.pending.insert(msg_id.0, Pending { conn: id, ack_id: ack, client_msg_id, deadline, to: None });
+            let d = st.router.room_logged(&target, frame, msg_id.0, st.socket(id));
+            st.dispatch(d);
+            return;
+        }
         st.deliver_room(&target, &frame, Some(id));
         st.broadcast_room(&target, &frame);
         let p = Pending { conn: id, ack_id: ack, client_msg_id, deadline: now, to: None };
@@ -549,13 +590,15 @@ pub(crate) fn teardown(st: &mut State, id: ConnId, s: Session, _now: u64, reason
     }
     for room in &s.rooms {
         st.rooms.remove(room, id);
-        let d = st.router.room_left(room, st.shard, id);
+        let d = st.router.room_left(room, st.shard, id, false);
         st.dispatch(d);
     }
     for k in &s.watching {
         unwatch(st, k, id);
     }
     st.users.remove(&s.user_key, id);
-    let d = st.router.user_down(s.user_key, st.socket(id));
+    // A client that said goodbye itself does not come back for its session.
+    let keep = reason != CloseReason::ClientDisconnect;
+    let d = st.router.user_down(s.user_key, st.socket(id), keep);
     st.dispatch(d);
 }

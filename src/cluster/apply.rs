@@ -9,6 +9,7 @@ use shardgate_shard::msg::{parse_sid, BridgeMsg, DeliveryStatus, Frame, ShardId,
 use tracing::warn;
 
 use super::plan::{parse_servers, plan, sweep, Batch, Then};
+use super::recover;
 use super::state::Cluster;
 
 /// Applies the reply of one command.
@@ -37,7 +38,7 @@ pub fn apply(c: &Cluster, then: Then, reply: Reply, followups: &mut Batch) {
                 c.persist_presence(&user, true);
             }
             let frames: Vec<Frame> =
-                items.iter().skip(1).filter_map(resp::as_bytes).map(Frame::from).collect();
+                items.iter().skip(1).filter_map(resp::as_bytes).filter_map(recover::queued_frame).collect();
             let conn = socket.conn;
             if answer {
                 c.shared.mesh.send(socket.shard, ShardMsg::Registered { conn, frames });
@@ -89,6 +90,20 @@ pub fn apply(c: &Cluster, then: Then, reply: Reply, followups: &mut Batch) {
             shards.dedup();
             c.deliver(&shards, &user, &frame, msg_id, origin.into());
         }
+        Then::Logged { origin, msg_id } => match reply {
+            Reply::Array(items) if items.first() == Some(&Reply::Integer(-1)) => {
+                c.m().inc(Counter::OfflineQueued);
+                c.status(origin, msg_id, DeliveryStatus::Queued);
+            }
+            // Published: every node that delivers it reports (this one through the mesh).
+            Reply::Array(_) => {}
+            // A room message logged (its receivers), or an error: nothing better to say.
+            _ => c.status(origin, msg_id, DeliveryStatus::Sent),
+        },
+        Then::ResumeRead { sid, socket, user, pid, offset } => {
+            recover::on_read(c, sid, socket, user, pid, offset, reply, followups)
+        }
+        Then::Resume { sid } => recover::on_resumed(c, sid, reply, followups),
         Then::Bounced { origin, msg_id } => {
             if reply == Reply::Integer(1) {
                 c.m().inc(Counter::OfflineQueued);

@@ -95,6 +95,17 @@ impl Keys {
         self.name(&["typing:", &redis_id(room)])
     }
 
+    /// `session:{pid}`: a recovery session (hash: `user`, `from`, `sid`); its rooms are
+    /// `session:{pid}:rooms` (hash: room -> sequence number at the join).
+    pub fn session(&self, pid: &str) -> String {
+        self.name(&["session:", pid])
+    }
+
+    /// `session:{pid}:rooms`.
+    pub fn session_rooms(&self, pid: &str) -> String {
+        self.name(&["session:", pid, ":rooms"])
+    }
+
     /// `node:{id}`: the node's liveness key.
     pub fn node(&self, server: &str) -> String {
         self.name(&["node:", server])

@@ -30,6 +30,7 @@ use super::apply::apply;
 use super::keys::{redis_id, Keys};
 use super::plan::{liveness, plan, refresh_presence, register, sweep, Batch, Then};
 use super::pubsub::on_pubsub;
+use super::recover;
 use super::redis::RedisConn;
 use super::state::Cluster;
 
@@ -75,6 +76,7 @@ pub async fn run(c: Rc<Cluster>, mut bell: UnixStream) {
                 // Joins waiting for a subscription get their answer now; the channel is
                 // subscribed again on reconnect.
                 c.release_all_joins();
+                recover::abandon(&c);
             }
             Err(e) => warn!("cannot reach redis {}:{}: {e}; retrying in {backoff:?}", url.host, url.port),
         }
@@ -117,6 +119,22 @@ fn offline(c: &Cluster, msg: BridgeMsg) {
             }
         }
         BridgeMsg::RoomPublish { .. } | BridgeMsg::Ack { .. } => c.m().inc(Counter::Unroutable),
+        BridgeMsg::RoomLogged { room, frame, msg_id, origin } => {
+            // Not ordered or logged while Redis is down: local members get it (no offset).
+            c.m().inc(Counter::Unroutable);
+            c.status(origin, msg_id, DeliveryStatus::Sent);
+            let except = Some(origin);
+            c.shared.mesh.broadcast(|| ShardMsg::RoomDeliver {
+                room: room.clone(),
+                frame: frame.clone(),
+                except,
+            });
+        }
+        BridgeMsg::Resume { socket, .. } => {
+            // Sessions live in Redis: nothing to restore while it is down.
+            c.m().inc(Counter::Unroutable);
+            c.shared.mesh.send(socket.shard, ShardMsg::Resumed { conn: socket.conn, session: None });
+        }
         BridgeMsg::Typing { .. } | BridgeMsg::SocketDown { .. } | BridgeMsg::RoomLeave { .. } => {}
         BridgeMsg::RoomJoin { socket, room, ack, .. } => {
             // Not subscribed while Redis is down: the room works locally; the channel is
@@ -213,6 +231,7 @@ async fn connected(
             next_sweep = now + sweep_every;
             batch.cmd(&["SMEMBERS", &c.keys.nodes()], Then::Nodes);
         }
+        recover::plan_ready(c, &mut batch);
         let mut msgs = Vec::new();
         c.inbox.drain(PIPELINE_BATCH, &mut msgs);
         for msg in msgs {

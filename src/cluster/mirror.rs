@@ -8,6 +8,7 @@
 //! before any Redis command for them is planned, so it never lags the shards' intent.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use shardgate_shard::msg::{BridgeMsg, Key, ShardId};
 
@@ -20,6 +21,8 @@ pub struct Mirror {
     users: HashMap<Key, Vec<(ShardId, u32)>>,
     /// room -> local member sids.
     pub rooms: HashMap<Key, HashSet<String>>,
+    /// sid -> recovery session id (connection state recovery on).
+    pids: HashMap<String, Arc<str>>,
 }
 
 impl Mirror {
@@ -33,6 +36,16 @@ impl Mirror {
         self.users.keys()
     }
 
+    /// The recovery session of socket `sid`.
+    pub fn pid(&self, sid: &str) -> Option<Arc<str>> {
+        self.pids.get(sid).cloned()
+    }
+
+    /// Recovery sessions of the sockets in this process.
+    pub fn pids(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.pids.values()
+    }
+
     /// Local members of `room`.
     pub fn members(&self, room: &str) -> usize {
         self.rooms.get(room).map_or(0, HashSet::len)
@@ -41,16 +54,20 @@ impl Mirror {
     /// Updates the mirror for a registration message; other messages change nothing.
     pub fn observe(&mut self, msg: &BridgeMsg) {
         match msg {
-            BridgeMsg::SocketUp { user, sid, socket } => {
+            BridgeMsg::SocketUp { user, sid, socket, pid } => {
                 self.sockets.insert(sid.clone(), (user.clone(), socket.shard));
+                if let Some(pid) = pid {
+                    self.pids.insert(sid.clone(), pid.clone());
+                }
                 let v = self.users.entry(user.clone()).or_default();
                 match v.iter_mut().find(|(s, _)| *s == socket.shard) {
                     Some((_, n)) => *n += 1,
                     None => v.push((socket.shard, 1)),
                 }
             }
-            BridgeMsg::SocketDown { user, sid, shard } => {
+            BridgeMsg::SocketDown { user, sid, shard, .. } => {
                 self.sockets.remove(sid);
+                self.pids.remove(sid);
                 if let Some(v) = self.users.get_mut(user) {
                     if let Some((_, n)) = v.iter_mut().find(|(s, _)| s == shard) {
                         *n = n.saturating_sub(1);
@@ -64,7 +81,7 @@ impl Mirror {
             BridgeMsg::RoomJoin { room, sid, .. } => {
                 self.rooms.entry(room.clone()).or_default().insert(sid.clone());
             }
-            BridgeMsg::RoomLeave { room, sid } => {
+            BridgeMsg::RoomLeave { room, sid, .. } => {
                 if let Some(set) = self.rooms.get_mut(room) {
                     set.remove(sid);
                     if set.is_empty() {
@@ -85,11 +102,11 @@ mod tests {
 
     fn up(user: &Key, sid: &str, shard: ShardId) -> BridgeMsg {
         let socket = SocketRef { shard, conn: ConnId::from_u64(1) };
-        BridgeMsg::SocketUp { user: user.clone(), sid: sid.into(), socket }
+        BridgeMsg::SocketUp { user: user.clone(), sid: sid.into(), socket, pid: None }
     }
 
     fn down(user: &Key, sid: &str, shard: ShardId) -> BridgeMsg {
-        BridgeMsg::SocketDown { user: user.clone(), sid: sid.into(), shard }
+        BridgeMsg::SocketDown { user: user.clone(), sid: sid.into(), shard, keep: true }
     }
 
     #[test]
@@ -120,8 +137,8 @@ mod tests {
             m.observe(&BridgeMsg::RoomJoin { room: room.clone(), sid: sid.into(), socket, ack: None });
         }
         assert_eq!(m.members(&room), 2);
-        m.observe(&BridgeMsg::RoomLeave { room: room.clone(), sid: "a".into() });
-        m.observe(&BridgeMsg::RoomLeave { room: room.clone(), sid: "b".into() });
+        m.observe(&BridgeMsg::RoomLeave { room: room.clone(), sid: "a".into(), forget: true });
+        m.observe(&BridgeMsg::RoomLeave { room: room.clone(), sid: "b".into(), forget: true });
         assert_eq!(m.members(&room), 0);
         assert!(!m.rooms.contains_key(&room));
     }

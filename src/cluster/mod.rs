@@ -10,6 +10,8 @@
 //! * [`pubsub`]: pushes on this node's channels -> shard messages;
 //! * [`mirror`]: what this process registered (re-registration, Redis-down delivery,
 //!   room subscription counts); [`route_cache`]: who holds a user's sockets;
+//! * [`recover`]: connection state recovery (logged messages, restoring a session), with
+//!   [`resume`], the claims in progress;
 //! * [`keys`]: every key and channel name; [`scripts`]: the Lua scripts;
 //!   [`redis`]: one RESP2 connection over glommio.
 //!
@@ -21,7 +23,9 @@ pub mod link;
 pub mod mirror;
 pub mod plan;
 pub mod pubsub;
+pub mod recover;
 pub mod redis;
+pub mod resume;
 pub mod route_cache;
 pub mod scripts;
 pub mod state;
@@ -55,6 +59,22 @@ pub struct Settings {
     pub offline_ttl_secs: u64,
     /// Typing indicator lifetime.
     pub typing_ttl_ms: u64,
+    /// Connection state recovery, when on.
+    pub recovery: Option<Recovery>,
+}
+
+/// Connection state recovery settings (`docs/recovery.md`).
+#[derive(Debug, Clone, Copy)]
+pub struct Recovery {
+    /// How long a disconnected session stays recoverable.
+    pub max_disconnection_ms: u64,
+    /// Entries kept per log (roughly: `MAXLEN ~`).
+    pub log_len: usize,
+    /// Lifetime of a connected session's keys and of a log after its last message:
+    /// `max_disconnection_ms` plus one presence lifetime, so that the periodic refresh
+    /// (every half presence lifetime) always comes first, and a crashed node's sessions
+    /// stay recoverable for `max_disconnection_ms` after its last refresh.
+    pub live_ttl_ms: u64,
 }
 
 impl Settings {
@@ -73,6 +93,11 @@ impl Settings {
             offline_queue_len: cfg.runtime.offline_queue_len,
             offline_ttl_secs: cfg.runtime.offline_ttl_secs,
             typing_ttl_ms: cfg.runtime.typing_ttl_ms,
+            recovery: cfg.runtime.recovery.then(|| Recovery {
+                max_disconnection_ms: cfg.runtime.max_disconnection_ms,
+                log_len: cfg.runtime.recovery_log_len,
+                live_ttl_ms: cfg.runtime.max_disconnection_ms + cfg.cluster.presence_ttl_secs * 1000,
+            }),
         }))
     }
 }
@@ -99,12 +124,18 @@ pub(crate) mod tests {
 
     /// A disconnected cluster state: server `me`, prefix `p:`, one shard.
     pub fn cluster() -> state::Cluster {
+        cluster_with(false)
+    }
+
+    /// The same, with connection state recovery on or off.
+    pub fn cluster_with(recovery: bool) -> state::Cluster {
         let shared = shardgate_shard::bench::shared().expect("mesh");
         // The doorbell's read end is dropped: rings fail silently, the queue still works.
         let (inbox, _) = Inbox::new(Owner::Bridge).expect("inbox");
         let mut cfg = Config::default();
         cfg.cluster.redis = Some("redis://127.0.0.1:1".into());
         cfg.cluster.prefix = "p:".into();
+        cfg.runtime.recovery = recovery;
         let settings = Settings::from_config(&cfg, "me".into()).unwrap().unwrap();
         state::Cluster::new(settings, shared, Arc::new(inbox))
     }

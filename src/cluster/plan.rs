@@ -8,7 +8,7 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use shardgate_io::envelope::{Envelope, RoomEnvelope};
+use shardgate_io::envelope::{Envelope, LoggedRoom, RoomEnvelope};
 use shardgate_io::resp;
 use shardgate_shard::metrics::Counter;
 use shardgate_shard::msg::{BridgeMsg, Frame, Key, Origin, ShardMsg, SocketRef};
@@ -81,6 +81,32 @@ pub enum Then {
         /// Subscriber.
         socket: SocketRef,
     },
+    /// ROUTE_LOGGED or LOG_ROOM script (recovery on): a 1:1 message was queued or
+    /// published (its receivers report); a room message is logged: the sender hears `sent`.
+    Logged {
+        /// Sender.
+        origin: SocketRef,
+        /// Message id.
+        msg_id: u128,
+    },
+    /// SESSION_READ script: open the claim of `sid` on the session's rooms.
+    ResumeRead {
+        /// The claiming socket's id.
+        sid: String,
+        /// The claiming socket.
+        socket: SocketRef,
+        /// Its user.
+        user: Key,
+        /// The session claimed.
+        pid: Arc<str>,
+        /// The client's last offset.
+        offset: Option<u64>,
+    },
+    /// RESUME script: restore the session of the claim of `sid`.
+    Resume {
+        /// The claiming socket's id.
+        sid: String,
+    },
     /// SMEMBERS nodes: sweep the others.
     Nodes,
     /// SWEEP script: count what was swept.
@@ -144,12 +170,20 @@ pub fn liveness(c: &Cluster, batch: &mut Batch) {
     batch.cmd(&["SADD", &c.keys.nodes(), me], Then::Ignore);
 }
 
-/// Refreshes the presence key of every user with local sockets.
+/// Refreshes the presence key of every user with local sockets, and the recovery
+/// sessions of the sockets.
 pub fn refresh_presence(c: &Cluster, batch: &mut Batch) {
     let (ts, ttl) = (wall_ms(), c.settings.presence_ttl_secs.to_string());
     let users: Vec<Key> = c.mirror.borrow().users().cloned().collect();
     for u in users {
         batch.cmd(&["SET", &c.keys.presence(&u), &format!("online|{ts}"), "EX", &ttl], Then::Ignore);
+    }
+    let Some(r) = c.settings.recovery else { return };
+    let live = r.live_ttl_ms.to_string();
+    let pids: Vec<Arc<str>> = c.mirror.borrow().pids().cloned().collect();
+    for pid in pids {
+        batch.cmd(&["PEXPIRE", &c.keys.session(&pid), &live], Then::Ignore);
+        batch.cmd(&["PEXPIRE", &c.keys.session_rooms(&pid), &live], Then::Ignore);
     }
 }
 
@@ -157,19 +191,103 @@ pub fn refresh_presence(c: &Cluster, batch: &mut Batch) {
 pub fn plan(c: &Cluster, msg: BridgeMsg, batch: &mut Batch) {
     let s = &c.settings;
     let me = c.me();
+    // The socket's recovery session, read before the mirror forgets a closed socket.
+    let pid = match &msg {
+        BridgeMsg::SocketDown { sid, .. }
+        | BridgeMsg::RoomJoin { sid, .. }
+        | BridgeMsg::RoomLeave { sid, .. } => c.mirror.borrow().pid(sid),
+        _ => None,
+    };
     c.mirror.borrow_mut().observe(&msg);
+    let live_ttl = s.recovery.map(|r| r.live_ttl_ms.to_string()).unwrap_or_default();
     match msg {
-        BridgeMsg::SocketUp { user, sid, socket } => register(c, batch, &user, &sid, socket, true),
-        BridgeMsg::SocketDown { user, sid, .. } => {
-            let (now, keep) = (wall_ms().to_string(), s.presence_retention_secs.to_string());
+        BridgeMsg::SocketUp { user, sid, socket, pid } => {
+            register(c, batch, &user, &sid, socket, true);
+            if let Some(pid) = pid {
+                let at = Keys::room_member(me, &sid);
+                let u = redis_id(&user);
+                let args =
+                    ["EVAL", scripts::SESSION_OPEN, NO_KEYS, c.keys.prefix(), &pid, &u, &live_ttl, &at];
+                batch.cmd(&args, Then::Ignore);
+            }
+        }
+        BridgeMsg::SocketDown { user, sid, keep, .. } => {
+            // A claim still open for this socket ends with it.
+            let claim = c.claims.borrow_mut().get_mut(&sid).map(|cl| cl.sent);
+            match claim {
+                Some(true) => {
+                    c.claims.borrow_mut().get_mut(&sid).into_iter().for_each(|cl| cl.cancelled = true)
+                }
+                Some(false) => {
+                    let rooms = c.claims.borrow_mut().remove(&sid).map(|cl| cl.rooms).unwrap_or_default();
+                    for room in rooms {
+                        plan(c, BridgeMsg::RoomLeave { room, sid: sid.clone(), forget: false }, batch);
+                    }
+                }
+                None => {}
+            }
+            let (now, retention) = (wall_ms().to_string(), s.presence_retention_secs.to_string());
             batch.cmd(
-                &["EVAL", scripts::DOWN, NO_KEYS, c.keys.prefix(), me, &sid, &redis_id(&user), &now, &keep],
+                &[
+                    "EVAL",
+                    scripts::DOWN,
+                    NO_KEYS,
+                    c.keys.prefix(),
+                    me,
+                    &sid,
+                    &redis_id(&user),
+                    &now,
+                    &retention,
+                ],
                 Then::Down(user.clone()),
             );
+            if let (Some(pid), Some(r)) = (pid, s.recovery) {
+                let ttl = if keep { r.max_disconnection_ms.to_string() } else { "del".to_string() };
+                let at = Keys::room_member(me, &sid);
+                batch.cmd(
+                    &["EVAL", scripts::SESSION_CLOSE, NO_KEYS, c.keys.prefix(), &pid, &at, &ttl],
+                    Then::Ignore,
+                );
+            }
+        }
+        BridgeMsg::Resume { user, sid, socket, pid, offset } => {
+            let u = redis_id(&user);
+            let then = Then::ResumeRead { sid, socket, user, pid: pid.clone(), offset };
+            batch.cmd(&["EVAL", scripts::SESSION_READ, NO_KEYS, c.keys.prefix(), &pid, &u], then);
+        }
+        BridgeMsg::RoomLogged { room, frame, msg_id, origin } => {
+            let Some(r) = s.recovery else { return };
+            c.m().inc(Counter::RecoveryLogged);
+            let env = LoggedRoom { origin_server: me, origin: origin.remote(), frame: &frame };
+            let env = env.to_vec().unwrap_or_default();
+            let (len, id) = (r.log_len.to_string(), redis_id(&room));
+            let args: [&[u8]; 8] = [
+                b"EVAL",
+                scripts::LOG_ROOM.as_bytes(),
+                NO_KEYS.as_bytes(),
+                c.keys.prefix().as_bytes(),
+                id.as_bytes(),
+                &env,
+                len.as_bytes(),
+                live_ttl.as_bytes(),
+            ];
+            batch.cmd(&args, Then::Logged { origin, msg_id });
         }
         BridgeMsg::RoomJoin { room, sid, socket, ack } => {
             let channel = c.keys.room(&room);
             batch.cmd(&["SADD", &channel, &Keys::room_member(me, &sid)], Then::Ignore);
+            if let Some(pid) = &pid {
+                let args = [
+                    "EVAL",
+                    scripts::SESSION_JOIN,
+                    NO_KEYS,
+                    c.keys.prefix(),
+                    pid,
+                    &redis_id(&room),
+                    &live_ttl,
+                ];
+                batch.cmd(&args, Then::Ignore);
+            }
             let first = c.mirror.borrow().members(&room) == 1;
             let mut pending = c.pending_subs.borrow_mut();
             if first {
@@ -182,9 +300,12 @@ pub fn plan(c: &Cluster, msg: BridgeMsg, batch: &mut Batch) {
                 c.shared.mesh.send(socket.shard, ShardMsg::RoomReady { conn: socket.conn, room, ack });
             }
         }
-        BridgeMsg::RoomLeave { room, sid } => {
+        BridgeMsg::RoomLeave { room, sid, forget } => {
             let channel = c.keys.room(&room);
             batch.cmd(&["SREM", &channel, &Keys::room_member(me, &sid)], Then::Ignore);
+            if let (Some(pid), true) = (&pid, forget) {
+                batch.cmd(&["HDEL", &c.keys.session_rooms(pid), &redis_id(&room)], Then::Ignore);
+            }
             if c.mirror.borrow().members(&room) == 0 {
                 batch.cmd(&["SREM", &c.keys.server_rooms(me), &redis_id(&room)], Then::Ignore);
                 c.subscribe("UNSUBSCRIBE", &channel);
@@ -193,6 +314,9 @@ pub fn plan(c: &Cluster, msg: BridgeMsg, batch: &mut Batch) {
         BridgeMsg::RoomPublish { room, frame } => {
             let env = RoomEnvelope { origin_server: me, frame: &frame }.to_vec().unwrap_or_default();
             batch.cmd(&[b"PUBLISH".as_slice(), c.keys.room(&room).as_bytes(), &env], Then::Ignore);
+        }
+        BridgeMsg::ToUser { user, frame, msg_id, origin } if s.recovery.is_some() => {
+            route_logged(c, batch, user, frame, msg_id, origin)
         }
         BridgeMsg::ToUser { user, frame, msg_id, origin } => route(c, batch, user, frame, msg_id, origin),
         BridgeMsg::Ack { origin, msg_id, status } => {
@@ -280,6 +404,31 @@ fn route(c: &Cluster, batch: &mut Batch, user: Key, frame: Frame, msg_id: u128, 
     batch.cmd(&args, Then::Route { user, frame, msg_id, origin, epoch });
 }
 
+/// Routes a recoverable 1:1 message: always through Redis (the ROUTE_LOGGED script gives
+/// it its sequence number and logs it), delivered by every node holding the user's
+/// sockets, this one included, from its channel; the route cache is not used.
+fn route_logged(c: &Cluster, batch: &mut Batch, user: Key, frame: Frame, msg_id: u128, origin: SocketRef) {
+    let (s, Some(r)) = (&c.settings, c.settings.recovery) else { return };
+    c.m().inc(Counter::RecoveryLogged);
+    let env = deliver_envelope(c, &user, msg_id, origin, &frame);
+    let (cap, ttl) = (s.offline_queue_len.max(1).to_string(), s.offline_ttl_secs.to_string());
+    let (len, live) = (r.log_len.to_string(), r.live_ttl_ms.to_string());
+    let u = redis_id(&user);
+    let args: [&[u8]; 10] = [
+        b"EVAL",
+        scripts::ROUTE_LOGGED.as_bytes(),
+        NO_KEYS.as_bytes(),
+        c.keys.prefix().as_bytes(),
+        u.as_bytes(),
+        &env,
+        cap.as_bytes(),
+        ttl.as_bytes(),
+        len.as_bytes(),
+        live.as_bytes(),
+    ];
+    batch.cmd(&args, Then::Logged { origin, msg_id });
+}
+
 /// Other servers as the ROUTE script lists them (`a,b,c`).
 pub fn parse_servers(csv: &str) -> Rc<[Arc<str>]> {
     csv.split(',').filter(|s| !s.is_empty()).map(Arc::from).collect()
@@ -301,7 +450,11 @@ mod tests {
     fn socket_up_registers_through_the_up_script() {
         let c = cluster();
         let mut b = Batch::default();
-        plan(&c, BridgeMsg::SocketUp { user: key("t", "bob"), sid: "00ab".into(), socket: socket() }, &mut b);
+        plan(
+            &c,
+            BridgeMsg::SocketUp { user: key("t", "bob"), sid: "00ab".into(), socket: socket(), pid: None },
+            &mut b,
+        );
         let cmds = commands(&b);
         assert_eq!(cmds.len(), 1);
         assert_eq!((cmds[0][0].as_str(), cmds[0][2].as_str()), ("EVAL", "0"));
@@ -342,7 +495,7 @@ mod tests {
         // The last one out unsubscribes.
         let mut b = Batch::default();
         for sid in ["a", "b", "c"] {
-            plan(&c, BridgeMsg::RoomLeave { room: room.clone(), sid: sid.into() }, &mut b);
+            plan(&c, BridgeMsg::RoomLeave { room: room.clone(), sid: sid.into(), forget: true }, &mut b);
         }
         let cmds = commands(&b);
         assert_eq!(cmds.last().unwrap(), &["SREM", "p:rooms:me", "t:lobby"]);
@@ -380,6 +533,7 @@ mod tests {
             user: bob.clone(),
             sid: "x".into(),
             socket: socket(),
+            pid: None,
         });
         let epoch = c.routes.borrow().epoch();
         c.routes.borrow_mut().put(bob.clone(), parse_servers(""), epoch);

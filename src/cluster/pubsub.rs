@@ -11,6 +11,7 @@ use shardgate_shard::msg::{BridgeMsg, Frame, Key, Origin, ShardMsg, SocketRef};
 use tracing::debug;
 
 use super::keys::{from_redis_id, Channel};
+use super::recover;
 use super::state::Cluster;
 
 /// One reply or push from the pub/sub connection.
@@ -22,6 +23,7 @@ pub fn on_pubsub(c: &Cluster, reply: Reply) {
         if a.first().and_then(resp::as_bytes) == Some(b"subscribe".as_slice()) {
             if let Some(channel) = a.get(1).and_then(resp::as_bytes).map(String::from_utf8_lossy) {
                 c.release_joins(&channel);
+                recover::on_subscribed(c, &channel);
             }
         }
     }
@@ -29,6 +31,22 @@ pub fn on_pubsub(c: &Cluster, reply: Reply) {
 
 fn on_push(c: &Cluster, channel: &[u8], payload: &[u8]) {
     let Some(channel) = c.keys.parse_channel(channel) else { return };
+    // Recoverable messages, published by the recovery scripts with their sequence number.
+    if matches!(channel, Channel::Room(_) | Channel::Server) {
+        let done = match (envelope::split_logged(payload), &channel) {
+            (Ok(None), _) => Ok(false),
+            (Ok(Some((seq, env))), Channel::Room(room)) => {
+                recover::on_room(c, room.clone(), seq, env).map(|_| true)
+            }
+            (Ok(Some((seq, env))), _) => recover::on_user(c, seq, env).map(|_| true),
+            (Err(e), _) => Err(e),
+        };
+        match done {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => return bad_envelope(c, &e),
+        }
+    }
     match channel {
         Channel::Room(room) => {
             let env = match envelope::decode_room(payload) {
@@ -39,7 +57,11 @@ fn on_push(c: &Cluster, channel: &[u8], payload: &[u8]) {
                 return; // this node delivered it to its own shards already
             }
             let frame = Frame::from(env.frame);
-            c.shared.mesh.broadcast(|| ShardMsg::RoomDeliver { room: room.clone(), frame: frame.clone() });
+            c.shared.mesh.broadcast(|| ShardMsg::RoomDeliver {
+                room: room.clone(),
+                frame: frame.clone(),
+                except: None,
+            });
         }
         Channel::RegistryChanges => {
             if let Some(user) = std::str::from_utf8(payload).ok().and_then(from_redis_id) {

@@ -25,6 +25,42 @@ end
     };
 }
 
+/// `register(p, server, sid, user, now, ttl)`: adds the socket to the registry, marks the
+/// user online (publishing on the first socket cluster-wide) and announces the change.
+/// Returns true on the user's first socket.
+macro_rules! lua_register {
+    () => {
+        r#"
+local function register(p, me, sid, u, now, ttl)
+  redis.call('HSET', p..'connections:'..me, sid, u)
+  local k = p..'user:'..u..':sockets'
+  redis.call('SADD', k, me..'|'..sid)
+  redis.call('SET', p..'presence:'..u, 'online|'..now, 'EX', ttl)
+  local first = redis.call('SCARD', k) == 1
+  if first then
+    redis.call('PUBLISH', p..'presence:updates', cjson.encode({user=u, status='online', lastSeen=tonumber(now)}))
+  end
+  redis.call('PUBLISH', p..'registry:changes', u)
+  return first
+end
+"#
+    };
+}
+
+/// `log(p, key, seq, envelope, maxlen, ttl)`: appends a recoverable message to a log
+/// stream under entry id `seq-0`, trimmed roughly to `maxlen`, expiring `ttl` ms after
+/// its last message.
+macro_rules! lua_log {
+    () => {
+        r#"
+local function log(p, key, seq, env, maxlen, ttl)
+  redis.call('XADD', key, 'MAXLEN', '~', maxlen, seq..'-0', 'e', env)
+  redis.call('PEXPIRE', key, ttl)
+end
+"#
+    };
+}
+
 /// `enqueue(p, user, frame, cap, ttl)`: appends to the user's bounded offline queue.
 macro_rules! lua_enqueue {
     () => {
@@ -43,23 +79,18 @@ end
 /// the user's first socket cluster-wide); return {1 if it was the first socket else 0,
 /// the user's offline queue...} and clear the queue.
 /// ARGV: prefix, server, sid, user, now_ms, presence_ttl_secs.
-pub const UP: &str = r#"
+pub const UP: &str = concat!(
+    lua_register!(),
+    r#"
 local p, me, sid, u, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-redis.call('HSET', p..'connections:'..me, sid, u)
-local k = p..'user:'..u..':sockets'
-redis.call('SADD', k, me..'|'..sid)
-redis.call('SET', p..'presence:'..u, 'online|'..now, 'EX', ARGV[6])
-if redis.call('SCARD', k) == 1 then
-  redis.call('PUBLISH', p..'presence:updates', cjson.encode({user=u, status='online', lastSeen=tonumber(now)}))
-end
-redis.call('PUBLISH', p..'registry:changes', u)
 local out = {0}
-if redis.call('SCARD', k) == 1 then out[1] = 1 end
+if register(p, me, sid, u, now, ARGV[6]) then out[1] = 1 end
 local q = redis.call('LRANGE', p..'offline:'..u, 0, -1)
 if #q > 0 then redis.call('DEL', p..'offline:'..u) end
 for _, f in ipairs(q) do table.insert(out, f) end
 return out
-"#;
+"#
+);
 
 /// Unregister socket `ARGV[3]` of user `ARGV[4]`; on the user's last socket cluster-wide,
 /// record lastSeen and publish offline. ARGV: prefix, server, sid, user, now_ms,
@@ -133,5 +164,157 @@ end
 redis.call('DEL', p..'connections:'..id, p..'rooms:'..id)
 if ARGV[5] ~= 'force' then redis.call('SREM', p..'nodes', id) end
 return #conns / 2
+"#
+);
+
+// ---- connection state recovery (docs/recovery.md) ----
+//
+// One sequence, `recovery:seq`, orders every recoverable message of the cluster: Redis
+// runs one script at a time and a subscriber receives pushes in execution order, so every
+// node sees recoverable messages in sequence order. Logs: `log:room:T:R`, `log:user:T:U`
+// (streams, entry id `seq-0`, field `e` = the envelope). Sessions: `session:PID` (hash:
+// `user`, `from` = the sequence when it began, `sid`) and `session:PID:rooms` (room ->
+// sequence at the join).
+
+/// Open recovery session `ARGV[2]` for user `ARGV[3]` on socket `ARGV[5]`
+/// (`server|sid`), expiring in `ARGV[4]` ms. ARGV: prefix, pid, user, ttl_ms, socket.
+pub const SESSION_OPEN: &str = r#"
+local p, pid = ARGV[1], ARGV[2]
+local k = p..'session:'..pid
+redis.call('HSET', k, 'user', ARGV[3], 'from', redis.call('GET', p..'recovery:seq') or '0', 'sid', ARGV[5])
+redis.call('PEXPIRE', k, ARGV[4])
+"#;
+
+/// Socket `ARGV[3]` (`server|sid`) of session `ARGV[2]` closed: the session expires in
+/// `ARGV[4]` ms, or is deleted (`del`), unless another socket has restored it since.
+/// ARGV: prefix, pid, socket, ttl_ms or 'del'.
+pub const SESSION_CLOSE: &str = r#"
+local k = ARGV[1]..'session:'..ARGV[2]
+local at = redis.call('HGET', k, 'sid')
+if at and at ~= ARGV[3] then return 0 end
+if ARGV[4] == 'del' then
+  redis.call('DEL', k, k..':rooms')
+else
+  redis.call('PEXPIRE', k, ARGV[4])
+  redis.call('PEXPIRE', k..':rooms', ARGV[4])
+end
+return 1
+"#;
+
+/// Session `ARGV[2]` joined room `ARGV[3]` now (the current sequence).
+/// ARGV: prefix, pid, room, ttl_ms.
+pub const SESSION_JOIN: &str = r#"
+local p, pid = ARGV[1], ARGV[2]
+local k = p..'session:'..pid..':rooms'
+redis.call('HSET', k, ARGV[3], redis.call('GET', p..'recovery:seq') or '0')
+redis.call('PEXPIRE', k, ARGV[4])
+"#;
+
+/// A recoverable room message: next sequence number, logged in the room's log, published
+/// as `S<seq> <envelope>` on the room's channel. Returns the receivers.
+/// ARGV: prefix, room, envelope, log_len, log_ttl_ms.
+pub const LOG_ROOM: &str = concat!(
+    lua_log!(),
+    r#"
+local p, r = ARGV[1], ARGV[2]
+local seq = redis.call('INCR', p..'recovery:seq')
+log(p, p..'log:room:'..r, seq, ARGV[3], ARGV[4], ARGV[5])
+return redis.call('PUBLISH', p..'room:'..r, 'S'..seq..' '..ARGV[3])
+"#
+);
+
+/// A recoverable 1:1 message: next sequence number, logged in the recipient's log,
+/// published as `S<seq> <envelope>` to every server holding a socket of the user (this
+/// one included: it delivers its own from its channel, in order). Returns {receivers,
+/// "server,..."}, or {-1} after queueing the logged payload when nobody is reachable.
+/// ARGV: prefix, user, envelope, cap, offline_ttl_secs, log_len, log_ttl_ms.
+pub const ROUTE_LOGGED: &str = concat!(
+    lua_enqueue!(),
+    lua_log!(),
+    r#"
+local p, u = ARGV[1], ARGV[2]
+local seq = redis.call('INCR', p..'recovery:seq')
+log(p, p..'log:user:'..u, seq, ARGV[3], ARGV[6], ARGV[7])
+local payload = 'S'..seq..' '..ARGV[3]
+local servers, names, reached = {}, {}, 0
+for _, m in ipairs(redis.call('SMEMBERS', p..'user:'..u..':sockets')) do
+  local s = string.match(m, '^(.-)|')
+  if s then servers[s] = true end
+end
+for s, _ in pairs(servers) do
+  reached = reached + redis.call('PUBLISH', p..'server:'..s, payload)
+  table.insert(names, s)
+end
+if reached == 0 then
+  enqueue(p, u, payload, ARGV[4], ARGV[5])
+  return {-1}
+end
+return {reached, table.concat(names, ',')}
+"#
+);
+
+/// The rooms of session `ARGV[2]` if it belongs to user `ARGV[3]`: {'ok', room...}, or
+/// {'unknown'} / {'other_user'}. ARGV: prefix, pid, user.
+pub const SESSION_READ: &str = r#"
+local k = ARGV[1]..'session:'..ARGV[2]
+local owner = redis.call('HGET', k, 'user')
+if not owner then return {'unknown'} end
+if owner ~= ARGV[3] then return {'other_user'} end
+local out = {'ok'}
+for _, r in ipairs(redis.call('HKEYS', k..':rooms')) do table.insert(out, r) end
+return out
+"#;
+
+/// Restore session `ARGV[7]` on socket `ARGV[3]` of user `ARGV[4]`: every logged message
+/// of the user's log and of the session's rooms after the client's offset `ARGV[8]` (or,
+/// without one, after the session began; for a room, never before its join), merged in
+/// sequence order; the socket registered (as UP), the offline queue dropped (its messages
+/// are in the user's log), the session pointed at the socket. Returns {'ok', current
+/// sequence, first socket 0/1, seq, envelope, seq, envelope...}, or {'unknown'},
+/// {'other_user'}, {'trimmed'} (a log lost entries after the offset), registering nothing.
+/// ARGV: prefix, server, sid, user, now_ms, presence_ttl_secs, pid, offset or '',
+/// session_ttl_ms.
+pub const RESUME: &str = concat!(
+    lua_register!(),
+    r#"
+local p, me, sid, u, now, pid = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[7]
+local k = p..'session:'..pid
+local owner = redis.call('HGET', k, 'user')
+if not owner then return {'unknown'} end
+if owner ~= u then return {'other_user'} end
+local from = tonumber(ARGV[8]) or tonumber(redis.call('HGET', k, 'from')) or 0
+local streams = {{p..'log:user:'..u, from}}
+local rooms = redis.call('HGETALL', k..':rooms')
+for i = 1, #rooms, 2 do
+  table.insert(streams, {p..'log:room:'..rooms[i], math.max(from, tonumber(rooms[i + 1]) or 0)})
+end
+for _, s in ipairs(streams) do
+  if redis.call('EXISTS', s[1]) == 1 then
+    local info = redis.call('XINFO', 'STREAM', s[1])
+    for i = 1, #info, 2 do
+      if info[i] == 'max-deleted-entry-id' then
+        if (tonumber(string.match(info[i + 1], '^(%d+)')) or 0) > s[2] then return {'trimmed'} end
+      end
+    end
+  end
+end
+local entries = {}
+for _, s in ipairs(streams) do
+  for _, e in ipairs(redis.call('XRANGE', s[1], '('..s[2]..'-0', '+')) do
+    table.insert(entries, {tonumber(string.match(e[1], '^(%d+)')), e[2][2]})
+  end
+end
+table.sort(entries, function(a, b) return a[1] < b[1] end)
+local first = register(p, me, sid, u, now, ARGV[6])
+redis.call('DEL', p..'offline:'..u)
+redis.call('HSET', k, 'sid', me..'|'..sid)
+redis.call('PEXPIRE', k, ARGV[9])
+redis.call('PEXPIRE', k..':rooms', ARGV[9])
+local out = {'ok', redis.call('GET', p..'recovery:seq') or '0', first and 1 or 0}
+for _, e in ipairs(entries) do
+  table.insert(out, tostring(e[1]))
+  table.insert(out, e[2])
+end
+return out
 "#
 );

@@ -20,6 +20,7 @@ use shardgate_shard::Shared;
 
 use super::keys::Keys;
 use super::mirror::Mirror;
+use super::resume::Claims;
 use super::route_cache::RouteCache;
 use super::Settings;
 
@@ -44,6 +45,8 @@ pub struct Cluster {
     pub routes: RefCell<RouteCache>,
     /// Room channels whose SUBSCRIBE is not confirmed yet, with the joins waiting on it.
     pub pending_subs: RefCell<HashMap<String, Vec<JoinWaiter>>>,
+    /// Recovery claims in progress (connection state recovery).
+    pub claims: RefCell<Claims>,
 }
 
 impl Cluster {
@@ -58,6 +61,7 @@ impl Cluster {
             subs: RefCell::new(None),
             routes: Default::default(),
             pending_subs: Default::default(),
+            claims: Default::default(),
         }
     }
 

@@ -274,6 +274,8 @@ pub struct Client {
     buf: Vec<u8>,
     pub open: Open,
     pub sid: String,
+    /// The recovery session id of the CONNECT answer (connection state recovery on).
+    pub pid: Option<String>,
     /// Answer pings automatically.
     pub auto_pong: bool,
     next_ack: u64,
@@ -304,6 +306,7 @@ impl Client {
                 max_payload: 0,
             },
             sid: String::new(),
+            pid: None,
             auto_pong: true,
             next_ack: 1,
             pending_binary: None,
@@ -352,7 +355,9 @@ impl Client {
             let p = socketio::decode(m).unwrap();
             match p.kind {
                 PacketType::Connect => {
-                    self.sid = p.data.unwrap()["sid"].as_str().unwrap().to_string();
+                    let data = p.data.unwrap();
+                    self.sid = data["sid"].as_str().unwrap().to_string();
+                    self.pid = data["pid"].as_str().map(str::to_string);
                     return Ok(self.sid.clone());
                 }
                 PacketType::ConnectError => return Err(p.data.unwrap()),
@@ -431,6 +436,19 @@ impl Client {
     /// Waits for the next event named `name`; other traffic before it is dropped.
     pub fn expect_event(&mut self, name: &str) -> Value {
         self.expect_event_full(name).0
+    }
+
+    /// Waits for the next event named `name`; returns all its arguments.
+    pub fn expect_event_args(&mut self, name: &str) -> Vec<Value> {
+        let end = Instant::now() + WAIT;
+        while Instant::now() < end {
+            match self.recv_until(end) {
+                Some(Incoming::Event(n, args, _)) if n == name => return args,
+                Some(Incoming::Closed(code, r)) => panic!("closed while waiting for {name}: {code} {r}"),
+                _ => {}
+            }
+        }
+        panic!("no {name} event within {WAIT:?}");
     }
 
     /// Like [`Client::expect_event`] with the binary attachments.

@@ -146,6 +146,8 @@ pub(crate) struct Session {
     pub refilled: u64,
     /// Consecutive refused events; past a bound the socket is closed.
     pub strikes: u32,
+    /// Private session id (connection state recovery on).
+    pub pid: Option<std::sync::Arc<str>>,
 }
 
 /// Every connection of one shard.

@@ -23,8 +23,8 @@ use serde_json::{json, Value};
 use shardgate_io::packet;
 
 use crate::ids::{key_id, sid, ConnId, Frame, Key, ShardId, SocketRef};
-use crate::metrics::{CloseReason, ShardMetrics};
-use crate::msg::{DeliveryStatus, ShardMsg};
+use crate::metrics::{CloseReason, Counter, ShardMetrics};
+use crate::msg::{DeliveryStatus, Restored, ShardMsg};
 use crate::record::{self, Record};
 use crate::shared::{wall_ms, MetricsBlock, Shared};
 
@@ -163,7 +163,8 @@ impl State {
     pub fn broadcast_room(&mut self, room: &Key, frame: &Frame) {
         for s in 0..self.shared.mesh.len() {
             if s != self.shard {
-                self.shared.mesh.send(s, ShardMsg::RoomDeliver { room: room.clone(), frame: frame.clone() });
+                let msg = ShardMsg::RoomDeliver { room: room.clone(), frame: frame.clone(), except: None };
+                self.shared.mesh.send(s, msg);
             }
         }
         let d = self.router.room_publish(room, frame);
@@ -197,8 +198,9 @@ impl State {
     /// Handles one message from the mesh (or from this shard itself).
     pub fn handle(&mut self, msg: ShardMsg, now: u64) {
         match msg {
-            ShardMsg::RoomDeliver { room, frame } => {
-                self.deliver_room(&room, &frame, None);
+            ShardMsg::RoomDeliver { room, frame, except } => {
+                let except = except.filter(|s| s.shard == self.shard).map(|s| s.conn);
+                self.deliver_room(&room, &frame, except);
             }
             ShardMsg::DeliverUser { user, frame, msg_id, origin } => {
                 let delivered = self.deliver_user(&user, &frame);
@@ -210,15 +212,8 @@ impl State {
                 self.dispatch(d);
             }
             ShardMsg::Status { msg_id, status, .. } => self.resolve(msg_id, status),
-            ShardMsg::Registered { conn, frames } => {
-                self.push_new(
-                    conn,
-                    packet::server_frame(packet::connect_reply(&sid(self.shard, conn)).as_bytes()),
-                );
-                for f in &frames {
-                    self.push(conn, f);
-                }
-            }
+            ShardMsg::Registered { conn, frames } => self.answer_connect(conn, &frames),
+            ShardMsg::Resumed { conn, session } => self.resumed(conn, session),
             ShardMsg::RoomReady { conn, room, ack } => self.answer_join(conn, &room, ack),
             ShardMsg::OfflineDrain { conn, frames } => {
                 for f in &frames {
@@ -307,6 +302,50 @@ impl State {
         let m = self.shared.block(MetricsBlock::Shard(self.shard));
         let socks = self.users.of(user);
         socks.iter().filter(|&&id| self.conns.push(m, limit, id, frame)).count()
+    }
+
+    /// Answers connection `conn`'s CONNECT (with its recovery session id, if it has one),
+    /// then queues `frames`.
+    fn answer_connect(&mut self, conn: ConnId, frames: &[Frame]) {
+        let Some(s) = self.conns.session(conn) else { return };
+        let sid = sid(self.shard, conn);
+        let reply = match &s.pid {
+            Some(pid) => packet::connect_reply_with_pid(&sid, pid),
+            None => packet::connect_reply(&sid),
+        };
+        self.push_new(conn, packet::server_frame(reply.as_bytes()));
+        for f in frames {
+            self.push(conn, f);
+        }
+    }
+
+    /// The bridge's answer to a recovery claim: the session restored (its rooms joined
+    /// here, the missed messages sent after the CONNECT answer), or a new session.
+    fn resumed(&mut self, conn: ConnId, restored: Option<Restored>) {
+        let Some(s) = self.conns.session_mut(conn) else {
+            return; // closed meanwhile: its SocketDown undoes the registration
+        };
+        let user = s.user_key.clone();
+        match restored {
+            Some(r) => {
+                s.rooms = r.rooms.clone();
+                for room in &r.rooms {
+                    self.rooms.add(room, conn);
+                }
+                self.users.add(&user, conn);
+                self.metrics().inc(Counter::RecoveryRestored);
+                self.metrics().add(Counter::RecoveryReplayed, r.frames.len() as u64);
+                self.answer_connect(conn, &r.frames);
+            }
+            None => {
+                // Nothing to restore: a new session with a new private id.
+                let pid = crate::ids::new_pid();
+                s.pid = Some(pid.clone());
+                self.users.add(&user, conn);
+                let d = self.router.user_up(user, self.socket(conn), Some(pid));
+                self.dispatch(d);
+            }
+        }
     }
 
     /// Emits `room_joined` and the ack of a `join_room`.

@@ -56,12 +56,12 @@ impl Router {
         }
     }
 
-    /// A socket of `user` authenticated at `socket`.
-    pub fn user_up(&self, user: Key, socket: SocketRef) -> Dispatch {
+    /// A socket of `user` authenticated at `socket` (with its recovery session id).
+    pub fn user_up(&self, user: Key, socket: SocketRef, pid: Option<Arc<str>>) -> Dispatch {
         match self {
             Router::Cluster(_) => {
                 let sid = sid(socket.shard, socket.conn);
-                Dispatch::Bridge(BridgeMsg::SocketUp { user, sid, socket })
+                Dispatch::Bridge(BridgeMsg::SocketUp { user, sid, socket, pid })
             }
             Router::Embedded { shards } => {
                 Dispatch::Shard(home_shard(&user, *shards), ShardMsg::UserUp { user, socket })
@@ -69,17 +69,39 @@ impl Router {
         }
     }
 
-    /// A socket of `user` at `socket` closed.
-    pub fn user_down(&self, user: Key, socket: SocketRef) -> Dispatch {
+    /// A socket of `user` at `socket` closed; `keep`: its recovery session stays.
+    pub fn user_down(&self, user: Key, socket: SocketRef, keep: bool) -> Dispatch {
         let shard = socket.shard;
         match self {
             Router::Cluster(_) => {
                 let sid = sid(shard, socket.conn);
-                Dispatch::Bridge(BridgeMsg::SocketDown { user, sid, shard })
+                Dispatch::Bridge(BridgeMsg::SocketDown { user, sid, shard, keep })
             }
             Router::Embedded { shards } => {
                 Dispatch::Shard(home_shard(&user, *shards), ShardMsg::UserDown { user, shard })
             }
+        }
+    }
+
+    /// A reconnecting socket claims recovery session `pid` (cluster mode only: the
+    /// configuration refuses recovery on the embedded bus).
+    pub fn resume(&self, user: Key, socket: SocketRef, pid: Arc<str>, offset: Option<u64>) -> Dispatch {
+        match self {
+            Router::Cluster(_) => {
+                let sid = sid(socket.shard, socket.conn);
+                Dispatch::Bridge(BridgeMsg::Resume { user, sid, socket, pid, offset })
+            }
+            Router::Embedded { .. } => Dispatch::Nothing,
+        }
+    }
+
+    /// A recoverable room message: ordered, logged and delivered by the cluster.
+    pub fn room_logged(&self, room: &Key, frame: Frame, msg_id: u128, origin: SocketRef) -> Dispatch {
+        match self {
+            Router::Cluster(_) => {
+                Dispatch::Bridge(BridgeMsg::RoomLogged { room: room.clone(), frame, msg_id, origin })
+            }
+            Router::Embedded { .. } => Dispatch::Nothing,
         }
     }
 
@@ -130,10 +152,10 @@ impl Router {
     }
 
     /// Socket `conn` on `shard` left `room` (the cluster registry keeps room members).
-    pub fn room_left(&self, room: &Key, shard: ShardId, conn: ConnId) -> Dispatch {
+    pub fn room_left(&self, room: &Key, shard: ShardId, conn: ConnId, forget: bool) -> Dispatch {
         match self {
             Router::Cluster(_) => {
-                Dispatch::Bridge(BridgeMsg::RoomLeave { room: room.clone(), sid: sid(shard, conn) })
+                Dispatch::Bridge(BridgeMsg::RoomLeave { room: room.clone(), sid: sid(shard, conn), forget })
             }
             Router::Embedded { .. } => Dispatch::Nothing,
         }
@@ -196,7 +218,7 @@ mod tests {
         let bob = key("t", "bob");
         let home = home_shard(&bob, 4);
         assert!(
-            matches!(r.user_up(bob.clone(), sock()), Dispatch::Shard(h, ShardMsg::UserUp { .. }) if h == home)
+            matches!(r.user_up(bob.clone(), sock(), None), Dispatch::Shard(h, ShardMsg::UserUp { .. }) if h == home)
         );
         let d = r.direct(bob.clone(), Frame::from(&b"f"[..]), 1, sock());
         assert!(matches!(d, Dispatch::Shard(h, ShardMsg::ToUser { .. }) if h == home));
@@ -214,7 +236,8 @@ mod tests {
         let r = Router::new(4, Some(Arc::new(inbox)));
         let bob = key("t", "bob");
         assert!(r.is_cluster());
-        let Dispatch::Bridge(BridgeMsg::SocketUp { sid: s, .. }) = r.user_up(bob.clone(), sock()) else {
+        let Dispatch::Bridge(BridgeMsg::SocketUp { sid: s, .. }) = r.user_up(bob.clone(), sock(), None)
+        else {
             panic!()
         };
         assert_eq!(s, sid(1, ConnId::from_u64(9)));
