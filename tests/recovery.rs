@@ -134,3 +134,18 @@ fn a_client_that_said_goodbye_has_no_session_to_restore() {
     assert_ne!(c.pid.as_deref(), Some(pid.as_str()));
     assert_eq!(a.metric("shardgate_recovery_refused_unknown_total"), 1);
 }
+
+#[test]
+fn the_official_client_recovers_after_a_node_kill_and_a_drain() {
+    let redis = RedisServer::start();
+    let nodes: Vec<Server> = (0..3).map(|_| node(&redis, &["--drain-ms", "1000"])).collect();
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.to_string()).collect();
+    let pids: Vec<String> = nodes.iter().map(|n| n.pid().to_string()).collect();
+    let env = [("SHARDGATE_ADDRS", addrs.join(",")), ("SHARDGATE_PIDS", pids.join(","))];
+    let out = support::interop_suite("recovery.test.mjs", &env, || {
+        nodes.iter().map(|n| n.log()).collect::<Vec<_>>().join("\n---\n")
+    });
+    assert!(out.contains("all recovered"), "{out}");
+    let survivor = &nodes[0];
+    assert!(survivor.metric("shardgate_recovery_restored_total") > 0);
+}

@@ -31,6 +31,13 @@ pub fn on_pubsub(c: &Cluster, reply: Reply) {
 
 fn on_push(c: &Cluster, channel: &[u8], payload: &[u8]) {
     let Some(channel) = c.keys.parse_channel(channel) else { return };
+    // RESUME's marker: every push before it has been handled (see `recover`).
+    if let (Channel::Server, Some((&b'M', sid))) = (&channel, payload.split_first()) {
+        if let Ok(sid) = std::str::from_utf8(sid) {
+            c.markers.borrow_mut().push(sid.to_string());
+        }
+        return;
+    }
     // Recoverable messages, published by the recovery scripts with their sequence number.
     if matches!(channel, Channel::Room(_) | Channel::Server) {
         let done = match (envelope::split_logged(payload), &channel) {

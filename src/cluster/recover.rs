@@ -9,8 +9,11 @@
 //!   SESSION_READ (is the session this user's, which rooms), the room channels subscribed
 //!   (a claim waits for their confirmations), then RESUME (everything logged after the
 //!   offset, and the socket registered). Messages arriving meanwhile are held for the
-//!   claim (`resume.rs`) and follow the replay: [`on_read`], [`on_subscribed`],
-//!   [`plan_ready`], [`on_resumed`].
+//!   claim (`resume.rs`) and follow the replay. The reply comes on the command
+//!   connection while pushes come on the pub/sub one, so the session is handed to the
+//!   shard only once RESUME's marker (published last by the script) has come through
+//!   the pub/sub connection as well: every push up to the replay has been seen by then.
+//!   [`on_read`], [`on_subscribed`], [`plan_ready`], [`on_resumed`], [`on_marker`].
 
 use shardgate_io::envelope::{self, Envelope, EnvelopeError};
 use shardgate_io::packet;
@@ -149,8 +152,19 @@ pub fn on_read(
         }
     }
     let ready = waiting.is_empty();
-    let claim =
-        Claim { socket, user, pid, offset, rooms, waiting, sent: false, cancelled: false, held: Vec::new() };
+    let claim = Claim {
+        socket,
+        user,
+        pid,
+        offset,
+        rooms,
+        waiting,
+        sent: false,
+        cancelled: false,
+        held: Vec::new(),
+        replay: None,
+        marked: false,
+    };
     c.claims.borrow_mut().insert(sid.clone(), claim);
     if ready {
         send_resume(c, &sid, followups);
@@ -164,11 +178,16 @@ pub fn on_subscribed(c: &Cluster, channel: &str) {
     }
 }
 
-/// Plans RESUME for every claim whose channels are all subscribed.
+/// Plans RESUME for every claim whose channels are all subscribed, and completes the
+/// claims whose marker arrived.
 pub fn plan_ready(c: &Cluster, batch: &mut Batch) {
     let ready = c.claims.borrow_mut().take_ready();
     for sid in ready {
         send_resume(c, &sid, batch);
+    }
+    let markers = std::mem::take(&mut *c.markers.borrow_mut());
+    for sid in markers {
+        on_marker(c, &sid, batch);
     }
 }
 
@@ -202,53 +221,81 @@ fn leave_rooms(c: &Cluster, sid: &str, claim: &Claim, batch: &mut Batch) {
     }
 }
 
-/// The RESUME reply: the restored session goes to the socket's shard (the replay, then
-/// what was held after it), or the claim is refused and undone.
+/// The RESUME reply: the replay is kept with the claim until the script's marker has
+/// come through the pub/sub connection too ([`on_marker`]); a refusal undoes the claim.
 pub fn on_resumed(c: &Cluster, sid: String, reply: Reply, followups: &mut Batch) {
-    let Some(claim) = c.claims.borrow_mut().remove(&sid) else { return };
     let items = match reply {
         Reply::Array(items) => items,
         _ => Vec::new(),
     };
     let status = items.first().and_then(resp::as_bytes).unwrap_or(b"unknown");
     if status != b"ok" {
+        let Some(claim) = c.claims.borrow_mut().remove(&sid) else { return };
         leave_rooms(c, &sid, &claim, followups);
         if !claim.cancelled {
             refuse(c, claim.socket, status);
         }
         return;
     }
+    let text = |i: usize| items.get(i).and_then(resp::as_bytes).and_then(|b| std::str::from_utf8(b).ok());
+    let upto: u64 = text(1).and_then(|t| t.parse().ok()).unwrap_or(0);
+    let mut frames = Vec::with_capacity(items.len().saturating_sub(3) / 2);
+    for pair in items.get(3..).unwrap_or_default().chunks(2) {
+        let seq =
+            pair.first().and_then(resp::as_bytes).and_then(|b| std::str::from_utf8(b).ok()?.parse().ok());
+        match (seq, pair.get(1).and_then(resp::as_bytes)) {
+            (Some(seq), Some(env)) => frames.extend(logged_frame(seq, env)),
+            _ => debug!("a replay entry that is not (seq, envelope)"),
+        }
+    }
+    let marked = {
+        let mut claims = c.claims.borrow_mut();
+        let Some(claim) = claims.get_mut(&sid) else { return };
+        claim.replay = Some((upto, frames));
+        if items.get(2) == Some(&Reply::Integer(1)) {
+            c.persist_presence(&claim.user, true);
+        }
+        claim.marked
+    };
+    if marked {
+        complete(c, sid, followups);
+    }
+}
+
+/// RESUME's marker for socket `sid` arrived on the pub/sub connection.
+fn on_marker(c: &Cluster, sid: &str, followups: &mut Batch) {
+    let replied = {
+        let mut claims = c.claims.borrow_mut();
+        let Some(claim) = claims.get_mut(sid) else { return };
+        claim.marked = true;
+        claim.replay.is_some()
+    };
+    if replied {
+        complete(c, sid.to_string(), followups);
+    }
+}
+
+/// Both RESUME's reply and its marker are in: the restored session goes to the socket's
+/// shard, the replay then what was held after it. Every later push has a later sequence
+/// and reaches the socket as a member.
+fn complete(c: &Cluster, sid: String, followups: &mut Batch) {
+    let Some(mut claim) = c.claims.borrow_mut().remove(&sid) else { return };
+    let Some((upto, mut frames)) = claim.replay.take() else { return };
     let up = BridgeMsg::SocketUp {
         user: claim.user.clone(),
         sid: sid.clone(),
         socket: claim.socket,
         pid: Some(claim.pid.clone()),
     };
+    c.mirror.borrow_mut().observe(&up);
     if claim.cancelled {
         // The socket closed while RESUME ran: unregister what it registered.
-        c.mirror.borrow_mut().observe(&up);
         leave_rooms(c, &sid, &claim, followups);
         let down = BridgeMsg::SocketDown { user: claim.user, sid, shard: claim.socket.shard, keep: true };
         plan(c, down, followups);
         return;
     }
-    let text = |i: usize| items.get(i).and_then(resp::as_bytes).and_then(|b| std::str::from_utf8(b).ok());
-    let upto: u64 = text(1).and_then(|t| t.parse().ok()).unwrap_or(0);
-    if items.get(2) == Some(&Reply::Integer(1)) {
-        c.persist_presence(&claim.user, true);
-    }
-    let mut frames = Vec::with_capacity((items.len().saturating_sub(3)) / 2 + claim.held.len());
-    for pair in items.get(3..).unwrap_or_default().chunks(2) {
-        let seq =
-            pair.first().and_then(resp::as_bytes).and_then(|b| std::str::from_utf8(b).ok()?.parse().ok());
-        let env = pair.get(1).and_then(resp::as_bytes);
-        match (seq, env) {
-            (Some(seq), Some(env)) => frames.extend(logged_frame(seq, env)),
-            _ => debug!("a replay entry that is not (seq, envelope)"),
-        }
-    }
     frames.extend(claim.held.into_iter().filter(|(seq, _)| *seq > upto).map(|(_, f)| f));
-    c.mirror.borrow_mut().observe(&up);
     let session = Restored { rooms: claim.rooms, frames };
     c.shared
         .mesh

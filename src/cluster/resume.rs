@@ -38,6 +38,11 @@ pub struct Claim {
     pub cancelled: bool,
     /// Recoverable messages for it since the claim opened: (sequence, frame), in order.
     pub held: Vec<(u64, Frame)>,
+    /// RESUME's answer: the sequence it read up to, and the replay.
+    pub replay: Option<(u64, Vec<Frame>)>,
+    /// RESUME's marker arrived on the pub/sub connection: every push up to the replay's
+    /// sequence has been received (the reply and the pushes come on two connections).
+    pub marked: bool,
 }
 
 /// Every open claim of this node, by socket id.
@@ -156,6 +161,8 @@ mod tests {
             sent: false,
             cancelled: false,
             held: Vec::new(),
+            replay: None,
+            marked: false,
         }
     }
 

@@ -269,7 +269,9 @@ return out
 /// of the user's log and of the session's rooms after the client's offset `ARGV[8]` (or,
 /// without one, after the session began; for a room, never before its join), merged in
 /// sequence order; the socket registered (as UP), the offline queue dropped (its messages
-/// are in the user's log), the session pointed at the socket. Returns {'ok', current
+/// are in the user's log), the session pointed at the socket; last, a marker `M<sid>` on
+/// this node's channel: when the node receives it, it has received every push up to the
+/// returned sequence. Returns {'ok', current
 /// sequence, first socket 0/1, seq, envelope, seq, envelope...}, or {'unknown'},
 /// {'other_user'}, {'trimmed'} (a log lost entries after the offset), registering nothing.
 /// ARGV: prefix, server, sid, user, now_ms, presence_ttl_secs, pid, offset or '',
@@ -310,6 +312,7 @@ redis.call('DEL', p..'offline:'..u)
 redis.call('HSET', k, 'sid', me..'|'..sid)
 redis.call('PEXPIRE', k, ARGV[9])
 redis.call('PEXPIRE', k..':rooms', ARGV[9])
+redis.call('PUBLISH', p..'server:'..me, 'M'..sid)
 local out = {'ok', redis.call('GET', p..'recovery:seq') or '0', first and 1 or 0}
 for _, e in ipairs(entries) do
   table.insert(out, tostring(e[1]))

@@ -47,6 +47,8 @@ pub struct Cluster {
     pub pending_subs: RefCell<HashMap<String, Vec<JoinWaiter>>>,
     /// Recovery claims in progress (connection state recovery).
     pub claims: RefCell<Claims>,
+    /// RESUME markers received on the pub/sub connection, for the next round.
+    pub markers: RefCell<Vec<String>>,
 }
 
 impl Cluster {
@@ -62,6 +64,7 @@ impl Cluster {
             routes: Default::default(),
             pending_subs: Default::default(),
             claims: Default::default(),
+            markers: Default::default(),
         }
     }
 

@@ -5,36 +5,12 @@
 // SHARDGATE_ADDR_A, SHARDGATE_ADDR_B (host:port), SHARDGATE_PID_A and SHARDGATE_SECRET.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import net from "node:net";
 import { io } from "socket.io-client";
-import { token } from "./support.mjs";
+import { balancer, token } from "./support.mjs";
 
 const env = process.env;
 const [A, B, PID_A, SECRET] = [env.SHARDGATE_ADDR_A, env.SHARDGATE_ADDR_B, Number(env.SHARDGATE_PID_A), env.SHARDGATE_SECRET];
 assert.ok(A && B && PID_A && SECRET, "SHARDGATE_ADDR_A, SHARDGATE_ADDR_B, SHARDGATE_PID_A and SHARDGATE_SECRET must be set");
-
-/// Round-robin TCP balancer that skips a backend refusing connections.
-function balancer(backends) {
-  let next = 0;
-  const server = net.createServer((client) => {
-    client.pause();
-    const tryBackend = (left) => {
-      if (left === 0) return client.destroy();
-      const [host, port] = backends[next++ % backends.length].split(":");
-      const up = net.connect(Number(port), host);
-      up.once("connect", () => {
-        client.pipe(up).pipe(client);
-        client.resume();
-      });
-      up.once("error", () => (up.readyState === "opening" ? tryBackend(left - 1) : client.destroy()));
-      client.once("error", () => up.destroy());
-      client.once("close", () => up.destroy());
-      up.once("close", () => client.destroy());
-    };
-    tryBackend(backends.length);
-  });
-  return new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve(server)));
-}
 
 test("drained clients reconnect to the other node", async () => {
   const lb = await balancer([A, B]);

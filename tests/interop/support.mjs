@@ -1,6 +1,7 @@
 // What the interop suites share: HS256 tokens as shardgate reads them, an official
 // client connected on the transports the run asks for, and the next occurrence of an event.
 import { createHmac } from "node:crypto";
+import net from "node:net";
 import { io } from "socket.io-client";
 
 const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
@@ -40,4 +41,27 @@ export function next(s, event, ms = 5000) {
     const t = setTimeout(() => reject(new Error(`no ${event} within ${ms}ms`)), ms);
     s.once(event, (...args) => { clearTimeout(t); resolve(args[0]); });
   });
+}
+
+/// Round-robin TCP balancer that skips a backend refusing connections.
+export function balancer(backends) {
+  let next = 0;
+  const server = net.createServer((client) => {
+    client.pause();
+    const tryBackend = (left) => {
+      if (left === 0) return client.destroy();
+      const [host, port] = backends[next++ % backends.length].split(":");
+      const up = net.connect(Number(port), host);
+      up.once("connect", () => {
+        client.pipe(up).pipe(client);
+        client.resume();
+      });
+      up.once("error", () => (up.readyState === "opening" ? tryBackend(left - 1) : client.destroy()));
+      client.once("error", () => up.destroy());
+      client.once("close", () => up.destroy());
+      up.once("close", () => client.destroy());
+    };
+    tryBackend(backends.length);
+  });
+  return new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve(server)));
 }
