@@ -68,6 +68,12 @@ impl RedisServer {
         self.spawn();
     }
 
+    /// The redis-server process id (benchmarks read its CPU time).
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// Runs one command.
     pub fn cmd(&self, args: &[&str]) -> Reply {
         self.try_cmd(args).expect("redis command")
