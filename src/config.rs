@@ -307,12 +307,6 @@ impl Config {
             ));
         }
         self.admin.validate(self.listen)?;
-        if self.runtime.recovery && self.cluster.redis.is_none() {
-            return Err(invalid(
-                "runtime.recovery",
-                "connection state recovery keeps sessions in Redis: it needs cluster.redis (--redis)",
-            ));
-        }
         if self.shards > MAX_SHARDS {
             return Err(invalid("shards", "must be at most 1024"));
         }

@@ -134,7 +134,7 @@ struct ServeArgs {
     #[arg(long, env = "SHARDGATE_LIVENESS_TTL_MS")]
     liveness_ttl_ms: Option<u64>,
     /// Connection state recovery: reconnecting clients get their rooms and missed messages
-    /// back, on any node (needs --redis).
+    /// back (on any node, with --redis).
     #[arg(long, env = "SHARDGATE_RECOVERY")]
     recovery: bool,
     /// How long after a disconnect a session can be recovered, in milliseconds.

@@ -41,6 +41,32 @@ fn next_message(c: &mut Client) -> (String, String) {
 fn a_session_is_restored_on_another_node_with_its_rooms_and_missed_messages() {
     let redis = RedisServer::start();
     let (a, b) = (node(&redis, &[]), node(&redis, &[]));
+    restore_scenario(&a, &b);
+}
+
+/// The same protocol on the embedded bus: within one process, on any of its shards.
+#[test]
+fn a_session_is_restored_within_one_process_without_redis() {
+    let a = Server::start(&["--shards", "2", "--recovery"]);
+    restore_scenario(&a, &a);
+    // Every shard takes restored sessions: reconnect until one lands on the other shard.
+    let mut ann = Client::connect(a.addr, &token("cat", "t1"));
+    let first = ann.shard();
+    let pid = ann.pid.clone().unwrap();
+    for _ in 0..20 {
+        drop(ann);
+        ann = reconnect(&a, &token("cat", "t1"), &pid, None);
+        assert_eq!(ann.pid.as_deref(), Some(pid.as_str()));
+        if ann.shard() != first {
+            return;
+        }
+    }
+    panic!("20 reconnects all landed on shard {first}");
+}
+
+/// Ann (on `a`) and bob (on `b`) in a room; ann drops, misses room and 1:1 messages,
+/// and comes back on `b` with her pid and offset.
+fn restore_scenario(a: &Server, b: &Server) {
     let mut ann = Client::connect(a.addr, &token("ann", "t1"));
     let mut bob = Client::connect(b.addr, &token("bob", "t1"));
     let pid = ann.pid.clone().expect("a pid in the CONNECT answer");
@@ -58,7 +84,9 @@ fn a_session_is_restored_on_another_node_with_its_rooms_and_missed_messages() {
 
     // Ann's transport dies; while she is away bob sends to the room and to her.
     drop(ann);
-    a.wait_for("ann's socket closed", |s| s.metric("shardgate_sessions_open") == 0);
+    a.wait_for("ann's socket closed", |s| {
+        s.metric("shardgate_sessions_open") == u64::from(std::ptr::eq(a, b))
+    });
     for i in 1..=3 {
         bob.emit_ack("message:send", json!({ "room": "lobby", "content": format!("r{i}") }));
         let ack = bob.emit_ack("message:send", json!({ "to": "ann", "content": format!("d{i}") }));
@@ -148,4 +176,13 @@ fn the_official_client_recovers_after_a_node_kill_and_a_drain() {
     assert!(out.contains("all recovered"), "{out}");
     let survivor = &nodes[0];
     assert!(survivor.metric("shardgate_recovery_restored_total") > 0);
+}
+
+#[test]
+fn the_official_client_recovers_from_transport_drops_without_redis() {
+    let srv = Server::start(&["--shards", "2", "--recovery"]);
+    let env = [("SHARDGATE_URL", format!("http://{}", srv.addr))];
+    let out = support::interop_suite("recovery-one.test.mjs", &env, || srv.log());
+    assert!(out.contains("all recovered"), "{out}");
+    assert_eq!(srv.metric("shardgate_recovery_restored_total"), 8);
 }

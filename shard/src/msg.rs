@@ -223,13 +223,50 @@ pub enum ShardMsg {
         user: Key,
         /// The new socket.
         socket: SocketRef,
+        /// Its recovery session, opened in the journal (recovery on).
+        pid: Option<Arc<str>>,
     },
-    /// To the user's home shard: a socket of `user` on `shard` closed.
+    /// To the user's home shard: a socket of `user` closed.
     UserDown {
         /// User key.
         user: Key,
-        /// Shard of the closed socket.
-        shard: ShardId,
+        /// The closed socket.
+        socket: SocketRef,
+        /// Its recovery session, and whether it stays restorable.
+        pid: Option<(Arc<str>, bool)>,
+    },
+    /// To shard 0 (recovery on the embedded bus): session `pid` joined or left `room`.
+    SessionRoom {
+        /// The session.
+        pid: Arc<str>,
+        /// Room key.
+        room: Key,
+        /// Joined (true) or left.
+        joined: bool,
+    },
+    /// To shard 0 (recovery on the embedded bus): restore session `pid` on `socket`,
+    /// answered with `Resumed`.
+    Resume {
+        /// User key from the new token.
+        user: Key,
+        /// The new socket.
+        socket: SocketRef,
+        /// The session claimed.
+        pid: Arc<str>,
+        /// The client's last processed offset.
+        offset: Option<u64>,
+    },
+    /// To shard 0 (recovery on the embedded bus): a room message to sequence, log and
+    /// send to every shard.
+    RoomLogged {
+        /// Room key.
+        room: Key,
+        /// Encoded `message:new`, without its offset.
+        frame: Frame,
+        /// Message id (the sender hears `sent`).
+        msg_id: u128,
+        /// Sender, who does not get it.
+        origin: SocketRef,
     },
     /// To the user's home shard: route a 1:1 message.
     ToUser {

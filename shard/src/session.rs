@@ -111,7 +111,7 @@ fn on_connect(
     if let Some(s) = st.conns.session(id) {
         socket_event(st, id, s, "connect", json!({}));
     }
-    let recovery = st.shared.config.recovery && st.router.bridge().is_some();
+    let recovery = st.shared.config.recovery;
     let claim = if recovery { recovery_claim(p.data.as_ref()) } else { None };
     if let Some((pid, offset)) = claim {
         // A reconnect: the bridge restores the session or says there is none
@@ -277,6 +277,10 @@ fn join_room(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value]) {
         st.rooms.add(&k, id);
         if let Some(s) = st.conns.session(id) {
             socket_event(st, id, s, "join", json!({ "room": room }));
+            if let Some(pid) = s.pid.clone() {
+                let d = st.router.session_room(pid, &k, true);
+                st.dispatch(d);
+            }
         }
         // Answered now on the embedded bus; in cluster mode by the bridge, once this
         // node receives the room's channel.
@@ -304,6 +308,10 @@ fn leave_room(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value]) {
     }
     st.rooms.remove(&k, id);
     st.push_new(id, packet::event_frame("room_left", &json!({ "room": room })));
+    if let Some(pid) = st.conns.session(id).and_then(|s| s.pid.clone()) {
+        let d = st.router.session_room(pid, &k, false);
+        st.dispatch(d);
+    }
     let d = st.router.room_left(&k, st.shard, id, true);
     st.dispatch(d);
     if let Some(s) = st.conns.session(id) {
@@ -599,6 +607,6 @@ pub(crate) fn teardown(st: &mut State, id: ConnId, s: Session, _now: u64, reason
     st.users.remove(&s.user_key, id);
     // A client that said goodbye itself does not come back for its session.
     let keep = reason != CloseReason::ClientDisconnect;
-    let d = st.router.user_down(s.user_key, st.socket(id), keep);
+    let d = st.router.user_down(s.user_key, st.socket(id), s.pid, keep);
     st.dispatch(d);
 }

@@ -116,6 +116,20 @@ impl Directory {
         }
     }
 
+    /// A restored session's socket of `user` came up at `socket` (connection state
+    /// recovery): registered like any, but its offline queue is dropped, not sent (those
+    /// messages are in the replay), and its CONNECT is answered by the restore.
+    pub fn user_resumed(&mut self, user: Key, socket: SocketRef, wall: u64, out: &mut Vec<Effect>) {
+        let entry = self.users.entry(user.clone()).or_default();
+        let was_online = entry.online();
+        bump(&mut entry.sockets, socket.shard, true);
+        entry.last_seen = wall;
+        entry.offline.clear();
+        if !was_online {
+            announce(&user, entry, true, out);
+        }
+    }
+
     /// A socket of `user` on `shard` closed; on the last one, announce offline.
     pub fn user_down(&mut self, user: Key, shard: ShardId, wall: u64, out: &mut Vec<Effect>) {
         let Some(entry) = self.users.get_mut(&user) else {

@@ -11,6 +11,7 @@
 
 pub(crate) mod conns;
 pub(crate) mod directory;
+pub(crate) mod journal;
 pub(crate) mod members;
 pub(crate) mod pending;
 pub(crate) mod router;
@@ -30,6 +31,7 @@ use crate::shared::{wall_ms, MetricsBlock, Shared};
 
 use conns::Conns;
 use directory::{Directory, Effect, Limits};
+use journal::{Journal, LogKey, Refusal};
 use members::Members;
 use pending::PendingReports;
 use router::{Dispatch, Router};
@@ -52,6 +54,9 @@ pub(crate) struct State {
     pub pending: PendingReports,
     /// Users homed on this shard (embedded bus).
     directory: Directory,
+    /// Connection state recovery on the embedded bus: shard 0's sequence, logs and
+    /// sessions.
+    journal: Option<Journal>,
     /// Embedded bus or cluster.
     pub router: Router,
     /// Messages this shard sent to itself, handled by its inbox task.
@@ -78,8 +83,10 @@ impl State {
         };
         State {
             shard,
-            router: Router::new(shared.mesh.len(), shared.bridge.clone()),
+            router: Router::new(shared.mesh.len(), shared.bridge.clone(), cfg.recovery),
             directory: Directory::new(limits),
+            journal: (cfg.recovery && shared.bridge.is_none() && shard == 0)
+                .then(|| Journal::new(cfg.recovery_log_len, cfg.max_disconnection_ms)),
             shared,
             conns: Conns::default(),
             rooms: Members::default(),
@@ -239,17 +246,45 @@ impl State {
                     }
                 }
             }
-            ShardMsg::UserUp { user, socket } => {
+            ShardMsg::UserUp { user, socket, pid } => {
+                if let (Some(j), Some(pid)) = (self.journal.as_mut(), pid) {
+                    j.open(pid, user.clone(), socket);
+                }
                 let mut out = Vec::new();
                 self.directory.user_up(user, socket, now, wall_ms(), &mut out);
                 self.apply(out);
             }
-            ShardMsg::UserDown { user, shard } => {
+            ShardMsg::UserDown { user, socket, pid } => {
+                if let (Some(j), Some((pid, keep))) = (self.journal.as_mut(), pid) {
+                    j.down(&pid, socket, keep, now);
+                }
                 let mut out = Vec::new();
-                self.directory.user_down(user, shard, wall_ms(), &mut out);
+                self.directory.user_down(user, socket.shard, wall_ms(), &mut out);
                 self.apply(out);
             }
+            ShardMsg::SessionRoom { pid, room, joined } => {
+                if let Some(j) = self.journal.as_mut() {
+                    j.room(&pid, room, joined);
+                }
+            }
+            ShardMsg::Resume { user, socket, pid, offset } => self.restore(user, socket, &pid, offset, now),
+            ShardMsg::RoomLogged { room, frame, msg_id, origin } => {
+                let frame = match self.journal.as_mut() {
+                    Some(j) => j.append(LogKey::Room(room.clone()), &frame, now),
+                    None => frame,
+                };
+                for s in 0..self.shared.mesh.len() {
+                    let except = Some(origin);
+                    self.send(s, ShardMsg::RoomDeliver { room: room.clone(), frame: frame.clone(), except });
+                }
+                let status = ShardMsg::Status { conn: origin.conn, msg_id, status: DeliveryStatus::Sent };
+                self.send(origin.shard, status);
+            }
             ShardMsg::ToUser { user, frame, msg_id, origin } => {
+                let frame = match self.journal.as_mut() {
+                    Some(j) => j.append(LogKey::User(user.clone()), &frame, now),
+                    None => frame,
+                };
                 let mut out = Vec::new();
                 self.directory.route(user, frame, msg_id, origin.into(), now, false, &mut out);
                 self.apply(out);
@@ -277,6 +312,33 @@ impl State {
             #[cfg(test)]
             ShardMsg::Test(_) => {}
         }
+    }
+
+    /// Shard 0 on the embedded bus: restores session `pid` on `socket` (registered with
+    /// its user at once, the offline queue dropped: its messages are in the replay) or
+    /// refuses it; either way the socket's shard hears `Resumed`.
+    fn restore(&mut self, user: Key, socket: SocketRef, pid: &str, offset: Option<u64>, now: u64) {
+        let restored = match self.journal.as_mut() {
+            Some(j) => j.restore(pid, &user, offset, socket, now),
+            None => Err(Refusal::Unknown),
+        };
+        let session = match restored {
+            Ok(r) => {
+                let mut out = Vec::new();
+                self.directory.user_resumed(user, socket, wall_ms(), &mut out);
+                self.apply(out);
+                Some(Restored { rooms: r.rooms, frames: r.frames })
+            }
+            Err(why) => {
+                self.metrics().inc(match why {
+                    Refusal::Unknown => Counter::RecoveryUnknown,
+                    Refusal::OtherUser => Counter::RecoveryOtherUser,
+                    Refusal::Trimmed => Counter::RecoveryTrimmed,
+                });
+                None
+            }
+        };
+        self.send(socket.shard, ShardMsg::Resumed { conn: socket.conn, session });
     }
 
     /// Carries out what the directory decided.
@@ -361,6 +423,9 @@ impl State {
     pub fn sweep_directory(&mut self, now: u64) {
         let mut out = Vec::new();
         self.directory.sweep(now, wall_ms(), &mut out);
+        if let Some(j) = self.journal.as_mut() {
+            j.sweep(now);
+        }
         self.apply(out);
     }
 }

@@ -13,10 +13,13 @@ use crate::msg::{BridgeMsg, DeliveryStatus, ShardMsg};
 
 /// How a shard reaches users beyond its own sockets.
 pub(crate) enum Router {
-    /// One process, no Redis: users are homed on shards ([`home_shard`]).
+    /// One process, no Redis: users are homed on shards ([`home_shard`]), or all on
+    /// shard 0 with connection state recovery (its journal orders what they get).
     Embedded {
         /// Shards in the process.
         shards: usize,
+        /// Connection state recovery on.
+        recovery: bool,
     },
     /// Cluster mode: the bridge's inbox.
     Cluster(Arc<Inbox<BridgeMsg>>),
@@ -35,10 +38,19 @@ pub(crate) enum Dispatch {
 
 impl Router {
     /// The router of a process with `shards` shards and, in cluster mode, a bridge.
-    pub fn new(shards: usize, bridge: Option<Arc<Inbox<BridgeMsg>>>) -> Router {
+    pub fn new(shards: usize, bridge: Option<Arc<Inbox<BridgeMsg>>>, recovery: bool) -> Router {
         match bridge {
             Some(inbox) => Router::Cluster(inbox),
-            None => Router::Embedded { shards },
+            None => Router::Embedded { shards, recovery },
+        }
+    }
+
+    /// The shard that owns `user`'s directory on the embedded bus.
+    fn home(user: &str, shards: usize, recovery: bool) -> ShardId {
+        if recovery {
+            0
+        } else {
+            home_shard(user, shards)
         }
     }
 
@@ -63,35 +75,50 @@ impl Router {
                 let sid = sid(socket.shard, socket.conn);
                 Dispatch::Bridge(BridgeMsg::SocketUp { user, sid, socket, pid })
             }
-            Router::Embedded { shards } => {
-                Dispatch::Shard(home_shard(&user, *shards), ShardMsg::UserUp { user, socket })
+            &Router::Embedded { shards, recovery } => {
+                Dispatch::Shard(Router::home(&user, shards, recovery), ShardMsg::UserUp { user, socket, pid })
             }
         }
     }
 
-    /// A socket of `user` at `socket` closed; `keep`: its recovery session stays.
-    pub fn user_down(&self, user: Key, socket: SocketRef, keep: bool) -> Dispatch {
+    /// A socket of `user` at `socket` closed; its recovery session `pid` stays
+    /// restorable if `keep`.
+    pub fn user_down(&self, user: Key, socket: SocketRef, pid: Option<Arc<str>>, keep: bool) -> Dispatch {
         let shard = socket.shard;
         match self {
             Router::Cluster(_) => {
                 let sid = sid(shard, socket.conn);
                 Dispatch::Bridge(BridgeMsg::SocketDown { user, sid, shard, keep })
             }
-            Router::Embedded { shards } => {
-                Dispatch::Shard(home_shard(&user, *shards), ShardMsg::UserDown { user, shard })
+            &Router::Embedded { shards, recovery } => {
+                let pid = pid.map(|p| (p, keep));
+                Dispatch::Shard(
+                    Router::home(&user, shards, recovery),
+                    ShardMsg::UserDown { user, socket, pid },
+                )
             }
         }
     }
 
-    /// A reconnecting socket claims recovery session `pid` (cluster mode only: the
-    /// configuration refuses recovery on the embedded bus).
+    /// A reconnecting socket claims recovery session `pid`.
     pub fn resume(&self, user: Key, socket: SocketRef, pid: Arc<str>, offset: Option<u64>) -> Dispatch {
         match self {
             Router::Cluster(_) => {
                 let sid = sid(socket.shard, socket.conn);
                 Dispatch::Bridge(BridgeMsg::Resume { user, sid, socket, pid, offset })
             }
-            Router::Embedded { .. } => Dispatch::Nothing,
+            Router::Embedded { .. } => Dispatch::Shard(0, ShardMsg::Resume { user, socket, pid, offset }),
+        }
+    }
+
+    /// Recovery session `pid` joined or left `room` (the cluster learns it from the room
+    /// registration itself).
+    pub fn session_room(&self, pid: Arc<str>, room: &Key, joined: bool) -> Dispatch {
+        match self {
+            Router::Cluster(_) => Dispatch::Nothing,
+            Router::Embedded { .. } => {
+                Dispatch::Shard(0, ShardMsg::SessionRoom { pid, room: room.clone(), joined })
+            }
         }
     }
 
@@ -101,7 +128,9 @@ impl Router {
             Router::Cluster(_) => {
                 Dispatch::Bridge(BridgeMsg::RoomLogged { room: room.clone(), frame, msg_id, origin })
             }
-            Router::Embedded { .. } => Dispatch::Nothing,
+            Router::Embedded { .. } => {
+                Dispatch::Shard(0, ShardMsg::RoomLogged { room: room.clone(), frame, msg_id, origin })
+            }
         }
     }
 
@@ -109,8 +138,9 @@ impl Router {
     pub fn direct(&self, user: Key, frame: Frame, msg_id: u128, origin: SocketRef) -> Dispatch {
         match self {
             Router::Cluster(_) => Dispatch::Bridge(BridgeMsg::ToUser { user, frame, msg_id, origin }),
-            Router::Embedded { shards } => {
-                Dispatch::Shard(home_shard(&user, *shards), ShardMsg::ToUser { user, frame, msg_id, origin })
+            &Router::Embedded { shards, recovery } => {
+                let home = Router::home(&user, shards, recovery);
+                Dispatch::Shard(home, ShardMsg::ToUser { user, frame, msg_id, origin })
             }
         }
     }
@@ -119,8 +149,9 @@ impl Router {
     pub fn bounce(&self, user: Key, frame: Frame, msg_id: u128, origin: Origin) -> Dispatch {
         match self {
             Router::Cluster(_) => Dispatch::Bridge(BridgeMsg::Bounce { user, frame, msg_id, origin }),
-            Router::Embedded { shards } => {
-                Dispatch::Shard(home_shard(&user, *shards), ShardMsg::Bounce { user, frame, msg_id, origin })
+            &Router::Embedded { shards, recovery } => {
+                let home = Router::home(&user, shards, recovery);
+                Dispatch::Shard(home, ShardMsg::Bounce { user, frame, msg_id, origin })
             }
         }
     }
@@ -176,8 +207,8 @@ impl Router {
     pub fn watch(&self, user: Key, socket: SocketRef) -> Dispatch {
         match self {
             Router::Cluster(_) => Dispatch::Bridge(BridgeMsg::Watch { user, socket }),
-            Router::Embedded { shards } => {
-                Dispatch::Shard(home_shard(&user, *shards), ShardMsg::Watch { user, socket })
+            &Router::Embedded { shards, recovery } => {
+                Dispatch::Shard(Router::home(&user, shards, recovery), ShardMsg::Watch { user, socket })
             }
         }
     }
@@ -187,8 +218,8 @@ impl Router {
     pub fn unwatch(&self, user: Key, shard: ShardId) -> Dispatch {
         match self {
             Router::Cluster(_) => Dispatch::Nothing,
-            Router::Embedded { shards } => {
-                Dispatch::Shard(home_shard(&user, *shards), ShardMsg::Unwatch { user, shard })
+            &Router::Embedded { shards, recovery } => {
+                Dispatch::Shard(Router::home(&user, shards, recovery), ShardMsg::Unwatch { user, shard })
             }
         }
     }
@@ -214,7 +245,7 @@ mod tests {
 
     #[test]
     fn the_embedded_bus_routes_to_home_shards() {
-        let r = Router::new(4, None);
+        let r = Router::new(4, None, false);
         let bob = key("t", "bob");
         let home = home_shard(&bob, 4);
         assert!(
@@ -233,7 +264,7 @@ mod tests {
     #[test]
     fn the_cluster_routes_to_the_bridge() {
         let (inbox, _) = Inbox::new(Owner::Bridge).unwrap();
-        let r = Router::new(4, Some(Arc::new(inbox)));
+        let r = Router::new(4, Some(Arc::new(inbox)), false);
         let bob = key("t", "bob");
         assert!(r.is_cluster());
         let Dispatch::Bridge(BridgeMsg::SocketUp { sid: s, .. }) = r.user_up(bob.clone(), sock(), None)
