@@ -94,7 +94,7 @@ fn restore_scenario(a: &Server, b: &Server) {
     }
     // She comes back on node b with her pid and offset: same pid, missed messages in
     // order, once, then live ones; still in the room without joining it again.
-    let mut ann = reconnect(&b, &token("ann", "t1"), &pid, Some(&offset));
+    let mut ann = reconnect(b, &token("ann", "t1"), &pid, Some(&offset));
     assert_eq!(ann.pid.as_deref(), Some(pid.as_str()), "recovered: the same pid");
     let mut last = offset.parse::<u64>().unwrap();
     let mut got = Vec::new();
