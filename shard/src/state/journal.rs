@@ -218,7 +218,7 @@ mod tests {
         j.append(LogKey::Room(key("t", "other")), &ev("x4"), 20);
         j.append(LogKey::Room(lobby.clone()), &ev("r5"), 20);
         let r = j.restore("p", &ann, Some(2), sock(2), 30).ok().unwrap();
-        assert_eq!(r.rooms, [lobby.clone()]);
+        assert_eq!(r.rooms, std::slice::from_ref(&lobby));
         assert_eq!(texts(&r.frames), [r#"42["message:new","d3","3"]"#, r#"42["message:new","r5","5"]"#]);
         // Without an offset: everything since the session began (never before the join).
         j.down("p", sock(2), true, 40);
