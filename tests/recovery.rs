@@ -186,3 +186,32 @@ fn the_official_client_recovers_from_transport_drops_without_redis() {
     assert!(out.contains("all recovered"), "{out}");
     assert_eq!(srv.metric("shardgate_recovery_restored_total"), 8);
 }
+
+#[test]
+fn a_client_further_behind_than_the_logs_gets_a_new_session() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let toml = "[runtime]\nrecovery = true\nrecovery_log_len = 5\nevents_per_second = 100000\nevent_burst = 100000\n";
+    let a = Server::start_with_config(&["--shards", "1", "--redis", url.as_str()], Some(toml));
+    a.wait_for("bridge connected to redis", |s| s.metric("shardgate_redis_up") == 1);
+    let mut ann = Client::connect(a.addr, &token("ann", "t1"));
+    let mut bob = Client::connect(a.addr, &token("bob", "t1"));
+    for c in [&mut ann, &mut bob] {
+        assert_eq!(c.emit_ack("join_room", json!("lobby"))["ok"], true);
+    }
+    bob.emit_ack("message:send", json!({ "room": "lobby", "content": "seen" }));
+    let (_, offset) = next_message(&mut ann);
+    let pid = ann.pid.clone().unwrap();
+    drop(ann);
+    a.wait_for("ann's socket closed", |s| s.metric("shardgate_sessions_open") == 1);
+    // Far more than the log keeps (it is trimmed 64 entries past its length).
+    for i in 0..300 {
+        bob.emit("message:send", json!({ "room": "lobby", "content": format!("m{i}") }));
+    }
+    assert_eq!(bob.emit_ack("message:send", json!({ "room": "lobby", "content": "last" }))["status"], "sent");
+    let mut ann = reconnect(&a, &token("ann", "t1"), &pid, Some(&offset));
+    assert_ne!(ann.pid.as_deref(), Some(pid.as_str()), "a new session");
+    assert_eq!(a.metric("shardgate_recovery_refused_trimmed_total"), 1);
+    let ack = ann.emit_ack("message:send", json!({ "room": "lobby", "content": "x" }));
+    assert_eq!(ack["code"], "not_in_room", "nothing restored: {ack}");
+}

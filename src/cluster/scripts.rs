@@ -48,14 +48,23 @@ end
 }
 
 /// `log(p, key, seq, envelope, maxlen, ttl)`: appends a recoverable message to a log
-/// stream under entry id `seq-0`, trimmed roughly to `maxlen`, expiring `ttl` ms after
-/// its last message.
+/// stream under entry id `seq-0`, expiring `ttl` ms after its last message. Once it holds
+/// 64 entries more than `maxlen`, the oldest are trimmed in one step down to `maxlen`, and
+/// the highest trimmed id is recorded as the stream's `max-deleted-entry-id` (XSETID),
+/// which RESUME reads: Redis 7.0 records it for XDEL but not for trimming.
 macro_rules! lua_log {
     () => {
         r#"
 local function log(p, key, seq, env, maxlen, ttl)
-  redis.call('XADD', key, 'MAXLEN', '~', maxlen, seq..'-0', 'e', env)
+  redis.call('XADD', key, seq..'-0', 'e', env)
   redis.call('PEXPIRE', key, ttl)
+  local extra = redis.call('XLEN', key) - tonumber(maxlen)
+  if extra >= 64 then
+    local old = redis.call('XRANGE', key, '-', '+', 'COUNT', extra)
+    local cut = tonumber(string.match(old[#old][1], '^(%d+)'))
+    redis.call('XTRIM', key, 'MINID', (cut + 1)..'-0')
+    redis.call('XSETID', key, seq..'-0', 'MAXDELETEDID', cut..'-0')
+  end
 end
 "#
     };
