@@ -5,7 +5,9 @@
 //! * **1:1**: 4 senders on node A -> 4 recipients on node B, and 4 -> 4 on node A alone
 //!   (without recovery a same-node 1:1 needs no Redis command), 10 000 messages per
 //!   sender, fire and forget, 64-byte content;
-//! * **room**: 4 senders on A, 8 members (4 on A, 4 on B), 2 500 messages per sender.
+//! * **room**: 4 senders on A, 8 members (4 on A, 4 on B), 2 500 messages per sender;
+//! * the same 1:1 and room workloads on one node without Redis (the embedded bus, where
+//!   shard 0's journal orders recoverable messages).
 //!
 //! For each: delivered messages/s, CPU per delivered message of both node processes and
 //! of redis-server (from `/proc`), Redis commands executed per message (`INFO
@@ -97,12 +99,19 @@ fn run(redis: &RedisServer, a: &Server, b: &Server, shape: Shape, tenant: &str) 
         Shape::Room => SENDERS * per_sender,
         _ => per_sender,
     };
-    let pids = [a.pid(), b.pid(), redis.pid()];
+    // One process serving both sides (the embedded bus) is counted once.
+    let pids =
+        if std::ptr::eq(a, b) { vec![a.pid(), redis.pid()] } else { vec![a.pid(), b.pid(), redis.pid()] };
     let cpu0: Vec<f64> = pids.iter().map(|&p| cpu_seconds(p)).collect();
-    let (calls0, cmds0) = (
-        redis_calls(redis),
-        a.metric("shardgate_redis_commands_total") + b.metric("shardgate_redis_commands_total"),
-    );
+    let bridges = |a: &Server, b: &Server| {
+        let m = |s: &Server| s.metric("shardgate_redis_commands_total");
+        if std::ptr::eq(a, b) {
+            m(a)
+        } else {
+            m(a) + m(b)
+        }
+    };
+    let (calls0, cmds0) = (redis_calls(redis), bridges(a, b));
     let start = Instant::now();
     let rx: Vec<_> = receivers
         .drain(..)
@@ -138,10 +147,12 @@ fn run(redis: &RedisServer, a: &Server, b: &Server, shape: Shape, tenant: &str) 
     let _senders: Vec<Client> = tx.into_iter().map(|t| t.join().unwrap()).collect();
     let delivered: usize = rx.into_iter().map(|t| t.join().unwrap()).sum();
     let secs = start.elapsed().as_secs_f64();
-    let cpu: Vec<f64> = pids.iter().zip(&cpu0).map(|(&p, c0)| cpu_seconds(p) - c0).collect();
+    let mut cpu: Vec<f64> = pids.iter().zip(&cpu0).map(|(&p, c0)| cpu_seconds(p) - c0).collect();
+    if cpu.len() == 2 {
+        cpu.insert(1, 0.0);
+    }
     let messages = (SENDERS * per_sender) as f64;
-    let cmds =
-        a.metric("shardgate_redis_commands_total") + b.metric("shardgate_redis_commands_total") - cmds0;
+    let cmds = bridges(a, b) - cmds0;
     let d = delivered.max(1) as f64;
     Turn {
         rate: delivered as f64 / secs,
@@ -175,16 +186,32 @@ fn main() {
     };
     let off = (node(false), node(false));
     let on = (node(true), node(true));
+    let alone = |recovery: bool| {
+        let mut args = vec!["--shards", "1"];
+        if recovery {
+            args.push("--recovery");
+        }
+        Server::start_with_config(&args, Some(CONFIG))
+    };
+    let (alone_off, alone_on) = (alone(false), alone(true));
     let mut results = Vec::new();
     println!("== connection state recovery: off vs on (2 nodes, 1 shard each, one redis-server)");
-    for (name, shape) in [
-        ("1:1 across nodes", Shape::Cross),
-        ("1:1 same node", Shape::Same),
-        ("room of 8 on 2 nodes", Shape::Room),
-    ] {
+    let workloads = [
+        ("1:1 across nodes", Shape::Cross, false),
+        ("1:1 same node", Shape::Same, false),
+        ("room of 8 on 2 nodes", Shape::Room, false),
+        ("embedded bus: 1:1", Shape::Same, true),
+        ("embedded bus: room of 8", Shape::Room, true),
+    ];
+    for (name, shape, embedded) in workloads {
         let mut turns: [Vec<Turn>; 2] = [Vec::new(), Vec::new()];
         for round in 0..=ROUNDS {
-            for (i, (a, b)) in [&off, &on].into_iter().enumerate() {
+            let pairs = if embedded {
+                [(&alone_off, &alone_off), (&alone_on, &alone_on)]
+            } else {
+                [(&off.0, &off.1), (&on.0, &on.1)]
+            };
+            for (i, (a, b)) in pairs.into_iter().enumerate() {
                 let t = run(&redis, a, b, shape, &format!("t{round}{i}{}", name.len()));
                 if round > 0 {
                     turns[i].push(t);
