@@ -200,13 +200,21 @@ fn the_official_client_recovers_after_a_node_is_drained_then_another_killed() {
     assert!(restored > 0);
 }
 
+/// On WebSocket, on the client's default (long-polling, then the upgrade) and on
+/// long-polling alone, where a dropped transport is an Engine.IO close (not a goodbye).
 #[test]
 fn the_official_client_recovers_from_transport_drops_without_redis() {
     let srv = Server::start(&["--shards", "2", "--recovery"]);
-    let env = [("SHARDGATE_URL", format!("http://{}", srv.addr))];
-    let out = support::interop_suite("recovery-one.test.mjs", &env, || srv.log());
-    assert!(out.contains("all recovered"), "{out}");
-    assert_eq!(srv.metric("shardgate_recovery_restored_total"), 8);
+    for (i, transports) in ["websocket", "default", "polling"].into_iter().enumerate() {
+        let env = [
+            ("SHARDGATE_URL", format!("http://{}", srv.addr)),
+            ("SHARDGATE_TRANSPORTS", transports.to_string()),
+            ("SHARDGATE_TENANT", format!("one-{transports}")),
+        ];
+        let out = support::interop_suite("recovery-one.test.mjs", &env, || srv.log());
+        assert!(out.contains("all recovered"), "{transports}: {out}");
+        assert_eq!(srv.metric("shardgate_recovery_restored_total"), 8 * (i as u64 + 1), "{transports}");
+    }
 }
 
 #[test]

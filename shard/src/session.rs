@@ -37,7 +37,12 @@ pub(crate) fn on_packet(
     let connected = st.conns.session(id).is_some();
     match p.kind {
         PacketType::Connect => on_connect(st, id, upgrade_token, p, connected, now),
-        PacketType::Disconnect if p.nsp == "/" => Err(CloseReason::ClientDisconnect),
+        PacketType::Disconnect if p.nsp == "/" => {
+            if let Some(s) = st.conns.session_mut(id) {
+                s.goodbye = true;
+            }
+            Err(CloseReason::ClientDisconnect)
+        }
         PacketType::Disconnect => Ok(()),
         PacketType::Event | PacketType::BinaryEvent if connected && p.nsp == "/" => {
             on_event(st, id, p, attachments, now)
@@ -105,6 +110,7 @@ fn on_connect(
             refilled: now,
             strikes: 0,
             pid: None,
+            goodbye: false,
         }));
     }
     st.metrics().inc(Counter::Sessions);
@@ -605,8 +611,9 @@ pub(crate) fn teardown(st: &mut State, id: ConnId, s: Session, _now: u64, reason
         unwatch(st, k, id);
     }
     st.users.remove(&s.user_key, id);
-    // A client that said goodbye itself does not come back for its session.
-    let keep = reason != CloseReason::ClientDisconnect;
+    // A client that said goodbye itself (a Socket.IO DISCONNECT) does not come back for
+    // its session; any other close, an Engine.IO close included, keeps it.
+    let keep = !s.goodbye;
     let d = st.router.user_down(s.user_key, st.socket(id), s.pid, keep);
     st.dispatch(d);
 }

@@ -3,13 +3,14 @@
 // client's transport is cut in turn (the engine closed under it, as a network drop
 // would); each reconnects, lands on any shard, and comes back `recovered` with its room
 // and every message it missed, none twice. Started by tests/recovery.rs with
-// SHARDGATE_URL and SHARDGATE_SECRET.
+// SHARDGATE_URL, SHARDGATE_TRANSPORTS (see support.mjs), SHARDGATE_TENANT and
+// SHARDGATE_SECRET.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { client, drops, everyoneBack, sleep, traffic, verify } from "./recovery.mjs";
 
 test("sessions survive transport drops within one process", async () => {
-  const clients = await Promise.all(Array.from({ length: 8 }, (_, i) => client(process.env.SHARDGATE_URL, i, "one")));
+  const clients = await Promise.all(Array.from({ length: 8 }, (_, i) => client(process.env.SHARDGATE_URL, i, process.env.SHARDGATE_TENANT ?? "one")));
   let stop = () => Promise.resolve();
   try {
     for (const s of clients) assert.equal((await s.timeout(5000).emitWithAck("join_room", "den")).ok, true);

@@ -3,7 +3,7 @@
 // (room and 1:1), and the check that nobody missed or got twice a message meant for them.
 import assert from "node:assert/strict";
 import { io } from "socket.io-client";
-import { token } from "./support.mjs";
+import { token, transports } from "./support.mjs";
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -11,7 +11,7 @@ export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 export function client(url, i, tenant, opts = {}) {
   return new Promise((resolve, reject) => {
     const s = io(url, {
-      transports: ["websocket"], forceNew: true, reconnectionDelay: 100, reconnectionDelayMax: 500,
+      ...transports(), forceNew: true, reconnectionDelay: 100, reconnectionDelayMax: 500,
       auth: { token: token(process.env.SHARDGATE_SECRET, `u${i}`, { tenant }) }, ...opts,
     });
     s.user = `u${i}`;

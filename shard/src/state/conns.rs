@@ -148,6 +148,9 @@ pub(crate) struct Session {
     pub strikes: u32,
     /// Private session id (connection state recovery on).
     pub pid: Option<std::sync::Arc<str>>,
+    /// The client sent a Socket.IO DISCONNECT: it will not come back for its session
+    /// (an Engine.IO close, a transport closing, is not a goodbye).
+    pub goodbye: bool,
 }
 
 /// Every connection of one shard.
