@@ -20,9 +20,13 @@ export function client(url, i, tenant, opts = {}) {
     s.drops = 0;
     s.reconnects = [];
     s.on("message:new", (m, offset) => { s.got.push(m.content); s.offsets.push(Number(offset)); });
-    s.on("disconnect", () => { s.drops += 1; s.lostAt = Date.now(); });
+    s.attempts = 0;
+    s.io.on("reconnect_attempt", () => { s.attempts += 1; });
+    s.on("disconnect", () => { s.drops += 1; s.lostAt = Date.now(); s.attempts = 0; });
     s.on("connect", () => {
-      if (s.lostAt !== undefined) s.reconnects.push({ recovered: s.recovered, ms: Date.now() - s.lostAt, at: s.got.length });
+      if (s.lostAt !== undefined) {
+        s.reconnects.push({ recovered: s.recovered, ms: Date.now() - s.lostAt, attempts: s.attempts, at: s.got.length });
+      }
     });
     s.once("connect", () => resolve(s));
     s.once("connect_error", reject);

@@ -34,7 +34,7 @@ test(`sessions survive ${env.SHARDGATE_STEPS}, with rooms and every message`, as
       const before = drops(clients);
       process.kill(PIDS[Number(node)], sig);
       const back = await everyoneBack(clients, before);
-      moved.push(`${sig} node ${node}: ${back.length} clients moved, back after ${back.map((s) => s.reconnects.at(-1).ms)} ms`);
+      moved.push(`${sig} node ${node}: ${back.length} clients moved, back after ${back.map((s) => `${s.reconnects.at(-1).ms} ms (${s.reconnects.at(-1).attempts} attempts)`)}`);
     }
     await sleep(800);
     await stop();
