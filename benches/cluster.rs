@@ -103,11 +103,23 @@ fn main() {
 
     println!("== bridge pipeline throughput (one connection, redis-server {} on loopback)", redis.port);
     let publish: Vec<Vec<u8>> = vec![b"PUBLISH".to_vec(), b"bench:nobody".to_vec(), vec![b'x'; 64]];
-    let route: Vec<Vec<u8>> =
-        ["EVAL", scripts::ROUTE, "0", "", "me", "t:nobody", "env", "100", "60", "frame"]
-            .iter()
-            .map(|s| s.as_bytes().to_vec())
-            .collect();
+    let route: Vec<Vec<u8>> = [
+        "EVAL",
+        scripts::ROUTE,
+        "2",
+        "user:{t:nobody}:sockets",
+        "offline:{t:nobody}",
+        "",
+        "me",
+        "t:nobody",
+        "env",
+        "100",
+        "60",
+        "frame",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
     let mut results = Vec::new();
     for (name, cmd) in [("PUBLISH 64B", publish), ("EVAL ROUTE (offline user)", route)] {
         let base = pipeline_throughput(&url, cmd.clone(), 1, dur);
@@ -116,7 +128,7 @@ fn main() {
             println!("{name:<28} batch {batch:>5}: {rate:>12.0} commands/s  ({:.1}x batch 1)", rate / base);
             results.push(json!({ "command": name, "batch": batch, "commands_per_sec": rate.round(), "ratio_to_batch_1": rate / base }));
         }
-        redis.cmd(&["DEL", "offline:t:nobody"]);
+        redis.cmd(&["DEL", "offline:{t:nobody}"]);
     }
     let reference = redis_benchmark(redis.port, 128);
     if let Some(r) = reference {

@@ -86,7 +86,7 @@ fn direct_messages_rooms_offline_and_presence_across_nodes() {
     other.expect_no_event("message:new", Duration::from_millis(300));
 
     // Registry keys as documented.
-    let sockets = redis.members("user:t1:bob:sockets");
+    let sockets = redis.members("user:{t1:bob}:sockets");
     assert_eq!(sockets.len(), 2, "{sockets:?}");
     assert!(redis.members("nodes").len() >= 3);
 }
@@ -117,7 +117,7 @@ fn crashed_node_users_go_offline_and_redis_restart_recovers() {
     // Liveness TTL 600 ms: the survivor sweeps the dead node's registry. (An "online"
     // may be seen twice first: the subscription's answer and the earlier publish.)
     expect_presence(&mut watcher, "offline");
-    assert!(redis.members("user:t1:victim:sockets").is_empty());
+    assert!(redis.members("user:{t1:victim}:sockets").is_empty());
     a.wait_for("sweep counted", |s| s.metric("shardgate_cluster_swept_sockets_total") >= 1);
 
     // Redis restarts with nothing: nodes reconnect, re-register and route again.
@@ -126,7 +126,7 @@ fn crashed_node_users_go_offline_and_redis_restart_recovers() {
     redis.restart();
     a.wait_for("node a reconnected", |s| s.metric("shardgate_redis_connects_total") >= 2);
     c.wait_for("node c reconnected", |s| s.metric("shardgate_redis_connects_total") >= 2);
-    a.wait_for("bob re-registered", |_| redis.members("user:t1:bob:sockets").len() == 1);
+    a.wait_for("bob re-registered", |_| redis.members("user:{t1:bob}:sockets").len() == 1);
     let ack = watcher.emit_ack("message:send", json!({ "to": "bob", "content": "after restart" }));
     assert_eq!(ack["status"], "delivered", "{ack}");
     assert_eq!(bob.expect_event("message:new")["content"], "after restart");
@@ -153,7 +153,7 @@ fn processes_sharing_one_port_are_distinct_members() {
     // SO_REUSEPORT spreads connections over both processes; each registers under its id.
     let mut clients = Vec::new();
     let servers = || {
-        redis.members("nodes").iter().filter(|s| matches!(redis.cmd(&["HLEN", &format!("connections:{s}")]), shardgate_io::resp::Reply::Integer(n) if n > 0)).count()
+        redis.members("nodes").iter().filter(|s| matches!(redis.cmd(&["HLEN", &format!("connections:{{{s}}}")]), shardgate_io::resp::Reply::Integer(n) if n > 0)).count()
     };
     while servers() < 2 {
         assert!(clients.len() < 64, "connections never reached the second process");
@@ -177,11 +177,11 @@ fn redis_password_and_database_index_are_honoured() {
     s.wait_for("bridge connected", |s| s.metric("shardgate_redis_up") == 1);
     let _c = Client::connect(s.addr, &token("zed", "t1"));
     assert_eq!(
-        redis.cmd_authed("s3cret-pass", 3, &["SCARD", "user:t1:zed:sockets"]),
+        redis.cmd_authed("s3cret-pass", 3, &["SCARD", "user:{t1:zed}:sockets"]),
         shardgate_io::resp::Reply::Integer(1)
     );
     assert_eq!(
-        redis.cmd_authed("s3cret-pass", 0, &["SCARD", "user:t1:zed:sockets"]),
+        redis.cmd_authed("s3cret-pass", 0, &["SCARD", "user:{t1:zed}:sockets"]),
         shardgate_io::resp::Reply::Integer(0)
     );
 
@@ -220,13 +220,13 @@ fn route_cache_serves_repeat_messages_and_follows_registry_changes() {
     // Bob's desktop closes; the phone's node dies before anyone sweeps it: the cached
     // PUBLISH reaches nobody, the registry is asked again, and the message is queued.
     drop(bob);
-    b.wait_for("bob's desktop unregistered", |_| redis.members("user:t1:bob:sockets").len() == 1);
+    b.wait_for("bob's desktop unregistered", |_| redis.members("user:{t1:bob}:sockets").len() == 1);
     let mut c = c;
     c.signal(libc::SIGKILL);
     c.wait_exit(Duration::from_secs(5)).expect("killed");
     // Once Redis noticed the dead node's pub/sub connection, nobody receives its channel.
     a.wait_for("redis dropped node c's subscription", |_| {
-        matches!(redis.cmd(&["PUBSUB", "NUMSUB", "server:node-c"]), shardgate_io::resp::Reply::Array(r) if r.get(1) == Some(&shardgate_io::resp::Reply::Integer(0)))
+        matches!(redis.cmd(&["PUBSUB", "NUMSUB", "server:{node-c}"]), shardgate_io::resp::Reply::Array(r) if r.get(1) == Some(&shardgate_io::resp::Reply::Integer(0)))
     });
     assert_eq!(send(&mut alice, 101)["status"], "queued");
     let mut back = Client::connect(a.addr, &token("bob", "t1"));
@@ -272,8 +272,8 @@ fn sigterm_leaves_the_cluster_at_once() {
     assert_eq!(leaving.expect_closed().1, "server_shutdown");
     expect_presence(&mut watcher, "offline");
     assert!(b.wait_exit(Duration::from_secs(10)).expect("exited").success());
-    assert!(redis.members("user:t1:leaving:sockets").is_empty());
-    assert!(redis.members("room:t1:r").is_empty());
+    assert!(redis.members("user:{t1:leaving}:sockets").is_empty());
+    assert!(redis.members("room:{t1:r}").is_empty());
     assert_eq!(redis.members("nodes").len(), 1);
 }
 
@@ -353,7 +353,7 @@ fn a_drained_node_leaves_without_flapping_presence_of_users_connected_elsewhere(
             assert!(name != "presence" || args[0]["status"] == "online", "{name} {args:?}");
         }
     }
-    assert_eq!(redis.members("user:t1:carol:sockets").len(), 1, "only the laptop is registered");
-    assert!(redis.members("room:t1:r").is_empty());
+    assert_eq!(redis.members("user:{t1:carol}:sockets").len(), 1, "only the laptop is registered");
+    assert!(redis.members("room:{t1:r}").is_empty());
     assert_eq!(redis.members("nodes").len(), 1);
 }

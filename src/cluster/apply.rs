@@ -224,7 +224,7 @@ mod tests {
         let origin = Origin { server: Some("n2".into()), shard: 1, conn: ConnId::from_u64(9) };
         let mut next = Batch::default();
         apply(&c, Then::Bounced { origin, msg_id: 4 }, Reply::Integer(1), &mut next);
-        assert_eq!(commands(&next)[0][..2], ["PUBLISH", "p:server:n2"]);
+        assert_eq!(commands(&next)[0][..2], ["PUBLISH", "p:server:{n2}"]);
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! Every Redis key and channel name the bridge uses, built and parsed here only.
 //!
 //! Names follow docs/redis.md: an optional global prefix, then the seed's names, with
-//! tenant-qualified ids written as `{tenant}:{id}` ([`redis_id`]). The Lua scripts
-//! (`scripts.rs`) receive the prefix and build the same names; the table in docs/redis.md
-//! is the contract both sides keep.
+//! tenant-qualified ids written as `tenant:id` ([`redis_id`]). The owner of a key (a user,
+//! a room, a server) is in braces, a Redis Cluster hash tag: every key one decision
+//! touches shares a slot (`docs/redis-cluster.md`). The scripts (`scripts.rs`) get their
+//! keys in KEYS, built here; the table in docs/redis.md is the contract.
 
 use shardgate_shard::msg::{key, Key};
 
@@ -70,29 +71,49 @@ impl Keys {
         s
     }
 
-    /// `room:{room}`: the room's member set (`server|sid`) and its broadcast channel.
+    /// `room:{T:R}`: the room's member set (`server|sid`) and its broadcast channel.
     pub fn room(&self, room: &str) -> String {
-        self.name(&["room:", &redis_id(room)])
+        self.name(&["room:{", &redis_id(room), "}"])
     }
 
-    /// `rooms:{server}`: rooms with members on `server` (for the sweep of a dead node).
+    /// `rooms:{S}`: rooms with members on `server` (for the sweep of a dead node).
     pub fn server_rooms(&self, server: &str) -> String {
-        self.name(&["rooms:", server])
+        self.name(&["rooms:{", server, "}"])
     }
 
-    /// `server:{id}`: the node's own channel.
+    /// `connections:{S}`: the sockets of `server` (sid -> user), for its sweep.
+    pub fn connections(&self, server: &str) -> String {
+        self.name(&["connections:{", server, "}"])
+    }
+
+    /// `server:{S}`: the node's own channel.
     pub fn server(&self, server: &str) -> String {
-        self.name(&["server:", server])
+        self.name(&["server:{", server, "}"])
     }
 
-    /// `presence:{user}`: `online|ts` or `offline|lastSeen`.
+    /// `user:{T:U}:sockets`: every socket of the user, `server|sid`.
+    pub fn user_sockets(&self, user: &str) -> String {
+        self.name(&["user:{", &redis_id(user), "}:sockets"])
+    }
+
+    /// `presence:{T:U}`: `online|ts` or `offline|lastSeen`.
     pub fn presence(&self, user: &str) -> String {
-        self.name(&["presence:", &redis_id(user)])
+        self.name(&["presence:{", &redis_id(user), "}"])
     }
 
-    /// `typing:{room}`: hash user -> expiry.
+    /// `offline:{T:U}`: the user's offline queue.
+    pub fn offline(&self, user: &str) -> String {
+        self.name(&["offline:{", &redis_id(user), "}"])
+    }
+
+    /// The keys of the user scripts (UP, DOWN, ROUTE, ...): sockets, presence, queue.
+    pub fn user_keys(&self, user: &str) -> [String; 3] {
+        [self.user_sockets(user), self.presence(user), self.offline(user)]
+    }
+
+    /// `typing:{T:R}`: hash user -> expiry.
     pub fn typing(&self, room: &str) -> String {
-        self.name(&["typing:", &redis_id(room)])
+        self.name(&["typing:{", &redis_id(room), "}"])
     }
 
     /// `session:{pid}`: a recovery session (hash: `user`, `from`, `sid`); its rooms are
@@ -106,9 +127,9 @@ impl Keys {
         self.name(&["session:", pid, ":rooms"])
     }
 
-    /// `node:{id}`: the node's liveness key.
+    /// `node:{S}`: the node's liveness key.
     pub fn node(&self, server: &str) -> String {
-        self.name(&["node:", server])
+        self.name(&["node:{", server, "}"])
     }
 
     /// `nodes`: every node that registered.
@@ -135,13 +156,13 @@ impl Keys {
     /// this deployment does not publish.
     pub fn parse_channel(&self, channel: &[u8]) -> Option<Channel> {
         let name = std::str::from_utf8(channel).ok()?.strip_prefix(self.prefix.as_str())?;
-        if let Some(room) = name.strip_prefix("room:") {
+        if let Some(room) = name.strip_prefix("room:{").and_then(|r| r.strip_suffix('}')) {
             return from_redis_id(room).map(Channel::Room);
         }
         match name {
             "registry:changes" => Some(Channel::RegistryChanges),
             "presence:updates" => Some(Channel::PresenceUpdates),
-            _ if name.starts_with("server:") => Some(Channel::Server),
+            _ if name.starts_with("server:{") => Some(Channel::Server),
             _ => None,
         }
     }
@@ -166,19 +187,21 @@ mod tests {
     fn names_are_built_and_parsed_in_one_place() {
         let k = Keys::new("sg:");
         let room = key("acme", "lobby");
-        assert_eq!(k.room(&room), "sg:room:acme:lobby");
+        assert_eq!(k.room(&room), "sg:room:{acme:lobby}");
+        assert_eq!(k.user_sockets(&key("acme", "bob")), "sg:user:{acme:bob}:sockets");
         assert_eq!(k.parse_channel(k.room(&room).as_bytes()), Some(Channel::Room(room)));
         assert_eq!(k.parse_channel(k.server("n1").as_bytes()), Some(Channel::Server));
         assert_eq!(k.parse_channel(k.registry_changes().as_bytes()), Some(Channel::RegistryChanges));
         assert_eq!(k.parse_channel(k.presence_updates().as_bytes()), Some(Channel::PresenceUpdates));
-        assert_eq!(k.parse_channel(b"other:room:acme:lobby"), None);
-        assert_eq!(k.parse_channel(b"sg:room:no-tenant-separator"), None);
+        assert_eq!(k.parse_channel(b"other:room:{acme:lobby}"), None);
+        assert_eq!(k.parse_channel(b"sg:room:{no-tenant-separator}"), None);
         assert_eq!(k.parse_channel(b"sg:\xff"), None);
-        assert_eq!(k.presence(&key("acme", "bob")), "sg:presence:acme:bob");
-        assert_eq!(k.typing(&key("acme", "r")), "sg:typing:acme:r");
+        assert_eq!(k.presence(&key("acme", "bob")), "sg:presence:{acme:bob}");
+        assert_eq!(k.offline(&key("acme", "bob")), "sg:offline:{acme:bob}");
+        assert_eq!(k.typing(&key("acme", "r")), "sg:typing:{acme:r}");
         assert_eq!(
-            (k.node("n1"), k.nodes(), k.server_rooms("n1")),
-            ("sg:node:n1".to_string(), "sg:nodes".to_string(), "sg:rooms:n1".to_string())
+            (k.node("n1"), k.nodes(), k.server_rooms("n1"), k.connections("n1")),
+            ("sg:node:{n1}".into(), "sg:nodes".into(), "sg:rooms:{n1}".into(), "sg:connections:{n1}".into())
         );
         assert_eq!(Keys::room_member("n1", "00ab"), "n1|00ab");
     }

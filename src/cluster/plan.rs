@@ -18,7 +18,8 @@ use super::keys::{redis_id, Keys};
 use super::scripts;
 use super::state::Cluster;
 
-/// EVAL's key count: the scripts take the prefix and build their keys (single Redis).
+/// EVAL's key count of SWEEP and the recovery scripts, which build their keys themselves
+/// (single Redis; `docs/redis-cluster.md`).
 const NO_KEYS: &str = "0";
 
 /// What to do with the reply of one pipelined command.
@@ -145,14 +146,38 @@ fn deliver_envelope(c: &Cluster, user: &str, msg_id: u128, origin: SocketRef, fr
     env.to_vec().unwrap_or_default()
 }
 
-/// Registers socket `sid` of `user` (the UP script), answering its CONNECT or not.
+/// Registers socket `sid` of `user`: in the server's socket list (for its sweep), then
+/// the UP script on the user's keys, answering its CONNECT or not.
 pub fn register(c: &Cluster, batch: &mut Batch, user: &Key, sid: &str, socket: SocketRef, answer: bool) {
     let s = &c.settings;
-    let (now, ttl) = (wall_ms().to_string(), s.presence_ttl_secs.to_string());
+    let (now, ttl, u) = (wall_ms().to_string(), s.presence_ttl_secs.to_string(), redis_id(user));
+    batch.cmd(&["HSET", &c.keys.connections(c.me()), sid, &u], Then::Ignore);
+    let [k1, k2, k3] = c.keys.user_keys(user);
     batch.cmd(
-        &["EVAL", scripts::UP, NO_KEYS, c.keys.prefix(), c.me(), sid, &redis_id(user), &now, &ttl],
+        &["EVAL", scripts::UP, "3", &k1, &k2, &k3, c.keys.prefix(), c.me(), sid, &u, &now, &ttl],
         Then::Drain { socket, answer, user: user.clone() },
     );
+}
+
+/// Unregisters socket `sid` of `user` on `server` (the DOWN script on the user's keys);
+/// the socket list of the server is the caller's.
+pub fn unregister(c: &Cluster, batch: &mut Batch, server: &str, user: &Key, sid: &str, then: Then) {
+    let (now, retention) = (wall_ms().to_string(), c.settings.presence_retention_secs.to_string());
+    let (k1, k2) = (c.keys.user_sockets(user), c.keys.presence(user));
+    let args = [
+        "EVAL",
+        scripts::DOWN,
+        "2",
+        &k1,
+        &k2,
+        c.keys.prefix(),
+        server,
+        sid,
+        &redis_id(user),
+        &now,
+        &retention,
+    ];
+    batch.cmd(&args, then);
 }
 
 /// Sweeps what server `server` registered (SWEEP script); `force` for this node's own.
@@ -226,21 +251,8 @@ pub fn plan(c: &Cluster, msg: BridgeMsg, batch: &mut Batch) {
                 }
                 None => {}
             }
-            let (now, retention) = (wall_ms().to_string(), s.presence_retention_secs.to_string());
-            batch.cmd(
-                &[
-                    "EVAL",
-                    scripts::DOWN,
-                    NO_KEYS,
-                    c.keys.prefix(),
-                    me,
-                    &sid,
-                    &redis_id(&user),
-                    &now,
-                    &retention,
-                ],
-                Then::Down(user.clone()),
-            );
+            batch.cmd(&["HDEL", &c.keys.connections(me), &sid], Then::Ignore);
+            unregister(c, batch, me, &user, &sid, Then::Down(user.clone()));
             if let (Some(pid), Some(r)) = (pid, s.recovery) {
                 let ttl = if keep { r.max_disconnection_ms.to_string() } else { "del".to_string() };
                 let at = Keys::room_member(me, &sid);
@@ -328,13 +340,13 @@ pub fn plan(c: &Cluster, msg: BridgeMsg, batch: &mut Batch) {
         }
         BridgeMsg::Bounce { user, frame, msg_id, origin } => {
             let (cap, ttl) = (s.offline_queue_len.max(1).to_string(), s.offline_ttl_secs.to_string());
-            let u = redis_id(&user);
+            let (k1, k2) = (c.keys.user_sockets(&user), c.keys.offline(&user));
             let args: [&[u8]; 8] = [
                 b"EVAL",
                 scripts::QUEUE_IF_OFFLINE.as_bytes(),
-                NO_KEYS.as_bytes(),
-                c.keys.prefix().as_bytes(),
-                u.as_bytes(),
+                b"2",
+                k1.as_bytes(),
+                k2.as_bytes(),
                 cap.as_bytes(),
                 ttl.as_bytes(),
                 &frame,
@@ -389,10 +401,13 @@ fn route(c: &Cluster, batch: &mut Batch, user: Key, frame: Frame, msg_id: u128, 
     let (cap, ttl) = (s.offline_queue_len.max(1).to_string(), s.offline_ttl_secs.to_string());
     let u = redis_id(&user);
     let f = frame.clone();
-    let args: [&[u8]; 10] = [
+    let (k1, k2) = (c.keys.user_sockets(&user), c.keys.offline(&user));
+    let args: [&[u8]; 12] = [
         b"EVAL",
         scripts::ROUTE.as_bytes(),
-        NO_KEYS.as_bytes(),
+        b"2",
+        k1.as_bytes(),
+        k2.as_bytes(),
         c.keys.prefix().as_bytes(),
         c.me().as_bytes(),
         u.as_bytes(),
@@ -414,10 +429,13 @@ fn route_logged(c: &Cluster, batch: &mut Batch, user: Key, frame: Frame, msg_id:
     let (cap, ttl) = (s.offline_queue_len.max(1).to_string(), s.offline_ttl_secs.to_string());
     let (len, live) = (r.log_len.to_string(), r.live_ttl_ms.to_string());
     let u = redis_id(&user);
-    let args: [&[u8]; 10] = [
+    let (k1, k2) = (c.keys.user_sockets(&user), c.keys.offline(&user));
+    let args: [&[u8]; 12] = [
         b"EVAL",
         scripts::ROUTE_LOGGED.as_bytes(),
-        NO_KEYS.as_bytes(),
+        b"2",
+        k1.as_bytes(),
+        k2.as_bytes(),
         c.keys.prefix().as_bytes(),
         u.as_bytes(),
         &env,
@@ -456,10 +474,13 @@ mod tests {
             &mut b,
         );
         let cmds = commands(&b);
-        assert_eq!(cmds.len(), 1);
-        assert_eq!((cmds[0][0].as_str(), cmds[0][2].as_str()), ("EVAL", "0"));
-        assert_eq!(&cmds[0][3..7], ["p:", "me", "00ab", "t:bob"]);
-        assert!(matches!(b.then[0], Then::Drain { answer: true, .. }));
+        assert_eq!(cmds.len(), 2);
+        assert_eq!(cmds[0], ["HSET", "p:connections:{me}", "00ab", "t:bob"]);
+        assert_eq!((cmds[1][0].as_str(), cmds[1][2].as_str()), ("EVAL", "3"));
+        // The user's keys, all in one slot (the hash tag), then the values.
+        assert_eq!(&cmds[1][3..6], ["p:user:{t:bob}:sockets", "p:presence:{t:bob}", "p:offline:{t:bob}"]);
+        assert_eq!(&cmds[1][6..10], ["p:", "me", "00ab", "t:bob"]);
+        assert!(matches!(b.then[1], Then::Drain { answer: true, .. }));
         assert_eq!(c.mirror.borrow().shards_of(&key("t", "bob")), vec![0]);
     }
 
@@ -478,14 +499,14 @@ mod tests {
         plan(&c, join("a"), &mut b);
         plan(&c, join("b"), &mut b);
         let cmds = commands(&b);
-        assert_eq!(cmds[0], ["SADD", "p:room:t:lobby", "me|a"]);
-        assert_eq!(cmds[1], ["SADD", "p:rooms:me", "t:lobby"]);
-        assert_eq!(cmds[2], ["SADD", "p:room:t:lobby", "me|b"]);
+        assert_eq!(cmds[0], ["SADD", "p:room:{t:lobby}", "me|a"]);
+        assert_eq!(cmds[1], ["SADD", "p:rooms:{me}", "t:lobby"]);
+        assert_eq!(cmds[2], ["SADD", "p:room:{t:lobby}", "me|b"]);
         assert_eq!(cmds.len(), 3);
         let subs = c.subs.borrow().clone().unwrap();
         assert_eq!(String::from_utf8_lossy(&subs).matches("SUBSCRIBE").count(), 1);
         assert!(drain_shard(&c, 0).is_empty(), "nobody is answered before the subscription");
-        c.release_joins("p:room:t:lobby");
+        c.release_joins("p:room:{t:lobby}");
         let ready = drain_shard(&c, 0);
         assert_eq!(ready.len(), 2);
         assert!(ready.iter().all(|m| matches!(m, ShardMsg::RoomReady { ack: Some(1), .. })));
@@ -498,7 +519,7 @@ mod tests {
             plan(&c, BridgeMsg::RoomLeave { room: room.clone(), sid: sid.into(), forget: true }, &mut b);
         }
         let cmds = commands(&b);
-        assert_eq!(cmds.last().unwrap(), &["SREM", "p:rooms:me", "t:lobby"]);
+        assert_eq!(cmds.last().unwrap(), &["SREM", "p:rooms:{me}", "t:lobby"]);
         assert_eq!(cmds.len(), 4);
         let subs = c.subs.borrow().clone().unwrap();
         assert_eq!(String::from_utf8_lossy(&subs).matches("UNSUBSCRIBE").count(), 1);
@@ -526,7 +547,7 @@ mod tests {
         let mut b = Batch::default();
         to(&mut b);
         let cmds = commands(&b);
-        assert_eq!((cmds.len(), cmds[0][0].as_str(), cmds[0][1].as_str()), (1, "PUBLISH", "p:server:n2"));
+        assert_eq!((cmds.len(), cmds[0][0].as_str(), cmds[0][1].as_str()), (1, "PUBLISH", "p:server:{n2}"));
         assert!(matches!(b.then[..], [Then::Cached { local: false, .. }]));
         // Known all-local: no Redis command, delivered on the shard.
         c.mirror.borrow_mut().observe(&BridgeMsg::SocketUp {
@@ -550,7 +571,7 @@ mod tests {
         let mut b = Batch::default();
         plan(&c, BridgeMsg::Ack { origin, msg_id: 3, status: DeliveryStatus::Queued }, &mut b);
         let cmds = commands(&b);
-        assert_eq!(cmds[0][1], "p:server:n2");
+        assert_eq!(cmds[0][1], "p:server:{n2}");
         let raw = commands_raw(&b);
         let env = shardgate_io::envelope::decode(&raw[0][2]).unwrap();
         assert_eq!(

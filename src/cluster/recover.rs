@@ -207,10 +207,27 @@ fn send_resume(c: &Cluster, sid: &str, batch: &mut Batch) {
     let offset = offset.map(|o| o.to_string()).unwrap_or_default();
     let u = redis_id(&user);
     let live = r.live_ttl_ms.to_string();
-    batch.cmd(
-        &["EVAL", scripts::RESUME, "0", c.keys.prefix(), c.me(), sid, &u, &now, &ttl, &pid, &offset, &live],
-        Then::Resume { sid: sid.to_string() },
-    );
+    // In the server's socket list first (for its sweep), as any registration.
+    batch.cmd(&["HSET", &c.keys.connections(c.me()), sid, &u], Then::Ignore);
+    let [k1, k2, k3] = c.keys.user_keys(&user);
+    let args = [
+        "EVAL",
+        scripts::RESUME,
+        "3",
+        &k1,
+        &k2,
+        &k3,
+        c.keys.prefix(),
+        c.me(),
+        sid,
+        &u,
+        &now,
+        &ttl,
+        &pid,
+        &offset,
+        &live,
+    ];
+    batch.cmd(&args, Then::Resume { sid: sid.to_string() });
 }
 
 /// Undoes a claim's room memberships on this node.

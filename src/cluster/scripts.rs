@@ -2,22 +2,25 @@
 //! "first socket of a user" / "last socket" / "no socket anywhere, so queue" decisions
 //! correct when several nodes act on the same user at once.
 //!
-//! Every script takes the key prefix as `ARGV[1]` and builds the documented keys itself
-//! (docs/redis.md); they assume a single Redis (not Redis Cluster). Steps two scripts
-//! share are Lua functions defined once (the macros below) and prepended with `concat!`.
+//! Every script declares the keys it touches in KEYS, all of one owner (a user, a room, a
+//! server: one hash slot, `docs/redis-cluster.md`), built by `keys.rs`; ARGV carries the
+//! prefix (for channel names) and values. A user's keys: `KEYS[1]` = `user:{T:U}:sockets`,
+//! `KEYS[2]` = `presence:{T:U}`, `KEYS[3]` = `offline:{T:U}`. Steps two scripts share are
+//! Lua functions defined once (the macros below) and prepended with `concat!`. SWEEP and
+//! the recovery scripts at the end still build keys of several owners themselves: they
+//! need a single Redis (`docs/redis-cluster.md`).
 
-/// `unregister(p, server, sid, user, now, ttl)`: removes the socket from the user's set
-/// and announces the change; on the user's last socket cluster-wide, records lastSeen
-/// and publishes offline. Returns true if the user went offline.
+/// `unregister(sockets, presence, p, server, sid, user, now, ttl)`: removes the socket from
+/// the user's set and announces the change; on the user's last socket cluster-wide,
+/// records lastSeen and publishes offline. Returns true if the user went offline.
 macro_rules! lua_unregister {
     () => {
         r#"
-local function unregister(p, s, sid, u, now, ttl)
-  local k = p..'user:'..u..':sockets'
+local function unregister(k, kp, p, s, sid, u, now, ttl)
   redis.call('SREM', k, s..'|'..sid)
   redis.call('PUBLISH', p..'registry:changes', u)
   if redis.call('SCARD', k) > 0 then return false end
-  redis.call('SET', p..'presence:'..u, 'offline|'..now, 'EX', ttl)
+  redis.call('SET', kp, 'offline|'..now, 'EX', ttl)
   redis.call('PUBLISH', p..'presence:updates', cjson.encode({user=u, status='offline', lastSeen=tonumber(now)}))
   return true
 end
@@ -25,17 +28,15 @@ end
     };
 }
 
-/// `register(p, server, sid, user, now, ttl)`: adds the socket to the registry, marks the
-/// user online (publishing on the first socket cluster-wide) and announces the change.
-/// Returns true on the user's first socket.
+/// `register(sockets, presence, p, server, sid, user, now, ttl)`: adds the socket to the
+/// user's set, marks the user online (publishing on the first socket cluster-wide) and
+/// announces the change. Returns true on the user's first socket.
 macro_rules! lua_register {
     () => {
         r#"
-local function register(p, me, sid, u, now, ttl)
-  redis.call('HSET', p..'connections:'..me, sid, u)
-  local k = p..'user:'..u..':sockets'
+local function register(k, kp, p, me, sid, u, now, ttl)
   redis.call('SADD', k, me..'|'..sid)
-  redis.call('SET', p..'presence:'..u, 'online|'..now, 'EX', ttl)
+  redis.call('SET', kp, 'online|'..now, 'EX', ttl)
   local first = redis.call('SCARD', k) == 1
   if first then
     redis.call('PUBLISH', p..'presence:updates', cjson.encode({user=u, status='online', lastSeen=tonumber(now)}))
@@ -70,12 +71,11 @@ end
     };
 }
 
-/// `enqueue(p, user, frame, cap, ttl)`: appends to the user's bounded offline queue.
+/// `enqueue(queue, frame, cap, ttl)`: appends to a user's bounded offline queue.
 macro_rules! lua_enqueue {
     () => {
         r#"
-local function enqueue(p, u, frame, cap, ttl)
-  local q = p..'offline:'..u
+local function enqueue(q, frame, cap, ttl)
   redis.call('RPUSH', q, frame)
   redis.call('LTRIM', q, -tonumber(cap), -1)
   redis.call('EXPIRE', q, ttl)
@@ -84,93 +84,96 @@ end
     };
 }
 
-/// Register socket `ARGV[3]` of user `ARGV[4]` on server `ARGV[2]`; mark online (publishing on
-/// the user's first socket cluster-wide); return {1 if it was the first socket else 0,
+/// Register socket `ARGV[3]` of user `ARGV[4]` on server `ARGV[2]`; mark online (publishing
+/// on the user's first socket cluster-wide); return {1 if it was the first socket else 0,
 /// the user's offline queue...} and clear the queue.
-/// ARGV: prefix, server, sid, user, now_ms, presence_ttl_secs.
+/// KEYS: the user's. ARGV: prefix, server, sid, user, now_ms, presence_ttl_secs.
 pub const UP: &str = concat!(
     lua_register!(),
     r#"
 local p, me, sid, u, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local out = {0}
-if register(p, me, sid, u, now, ARGV[6]) then out[1] = 1 end
-local q = redis.call('LRANGE', p..'offline:'..u, 0, -1)
-if #q > 0 then redis.call('DEL', p..'offline:'..u) end
+if register(KEYS[1], KEYS[2], p, me, sid, u, now, ARGV[6]) then out[1] = 1 end
+local q = redis.call('LRANGE', KEYS[3], 0, -1)
+if #q > 0 then redis.call('DEL', KEYS[3]) end
 for _, f in ipairs(q) do table.insert(out, f) end
 return out
 "#
 );
 
 /// Unregister socket `ARGV[3]` of user `ARGV[4]`; on the user's last socket cluster-wide,
-/// record lastSeen and publish offline. ARGV: prefix, server, sid, user, now_ms,
-/// retention_secs.
+/// record lastSeen and publish offline; 1 if the user went offline. The sweep of a dead
+/// server runs it for each of its sockets. KEYS: the user's sockets and presence.
+/// ARGV: prefix, server, sid, user, now_ms, retention_secs.
 pub const DOWN: &str = concat!(
     lua_unregister!(),
     r#"
-local p, me, sid, u, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-redis.call('HDEL', p..'connections:'..me, sid)
-if unregister(p, me, sid, u, now, ARGV[6]) then return 1 end
+if unregister(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]) then return 1 end
 return 0
 "#
 );
 
 /// Route a 1:1 message: publish envelope `ARGV[4]` to every other server holding a socket
 /// of user `ARGV[3]`; return {receivers, "server,server,...", local sids...}, or {-1}
-/// after queueing frame `ARGV[7]` when no socket is reachable. ARGV: prefix, server, user, envelope, cap,
-/// offline_ttl_secs, frame.
+/// after queueing frame `ARGV[7]` when no socket is reachable. KEYS: the user's sockets
+/// and queue. ARGV: prefix, server, user, envelope, cap, offline_ttl_secs, frame.
 pub const ROUTE: &str = concat!(
     lua_enqueue!(),
     r#"
-local p, me, u = ARGV[1], ARGV[2], ARGV[3]
+local p, me = ARGV[1], ARGV[2]
 local servers, names, out = {}, {}, {0, ''}
-for _, m in ipairs(redis.call('SMEMBERS', p..'user:'..u..':sockets')) do
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local s, sid = string.match(m, '^(.-)|(.*)$')
   if s == me then table.insert(out, sid) elseif s then servers[s] = true end
 end
 for s, _ in pairs(servers) do
-  out[1] = out[1] + redis.call('PUBLISH', p..'server:'..s, ARGV[4])
+  out[1] = out[1] + redis.call('PUBLISH', p..'server:{'..s..'}', ARGV[4])
   table.insert(names, s)
 end
 out[2] = table.concat(names, ',')
 if out[1] == 0 and #out == 2 then
-  enqueue(p, u, ARGV[7], ARGV[5], ARGV[6])
+  enqueue(KEYS[2], ARGV[7], ARGV[5], ARGV[6])
   return {-1}
 end
 return out
 "#
 );
 
-/// Queue frame `ARGV[5]` for user `ARGV[2]` if the user has no socket anywhere; 1 if queued.
-/// ARGV: prefix, user, cap, offline_ttl_secs, frame.
+/// Queue frame `ARGV[3]` if the user has no socket anywhere; 1 if queued. KEYS: the
+/// user's sockets and queue. ARGV: cap, offline_ttl_secs, frame.
 pub const QUEUE_IF_OFFLINE: &str = concat!(
     lua_enqueue!(),
     r#"
-local p, u = ARGV[1], ARGV[2]
-if redis.call('SCARD', p..'user:'..u..':sockets') > 0 then return 0 end
-enqueue(p, u, ARGV[5], ARGV[3], ARGV[4])
+if redis.call('SCARD', KEYS[1]) > 0 then return 0 end
+enqueue(KEYS[2], ARGV[3], ARGV[1], ARGV[2])
 return 1
 "#
 );
 
 /// Remove every registry entry of server `ARGV[2]` if its liveness key is gone (or
 /// `ARGV[5]` == 'force': a node clearing its own stale entries after a reconnect). Users
-/// left without sockets go offline. Returns the number of sockets removed.
+/// left without sockets go offline. Returns the number of sockets removed. It touches the
+/// keys of every user and room of the server, building their names itself: the one
+/// registry script that needs a single Redis (its split for Redis Cluster, and why it
+/// must stay atomic against a node that comes back: `docs/redis-cluster.md`).
 /// ARGV: prefix, server, now_ms, retention_secs, force.
 pub const SWEEP: &str = concat!(
     lua_unregister!(),
     r#"
 local p, id, now = ARGV[1], ARGV[2], ARGV[3]
-if ARGV[5] ~= 'force' and redis.call('EXISTS', p..'node:'..id) == 1 then return 0 end
-local conns = redis.call('HGETALL', p..'connections:'..id)
+if ARGV[5] ~= 'force' and redis.call('EXISTS', p..'node:{'..id..'}') == 1 then return 0 end
+local conns = redis.call('HGETALL', p..'connections:{'..id..'}')
 for i = 1, #conns, 2 do
-  unregister(p, id, conns[i], conns[i + 1], now, ARGV[4])
+  local u = conns[i + 1]
+  unregister(p..'user:{'..u..'}:sockets', p..'presence:{'..u..'}', p, id, conns[i], u, now, ARGV[4])
 end
-for _, r in ipairs(redis.call('SMEMBERS', p..'rooms:'..id)) do
-  for _, m in ipairs(redis.call('SMEMBERS', p..'room:'..r)) do
-    if string.sub(m, 1, #id + 1) == id..'|' then redis.call('SREM', p..'room:'..r, m) end
+for _, r in ipairs(redis.call('SMEMBERS', p..'rooms:{'..id..'}')) do
+  local k = p..'room:{'..r..'}'
+  for _, m in ipairs(redis.call('SMEMBERS', k)) do
+    if string.sub(m, 1, #id + 1) == id..'|' then redis.call('SREM', k, m) end
   end
 end
-redis.call('DEL', p..'connections:'..id, p..'rooms:'..id)
+redis.call('DEL', p..'connections:{'..id..'}', p..'rooms:{'..id..'}')
 if ARGV[5] ~= 'force' then redis.call('SREM', p..'nodes', id) end
 return #conns / 2
 "#
@@ -228,7 +231,7 @@ pub const LOG_ROOM: &str = concat!(
 local p, r = ARGV[1], ARGV[2]
 local seq = redis.call('INCR', p..'recovery:seq')
 log(p, p..'log:room:'..r, seq, ARGV[3], ARGV[4], ARGV[5])
-return redis.call('PUBLISH', p..'room:'..r, 'S'..seq..' '..ARGV[3])
+return redis.call('PUBLISH', p..'room:{'..r..'}', 'S'..seq..' '..ARGV[3])
 "#
 );
 
@@ -236,7 +239,8 @@ return redis.call('PUBLISH', p..'room:'..r, 'S'..seq..' '..ARGV[3])
 /// published as `S<seq> <envelope>` to every server holding a socket of the user (this
 /// one included: it delivers its own from its channel, in order). Returns {receivers,
 /// "server,..."}, or {-1} after queueing the logged payload when nobody is reachable.
-/// ARGV: prefix, user, envelope, cap, offline_ttl_secs, log_len, log_ttl_ms.
+/// KEYS: the user's sockets and queue. ARGV: prefix, user, envelope, cap,
+/// offline_ttl_secs, log_len, log_ttl_ms.
 pub const ROUTE_LOGGED: &str = concat!(
     lua_enqueue!(),
     lua_log!(),
@@ -246,16 +250,16 @@ local seq = redis.call('INCR', p..'recovery:seq')
 log(p, p..'log:user:'..u, seq, ARGV[3], ARGV[6], ARGV[7])
 local payload = 'S'..seq..' '..ARGV[3]
 local servers, names, reached = {}, {}, 0
-for _, m in ipairs(redis.call('SMEMBERS', p..'user:'..u..':sockets')) do
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local s = string.match(m, '^(.-)|')
   if s then servers[s] = true end
 end
 for s, _ in pairs(servers) do
-  reached = reached + redis.call('PUBLISH', p..'server:'..s, payload)
+  reached = reached + redis.call('PUBLISH', p..'server:{'..s..'}', payload)
   table.insert(names, s)
 end
 if reached == 0 then
-  enqueue(p, u, payload, ARGV[4], ARGV[5])
+  enqueue(KEYS[2], payload, ARGV[4], ARGV[5])
   return {-1}
 end
 return {reached, table.concat(names, ',')}
@@ -283,8 +287,8 @@ return out
 /// returned sequence. Returns {'ok', current
 /// sequence, first socket 0/1, seq, envelope, seq, envelope...}, or {'unknown'},
 /// {'other_user'}, {'trimmed'} (a log lost entries after the offset), registering nothing.
-/// ARGV: prefix, server, sid, user, now_ms, presence_ttl_secs, pid, offset or '',
-/// session_ttl_ms.
+/// KEYS: the user's. ARGV: prefix, server, sid, user, now_ms, presence_ttl_secs, pid,
+/// offset or '', session_ttl_ms.
 pub const RESUME: &str = concat!(
     lua_register!(),
     r#"
@@ -316,12 +320,12 @@ for _, s in ipairs(streams) do
   end
 end
 table.sort(entries, function(a, b) return a[1] < b[1] end)
-local first = register(p, me, sid, u, now, ARGV[6])
-redis.call('DEL', p..'offline:'..u)
+local first = register(KEYS[1], KEYS[2], p, me, sid, u, now, ARGV[6])
+redis.call('DEL', KEYS[3])
 redis.call('HSET', k, 'sid', me..'|'..sid)
 redis.call('PEXPIRE', k, ARGV[9])
 redis.call('PEXPIRE', k..':rooms', ARGV[9])
-redis.call('PUBLISH', p..'server:'..me, 'M'..sid)
+redis.call('PUBLISH', p..'server:{'..me..'}', 'M'..sid)
 local out = {'ok', redis.call('GET', p..'recovery:seq') or '0', first and 1 or 0}
 for _, e in ipairs(entries) do
   table.insert(out, tostring(e[1]))
