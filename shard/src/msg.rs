@@ -148,6 +148,10 @@ pub enum BridgeMsg {
 /// A session restored by connection state recovery.
 #[derive(Debug)]
 pub struct Restored {
+    /// Its user.
+    pub user: Key,
+    /// Its private session id.
+    pub pid: Arc<str>,
     /// Its rooms.
     pub rooms: Vec<Key>,
     /// Missed messages, oldest first, with their offsets.

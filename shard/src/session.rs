@@ -111,6 +111,7 @@ fn on_connect(
             strikes: 0,
             pid: None,
             goodbye: false,
+            registered: false,
         }));
     }
     st.metrics().inc(Counter::Sessions);
@@ -132,6 +133,7 @@ fn on_connect(
     let pid = recovery.then(crate::ids::new_pid);
     if let Some(s) = st.conns.session_mut(id) {
         s.pid = pid.clone();
+        s.registered = true;
     }
     // The CONNECT is answered when the user's directory (home shard, or the cluster
     // registry) has the socket: `ShardMsg::Registered`. A connected client is reachable.
@@ -614,6 +616,6 @@ pub(crate) fn teardown(st: &mut State, id: ConnId, s: Session, _now: u64, reason
     // A client that said goodbye itself (a Socket.IO DISCONNECT) does not come back for
     // its session; any other close, an Engine.IO close included, keeps it.
     let keep = !s.goodbye;
-    let d = st.router.user_down(s.user_key, st.socket(id), s.pid, keep);
+    let d = st.router.user_down(s.user_key, st.socket(id), s.pid, keep, s.registered);
     st.dispatch(d);
 }

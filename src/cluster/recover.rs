@@ -313,7 +313,7 @@ fn complete(c: &Cluster, sid: String, followups: &mut Batch) {
         return;
     }
     frames.extend(claim.held.into_iter().filter(|(seq, _)| *seq > upto).map(|(_, f)| f));
-    let session = Restored { rooms: claim.rooms, frames };
+    let session = Restored { user: claim.user, pid: claim.pid, rooms: claim.rooms, frames };
     c.shared
         .mesh
         .send(claim.socket.shard, ShardMsg::Resumed { conn: claim.socket.conn, session: Some(session) });

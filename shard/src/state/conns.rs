@@ -151,6 +151,8 @@ pub(crate) struct Session {
     /// The client sent a Socket.IO DISCONNECT: it will not come back for its session
     /// (an Engine.IO close, a transport closing, is not a goodbye).
     pub goodbye: bool,
+    /// Registered with its user's directory (false while a recovery claim is pending).
+    pub registered: bool,
 }
 
 /// Every connection of one shard.

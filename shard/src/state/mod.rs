@@ -325,9 +325,9 @@ impl State {
         let session = match restored {
             Ok(r) => {
                 let mut out = Vec::new();
-                self.directory.user_resumed(user, socket, wall_ms(), &mut out);
+                self.directory.user_resumed(user.clone(), socket, wall_ms(), &mut out);
                 self.apply(out);
-                Some(Restored { rooms: r.rooms, frames: r.frames })
+                Some(Restored { user, pid: pid.into(), rooms: r.rooms, frames: r.frames })
             }
             Err(why) => {
                 self.metrics().inc(match why {
@@ -385,8 +385,14 @@ impl State {
     /// here, the missed messages sent after the CONNECT answer), or a new session.
     fn resumed(&mut self, conn: ConnId, restored: Option<Restored>) {
         let Some(s) = self.conns.session_mut(conn) else {
-            return; // closed meanwhile: its SocketDown undoes the registration
+            // Closed meanwhile: undo the registration the restore made.
+            if let Some(r) = restored {
+                let d = self.router.restored_gone(r.user, self.socket(conn), r.pid);
+                self.dispatch(d);
+            }
+            return;
         };
+        s.registered = true;
         let user = s.user_key.clone();
         match restored {
             Some(r) => {

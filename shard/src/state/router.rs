@@ -82,14 +82,24 @@ impl Router {
     }
 
     /// A socket of `user` at `socket` closed; its recovery session `pid` stays
-    /// restorable if `keep`.
-    pub fn user_down(&self, user: Key, socket: SocketRef, pid: Option<Arc<str>>, keep: bool) -> Dispatch {
+    /// restorable if `keep`. A socket whose recovery claim was still pending
+    /// (`registered` false) is nothing to the embedded directory; the bridge needs to hear
+    /// of it (it cancels the claim).
+    pub fn user_down(
+        &self,
+        user: Key,
+        socket: SocketRef,
+        pid: Option<Arc<str>>,
+        keep: bool,
+        registered: bool,
+    ) -> Dispatch {
         let shard = socket.shard;
         match self {
             Router::Cluster(_) => {
                 let sid = sid(shard, socket.conn);
                 Dispatch::Bridge(BridgeMsg::SocketDown { user, sid, shard, keep })
             }
+            Router::Embedded { .. } if !registered => Dispatch::Nothing,
             &Router::Embedded { shards, recovery } => {
                 let pid = pid.map(|p| (p, keep));
                 Dispatch::Shard(
@@ -97,6 +107,16 @@ impl Router {
                     ShardMsg::UserDown { user, socket, pid },
                 )
             }
+        }
+    }
+
+    /// A session was restored for a socket that closed before hearing of it: shard 0
+    /// registered it (embedded bus), so it is unregistered now; in cluster mode the
+    /// bridge saw the close during the claim and undid it itself.
+    pub fn restored_gone(&self, user: Key, socket: SocketRef, pid: Arc<str>) -> Dispatch {
+        match self {
+            Router::Cluster(_) => Dispatch::Nothing,
+            Router::Embedded { .. } => self.user_down(user, socket, Some(pid), true, true),
         }
     }
 
@@ -241,6 +261,31 @@ mod tests {
 
     fn sock() -> SocketRef {
         SocketRef { shard: 1, conn: ConnId::from_u64(9) }
+    }
+
+    #[test]
+    fn with_recovery_the_embedded_bus_homes_everybody_on_shard_0() {
+        let r = Router::new(4, None, true);
+        let bob = key("t", "bob");
+        let pid: Arc<str> = "p".into();
+        assert!(matches!(
+            r.user_up(bob.clone(), sock(), Some(pid.clone())),
+            Dispatch::Shard(0, ShardMsg::UserUp { .. })
+        ));
+        let d = r.room_logged(&bob, Frame::from(&b"f"[..]), 1, sock());
+        assert!(matches!(d, Dispatch::Shard(0, ShardMsg::RoomLogged { .. })));
+        assert!(matches!(
+            r.resume(bob.clone(), sock(), pid.clone(), None),
+            Dispatch::Shard(0, ShardMsg::Resume { .. })
+        ));
+        // A claiming socket that closes was never registered: nothing to undo, unless the
+        // restore went through meanwhile.
+        assert!(matches!(
+            r.user_down(bob.clone(), sock(), Some(pid.clone()), true, false),
+            Dispatch::Nothing
+        ));
+        let d = r.restored_gone(bob, sock(), pid);
+        assert!(matches!(d, Dispatch::Shard(0, ShardMsg::UserDown { pid: Some((_, true)), .. })));
     }
 
     #[test]
