@@ -149,16 +149,14 @@ impl Envelope<'_> {
                 put_str(out, user, "user")?;
                 out.extend_from_slice(&msg_id.to_be_bytes());
                 put_str(out, origin_server, "origin_server")?;
-                out.extend_from_slice(&origin.shard.to_be_bytes());
-                out.extend_from_slice(&origin.conn.to_be_bytes());
+                put_socket(out, origin);
                 out.extend_from_slice(frame);
             }
             Envelope::Ack { msg_id, origin, status } => {
                 out.reserve(28);
                 out.push(ACK);
                 out.extend_from_slice(&msg_id.to_be_bytes());
-                out.extend_from_slice(&origin.shard.to_be_bytes());
-                out.extend_from_slice(&origin.conn.to_be_bytes());
+                put_socket(out, origin);
                 out.push(status.to_byte());
             }
         }
@@ -167,9 +165,7 @@ impl Envelope<'_> {
 
     /// The encoded envelope as a new buffer.
     pub fn to_vec(&self) -> Result<Vec<u8>, EnvelopeError> {
-        let mut out = Vec::new();
-        self.encode(&mut out)?;
-        Ok(out)
+        encoded(|out| self.encode(out))
     }
 }
 
@@ -181,12 +177,12 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
             let user = r.str("user")?;
             let msg_id = r.u128("msg_id")?;
             let origin_server = r.str("origin_server")?;
-            let origin = RemoteSocket { shard: r.u16("origin_shard")?, conn: r.u64("origin_conn")? };
+            let origin = r.socket()?;
             Ok(Envelope::Deliver { user, msg_id, origin_server, origin, frame: r.0 })
         }
         ACK => {
             let msg_id = r.u128("msg_id")?;
-            let origin = RemoteSocket { shard: r.u16("origin_shard")?, conn: r.u64("origin_conn")? };
+            let origin = r.socket()?;
             let status = AckStatus::from_byte(r.u8("status")?)?;
             if !r.0.is_empty() {
                 return Err(EnvelopeError::Trailing(r.0.len()));
@@ -208,9 +204,7 @@ impl RoomEnvelope<'_> {
 
     /// The encoded envelope as a new buffer.
     pub fn to_vec(&self) -> Result<Vec<u8>, EnvelopeError> {
-        let mut out = Vec::new();
-        self.encode(&mut out)?;
-        Ok(out)
+        encoded(|out| self.encode(out))
     }
 }
 
@@ -227,17 +221,14 @@ impl LoggedRoom<'_> {
         out.reserve(self.frame.len() + self.origin_server.len() + 13);
         out.push(LOGGED_ROOM);
         put_str(out, self.origin_server, "origin_server")?;
-        out.extend_from_slice(&self.origin.shard.to_be_bytes());
-        out.extend_from_slice(&self.origin.conn.to_be_bytes());
+        put_socket(out, &self.origin);
         out.extend_from_slice(self.frame);
         Ok(())
     }
 
     /// The encoded envelope as a new buffer.
     pub fn to_vec(&self) -> Result<Vec<u8>, EnvelopeError> {
-        let mut out = Vec::new();
-        self.encode(&mut out)?;
-        Ok(out)
+        encoded(|out| self.encode(out))
     }
 }
 
@@ -247,7 +238,7 @@ pub fn decode_logged_room(bytes: &[u8]) -> Result<LoggedRoom<'_>, EnvelopeError>
     match r.u8("kind")? {
         LOGGED_ROOM => {
             let origin_server = r.str("origin_server")?;
-            let origin = RemoteSocket { shard: r.u16("origin_shard")?, conn: r.u64("origin_conn")? };
+            let origin = r.socket()?;
             Ok(LoggedRoom { origin_server, origin, frame: r.0 })
         }
         other => Err(EnvelopeError::UnknownKind(other)),
@@ -269,6 +260,18 @@ pub fn split_logged(bytes: &[u8]) -> Result<Option<(u64, &[u8])>, EnvelopeError>
     let seq =
         std::str::from_utf8(digits).ok().and_then(|d| d.parse().ok()).ok_or(EnvelopeError::BadSequence)?;
     Ok(Some((seq, &rest[space + 1..])))
+}
+
+/// What `encode` appends, as a new buffer.
+fn encoded(encode: impl FnOnce(&mut Vec<u8>) -> Result<(), EnvelopeError>) -> Result<Vec<u8>, EnvelopeError> {
+    let mut out = Vec::new();
+    encode(&mut out)?;
+    Ok(out)
+}
+
+fn put_socket(out: &mut Vec<u8>, s: &RemoteSocket) {
+    out.extend_from_slice(&s.shard.to_be_bytes());
+    out.extend_from_slice(&s.conn.to_be_bytes());
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str, field: &'static str) -> Result<(), EnvelopeError> {
@@ -302,6 +305,10 @@ impl<'a> Reader<'a> {
 
     fn u128(&mut self, field: &'static str) -> Result<u128, EnvelopeError> {
         self.take(field).map(u128::from_be_bytes)
+    }
+
+    fn socket(&mut self) -> Result<RemoteSocket, EnvelopeError> {
+        Ok(RemoteSocket { shard: self.u16("origin_shard")?, conn: self.u64("origin_conn")? })
     }
 
     fn str(&mut self, field: &'static str) -> Result<&'a str, EnvelopeError> {
