@@ -238,18 +238,9 @@ pub fn plan(c: &Cluster, msg: BridgeMsg, batch: &mut Batch) {
         }
         BridgeMsg::SocketDown { user, sid, keep, .. } => {
             // A claim still open for this socket ends with it.
-            let claim = c.claims.borrow_mut().get_mut(&sid).map(|cl| cl.sent);
-            match claim {
-                Some(true) => {
-                    c.claims.borrow_mut().get_mut(&sid).into_iter().for_each(|cl| cl.cancelled = true)
-                }
-                Some(false) => {
-                    let rooms = c.claims.borrow_mut().remove(&sid).map(|cl| cl.rooms).unwrap_or_default();
-                    for room in rooms {
-                        plan(c, BridgeMsg::RoomLeave { room, sid: sid.clone(), forget: false }, batch);
-                    }
-                }
-                None => {}
+            let rooms = c.claims.borrow_mut().cancel(&sid);
+            for room in rooms {
+                plan(c, BridgeMsg::RoomLeave { room, sid: sid.clone(), forget: false }, batch);
             }
             batch.cmd(&["HDEL", &c.keys.connections(me), &sid], Then::Ignore);
             unregister(c, batch, me, &user, &sid, Then::Down(user.clone()));

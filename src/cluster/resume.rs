@@ -96,6 +96,20 @@ impl Claims {
         Some(claim)
     }
 
+    /// Socket `sid` closed: a claim whose RESUME is in flight is marked cancelled (its
+    /// answer undoes what it registered); one not sent yet ends now, and its rooms are
+    /// returned for the caller to leave.
+    pub fn cancel(&mut self, sid: &str) -> Vec<Key> {
+        match self.by_sid.get_mut(sid) {
+            Some(c) if c.sent => {
+                c.cancelled = true;
+                Vec::new()
+            }
+            Some(_) => self.remove(sid).map(|c| c.rooms).unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+
     /// The claim of `sid`.
     pub fn get_mut(&mut self, sid: &str) -> Option<&mut Claim> {
         self.by_sid.get_mut(sid)
@@ -198,5 +212,18 @@ mod tests {
         cs.get_mut("a").unwrap().sent = true;
         cs.subscribed("ch3");
         assert!(cs.take_ready().is_empty(), "a sent claim is not planned twice");
+    }
+
+    #[test]
+    fn a_closing_socket_cancels_its_claim() {
+        let mut cs = Claims::default();
+        cs.insert("a".into(), claim("ann", &["r1"], &[]));
+        cs.insert("b".into(), claim("bob", &["r2"], &[]));
+        cs.get_mut("b").unwrap().sent = true;
+        assert_eq!(cs.cancel("a"), [key("t", "r1")], "not sent: ends, its rooms to leave");
+        assert!(cs.get_mut("a").is_none());
+        assert!(cs.cancel("b").is_empty(), "in flight: kept, marked");
+        assert!(cs.get_mut("b").unwrap().cancelled);
+        assert!(cs.cancel("c").is_empty());
     }
 }
