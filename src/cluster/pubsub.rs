@@ -5,9 +5,10 @@
 //! in `shardgate_io::envelope`; anything that does not parse is counted and dropped.
 
 use shardgate_io::envelope::{self, Envelope};
+use shardgate_io::packet;
 use shardgate_io::resp::{self, Reply};
 use shardgate_shard::metrics::Counter;
-use shardgate_shard::msg::{BridgeMsg, Frame, Key, Origin, ShardMsg, SocketRef};
+use shardgate_shard::msg::{BridgeMsg, DeliveryStatus, Frame, Key, Origin, ShardMsg, SocketRef};
 use tracing::debug;
 
 use super::keys::{from_redis_id, Channel};
@@ -38,21 +39,17 @@ fn on_push(c: &Cluster, channel: &[u8], payload: &[u8]) {
         }
         return;
     }
-    // Recoverable messages, published by the recovery scripts with their sequence number.
-    if matches!(channel, Channel::Room(_) | Channel::Server) {
-        let done = match (envelope::split_logged(payload), &channel) {
-            (Ok(None), _) => Ok(false),
-            (Ok(Some((seq, env))), Channel::Room(room)) => {
-                recover::on_room(c, room.clone(), seq, env).map(|_| true)
-            }
-            (Ok(Some((seq, env))), _) => recover::on_user(c, seq, env).map(|_| true),
-            (Err(e), _) => Err(e),
-        };
-        match done {
-            Ok(true) => return,
-            Ok(false) => {}
-            Err(e) => return bad_envelope(c, &e),
+    // Recoverable messages come as `S<seq> <envelope>` from the recovery scripts.
+    let (seq, payload) = match envelope::split_logged(payload) {
+        Ok(Some((seq, env))) => (Some(seq), env),
+        Ok(None) => (None, payload),
+        Err(e) => return bad_envelope(c, &e),
+    };
+    if let (Channel::Room(room), Some(seq)) = (&channel, seq) {
+        if let Err(e) = recover::on_room(c, room.clone(), seq, payload) {
+            bad_envelope(c, &e);
         }
+        return;
     }
     match channel {
         Channel::Room(room) => {
@@ -89,16 +86,34 @@ fn on_push(c: &Cluster, channel: &[u8], payload: &[u8]) {
         }
         Channel::Server => match envelope::decode(payload) {
             Ok(Envelope::Deliver { user, msg_id, origin_server, origin, frame }) => {
+                // A logged message carries its offset; this node's own (recovery routes
+                // to every node, this one included) reports to its sender locally.
+                let frame = match seq {
+                    Some(seq) => match packet::with_offset(frame, seq) {
+                        Some(f) => Frame::from(f),
+                        None => return bad_envelope(c, &envelope::EnvelopeError::Truncated("frame")),
+                    },
+                    None => Frame::from(frame),
+                };
                 let user: Key = user.into();
                 let at = SocketRef::from_remote(origin);
-                let origin = Origin { server: Some(origin_server.into()), shard: at.shard, conn: at.conn };
-                let frame = Frame::from(frame);
+                let server = (origin_server != c.me()).then(|| origin_server.into());
+                let origin = Origin { server, shard: at.shard, conn: at.conn };
+                let held = seq.is_some_and(|seq| recover::hold_user(c, &user, seq, &frame));
                 let shards = c.mirror.borrow().shards_of(&user);
-                if shards.is_empty() {
+                if !shards.is_empty() {
+                    c.deliver(&shards, &user, &frame, msg_id, origin);
+                } else if held {
+                    // The restoring socket gets it with its replay.
+                    match origin.server {
+                        None => c.status(at, msg_id, DeliveryStatus::Delivered),
+                        Some(_) => {
+                            c.inbox.send(BridgeMsg::Ack { origin, msg_id, status: DeliveryStatus::Delivered })
+                        }
+                    }
+                } else {
                     c.inbox.send(BridgeMsg::Bounce { user, frame, msg_id, origin });
-                    return;
                 }
-                c.deliver(&shards, &user, &frame, msg_id, origin);
             }
             Ok(Envelope::Ack { msg_id, origin, status }) => {
                 c.status(SocketRef::from_remote(origin), msg_id, status.into());

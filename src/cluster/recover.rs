@@ -4,7 +4,7 @@
 //!   scripts that give each its sequence number (`S<seq> <envelope>` payloads). They come
 //!   back on the pub/sub connection in sequence order, to this node too, and are delivered
 //!   from there with the sequence appended as the event's last argument (the client's
-//!   offset): [`on_room`], [`on_user`].
+//!   offset): [`on_room`], [`hold_user`] (1:1 messages are delivered by `pubsub.rs`).
 //! * **Restoring a session.** A reconnecting socket's claim goes through three steps:
 //!   SESSION_READ (is the session this user's, which rooms), the room channels subscribed
 //!   (a claim waits for their confirmations), then RESUME (everything logged after the
@@ -19,7 +19,7 @@ use shardgate_io::envelope::{self, Envelope, EnvelopeError};
 use shardgate_io::packet;
 use shardgate_io::resp::{self, Reply};
 use shardgate_shard::metrics::Counter;
-use shardgate_shard::msg::{BridgeMsg, DeliveryStatus, Frame, Key, Origin, Restored, ShardMsg, SocketRef};
+use shardgate_shard::msg::{BridgeMsg, Frame, Key, Restored, ShardMsg, SocketRef};
 use shardgate_shard::shared::wall_ms;
 use std::sync::Arc;
 use tracing::debug;
@@ -67,33 +67,9 @@ pub fn on_room(c: &Cluster, room: Key, seq: u64, env: &[u8]) -> Result<(), Envel
     Ok(())
 }
 
-/// A logged 1:1 message from this node's channel: to the recipient's local sockets (which
-/// report to the sender), held for the user's claims; bounced when nobody here has it.
-pub fn on_user(c: &Cluster, seq: u64, env: &[u8]) -> Result<(), EnvelopeError> {
-    let Envelope::Deliver { user, msg_id, origin_server, origin, frame } = envelope::decode(env)? else {
-        return Err(EnvelopeError::UnknownKind(b'A'));
-    };
-    let Some(frame) = packet::with_offset(frame, seq).map(Frame::from) else {
-        return Err(EnvelopeError::Truncated("frame"));
-    };
-    let user: Key = user.into();
-    let at = SocketRef::from_remote(origin);
-    let server = (origin_server != c.me()).then(|| Arc::from(origin_server));
-    let origin = Origin { server, shard: at.shard, conn: at.conn };
-    let held = !c.claims.borrow().is_empty() && c.claims.borrow_mut().hold_user(&user, seq, &frame);
-    let shards = c.mirror.borrow().shards_of(&user);
-    if !shards.is_empty() {
-        c.deliver(&shards, &user, &frame, msg_id, origin);
-    } else if held {
-        // The restoring socket gets it with its replay.
-        match origin.server {
-            None => c.status(at, msg_id, DeliveryStatus::Delivered),
-            Some(_) => c.inbox.send(BridgeMsg::Ack { origin, msg_id, status: DeliveryStatus::Delivered }),
-        }
-    } else {
-        c.inbox.send(BridgeMsg::Bounce { user, frame, msg_id, origin });
-    }
-    Ok(())
+/// Holds logged 1:1 message `seq` for the claims of `user`; true if any held it.
+pub fn hold_user(c: &Cluster, user: &str, seq: u64, frame: &Frame) -> bool {
+    !c.claims.borrow().is_empty() && c.claims.borrow_mut().hold_user(user, seq, frame)
 }
 
 /// Tells the claiming socket there is nothing to restore (it connects as a new session).
