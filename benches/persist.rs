@@ -28,27 +28,12 @@ use serde_json::json;
 use support::ferretdb::FerretDb;
 use support::kafka::{free_port, Broker};
 use support::persister::{Mongo, Persister};
-use support::{token, Client, Incoming, Server};
+use support::{cpu_seconds, token, Client, Server};
 
 const SENDERS: usize = 4;
 const PER_SENDER: usize = 20_000;
 /// Turns of the off / on workloads; medians are reported.
 const ROUNDS: usize = 3;
-
-/// CPU seconds (user + system) the process `pid` used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Fields 14 and 15 of stat (utime, stime), counted after the command name.
-    (ticks(11) + ticks(12)) / clock_ticks()
-}
-
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
-}
 
 /// Delivered messages/s and the node's CPU microseconds per delivered message.
 fn measured(srv: &Server, tenant: &str) -> (f64, f64) {
@@ -59,40 +44,13 @@ fn measured(srv: &Server, tenant: &str) -> (f64, f64) {
 }
 
 fn workload(srv: &Server, tenant: &str) -> f64 {
-    let mut receivers: Vec<Client> =
+    let receivers: Vec<Client> =
         (0..SENDERS).map(|i| Client::connect(srv.addr, &token(&format!("r{i}"), tenant))).collect();
-    let mut senders: Vec<Client> =
+    let senders: Vec<Client> =
         (0..SENDERS).map(|i| Client::connect(srv.addr, &token(&format!("s{i}"), tenant))).collect();
     let start = Instant::now();
-    let rx: Vec<_> = receivers
-        .drain(..)
-        .map(|mut r| {
-            std::thread::spawn(move || {
-                let end = Instant::now() + Duration::from_secs(60);
-                let mut n = 0;
-                while n < PER_SENDER && Instant::now() < end {
-                    if let Some(Incoming::Event(name, _, _)) = r.recv_until(end) {
-                        n += usize::from(name == "message:new");
-                    }
-                }
-                n
-            })
-        })
-        .collect();
-    let tx: Vec<_> = senders
-        .drain(..)
-        .enumerate()
-        .map(|(i, mut s)| {
-            std::thread::spawn(move || {
-                for _ in 0..PER_SENDER {
-                    s.emit("message:send", json!({ "to": format!("r{i}"), "content": "x".repeat(64) }));
-                }
-                s
-            })
-        })
-        .collect();
-    let _senders: Vec<Client> = tx.into_iter().map(|t| t.join().unwrap()).collect();
-    let delivered: usize = rx.into_iter().map(|t| t.join().unwrap()).sum();
+    let body = |i: usize| json!({ "to": format!("r{i}"), "content": "x".repeat(64) });
+    let delivered = support::blast(receivers, PER_SENDER, senders, PER_SENDER, body);
     delivered as f64 / start.elapsed().as_secs_f64()
 }
 

@@ -17,11 +17,11 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::json;
 use support::redis::RedisServer;
-use support::{token, Client, Incoming, Server};
+use support::{cpu_seconds, token, Client, Server};
 
 const SENDERS: usize = 4;
 const ROUNDS: usize = 3;
@@ -29,15 +29,6 @@ const ROUNDS: usize = 3;
 /// Fire-and-forget senders: no rate limit, queues large enough for the bursts.
 const CONFIG: &str =
     "[runtime]\nevents_per_second = 10000000\nevent_burst = 10000000\noutbound_queue_bytes = 67108864\n";
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    (ticks(11) + ticks(12)) / (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
-}
 
 /// Commands redis-server executed so far (scripts' inner calls included).
 fn redis_calls(redis: &RedisServer) -> u64 {
@@ -73,7 +64,7 @@ fn run(redis: &RedisServer, a: &Server, b: &Server, shape: Shape, tenant: &str) 
         _ => (10_000, 0),
     };
     let recv_node = if matches!(shape, Shape::Cross) { b } else { a };
-    let mut receivers: Vec<Client> = match shape {
+    let receivers: Vec<Client> = match shape {
         Shape::Room => (0..2 * members_per_node)
             .map(|i| {
                 let node = if i < members_per_node { a } else { b };
@@ -86,7 +77,7 @@ fn run(redis: &RedisServer, a: &Server, b: &Server, shape: Shape, tenant: &str) 
             (0..SENDERS).map(|i| Client::connect(recv_node.addr, &token(&format!("r{i}"), tenant))).collect()
         }
     };
-    let mut senders: Vec<Client> = (0..SENDERS)
+    let senders: Vec<Client> = (0..SENDERS)
         .map(|i| {
             let mut c = Client::connect(a.addr, &token(&format!("s{i}"), tenant));
             if matches!(shape, Shape::Room) {
@@ -100,64 +91,25 @@ fn run(redis: &RedisServer, a: &Server, b: &Server, shape: Shape, tenant: &str) 
         _ => per_sender,
     };
     // One process serving both sides (the embedded bus) is counted once.
-    let pids =
-        if std::ptr::eq(a, b) { vec![a.pid(), redis.pid()] } else { vec![a.pid(), b.pid(), redis.pid()] };
-    let cpu0: Vec<f64> = pids.iter().map(|&p| cpu_seconds(p)).collect();
-    let bridges = |a: &Server, b: &Server| {
-        let m = |s: &Server| s.metric("shardgate_redis_commands_total");
-        if std::ptr::eq(a, b) {
-            m(a)
-        } else {
-            m(a) + m(b)
-        }
-    };
-    let (calls0, cmds0) = (redis_calls(redis), bridges(a, b));
+    let nodes: Vec<&Server> = if std::ptr::eq(a, b) { vec![a] } else { vec![a, b] };
+    let node_cpu = || nodes.iter().map(|n| cpu_seconds(n.pid())).sum::<f64>();
+    let bridges = || nodes.iter().map(|n| n.metric("shardgate_redis_commands_total")).sum::<u64>();
+    let (node0, redis0, calls0, cmds0) =
+        (node_cpu(), cpu_seconds(redis.pid()), redis_calls(redis), bridges());
     let start = Instant::now();
-    let rx: Vec<_> = receivers
-        .drain(..)
-        .map(|mut r| {
-            std::thread::spawn(move || {
-                let end = Instant::now() + Duration::from_secs(60);
-                let mut n = 0;
-                while n < expect && Instant::now() < end {
-                    if let Some(Incoming::Event(name, _, _)) = r.recv_until(end) {
-                        n += usize::from(name == "message:new");
-                    }
-                }
-                n
-            })
-        })
-        .collect();
-    let tx: Vec<_> = senders
-        .drain(..)
-        .enumerate()
-        .map(|(i, mut s)| {
-            std::thread::spawn(move || {
-                for _ in 0..per_sender {
-                    let body = match shape {
-                        Shape::Room => json!({ "room": "hall", "content": "x".repeat(64) }),
-                        _ => json!({ "to": format!("r{i}"), "content": "x".repeat(64) }),
-                    };
-                    s.emit("message:send", body);
-                }
-                s
-            })
-        })
-        .collect();
-    let _senders: Vec<Client> = tx.into_iter().map(|t| t.join().unwrap()).collect();
-    let delivered: usize = rx.into_iter().map(|t| t.join().unwrap()).sum();
+    let body = match shape {
+        Shape::Room => |_| json!({ "room": "hall", "content": "x".repeat(64) }),
+        _ => |i| json!({ "to": format!("r{i}"), "content": "x".repeat(64) }),
+    };
+    let delivered = support::blast(receivers, expect, senders, per_sender, body);
     let secs = start.elapsed().as_secs_f64();
-    let mut cpu: Vec<f64> = pids.iter().zip(&cpu0).map(|(&p, c0)| cpu_seconds(p) - c0).collect();
-    if cpu.len() == 2 {
-        cpu.insert(1, 0.0);
-    }
     let messages = (SENDERS * per_sender) as f64;
-    let cmds = bridges(a, b) - cmds0;
+    let cmds = bridges() - cmds0;
     let d = delivered.max(1) as f64;
     Turn {
         rate: delivered as f64 / secs,
-        node_us: (cpu[0] + cpu[1]) * 1e6 / d,
-        redis_us: cpu[2] * 1e6 / d,
+        node_us: (node_cpu() - node0) * 1e6 / d,
+        redis_us: (cpu_seconds(redis.pid()) - redis0) * 1e6 / d,
         // INFO itself is one call between the two readings.
         redis_calls: (redis_calls(redis) - calls0).saturating_sub(1) as f64 / messages,
         bridge_cmds: cmds as f64 / messages,

@@ -593,3 +593,57 @@ impl Client {
         }
     }
 }
+
+/// CPU seconds (user + system) process `pid` used so far, from `/proc`.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64;
+    // Fields 14 and 15 of stat (utime, stime), counted after the command name.
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// Fire-and-forget load for the benchmark programs: each sender `i` emits
+/// `message:send` with `body(i)` `per_sender` times, while each receiver counts
+/// `message:new` events until it has `expect` (or 60 s pass); one thread per client.
+/// Returns the messages received, all receivers together.
+pub fn blast(
+    receivers: Vec<Client>,
+    expect: usize,
+    senders: Vec<Client>,
+    per_sender: usize,
+    body: fn(usize) -> Value,
+) -> usize {
+    let rx: Vec<_> = receivers
+        .into_iter()
+        .map(|mut r| {
+            std::thread::spawn(move || {
+                let end = Instant::now() + Duration::from_secs(60);
+                let mut n = 0;
+                while n < expect && Instant::now() < end {
+                    if let Some(Incoming::Event(name, _, _)) = r.recv_until(end) {
+                        n += usize::from(name == "message:new");
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    let tx: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut s)| {
+            std::thread::spawn(move || {
+                for _ in 0..per_sender {
+                    s.emit("message:send", body(i));
+                }
+                s
+            })
+        })
+        .collect();
+    let _senders: Vec<Client> = tx.into_iter().map(|t| t.join().unwrap()).collect();
+    rx.into_iter().map(|t| t.join().unwrap()).sum()
+}
