@@ -301,7 +301,7 @@ fn a_starting_node_is_ready_only_once_registered_and_then_takes_traffic() {
 fn acknowledged_messages_survive_a_node_crash() {
     let redis = RedisServer::start();
     let a = node(&redis, &[]);
-    let mut c = node(&redis, &[]);
+    let mut c = node(&redis, &["--server-id", "crashing"]);
     let b = node(&redis, &[]);
     let mut alice = Client::connect(a.addr, &token("alice", "t1"));
     let mut bob = Client::connect(c.addr, &token("bob", "t1"));
@@ -318,6 +318,12 @@ fn acknowledged_messages_survive_a_node_crash() {
     // reported queued (the PUBLISH to the dead node reaches nobody), never lost.
     c.signal(libc::SIGKILL);
     c.wait_exit(Duration::from_secs(5)).expect("killed");
+    // From the moment Redis noticed the dead node's pub/sub connection (before it, a
+    // PUBLISH still counts the dead subscriber, and the sender hears `sent` at the report
+    // timeout).
+    a.wait_for("redis dropped the dead node's subscription", |_| {
+        matches!(redis.cmd(&["PUBSUB", "NUMSUB", "server:{crashing}"]), shardgate_io::resp::Reply::Array(r) if r.get(1) == Some(&shardgate_io::resp::Reply::Integer(0)))
+    });
     for i in 5..10 {
         assert_eq!(send(&mut alice, i), "queued", "m{i}");
     }
