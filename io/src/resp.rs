@@ -39,20 +39,62 @@ pub fn as_bytes(r: &Reply) -> Option<&[u8]> {
     }
 }
 
-/// A pub/sub `message` push: `(channel, payload)`.
+/// A pub/sub push, classic (`message`) or sharded (`smessage`, Redis Cluster):
+/// `(channel, payload)`.
 pub fn as_message(r: &Reply) -> Option<(&[u8], &[u8])> {
     match r {
-        Reply::Array(a) if a.len() == 3 && as_bytes(&a[0]) == Some(b"message") => {
+        Reply::Array(a) if a.len() == 3 && matches!(as_bytes(&a[0]), Some(b"message" | b"smessage")) => {
             Some((as_bytes(&a[1])?, as_bytes(&a[2])?))
         }
         _ => None,
     }
 }
 
+/// The Redis Cluster hash slot of `key` (0..16384), honouring a `{hash tag}`.
+pub fn key_slot(key: &[u8]) -> u16 {
+    redis_protocol::redis_keyslot(key)
+}
+
+/// A `MOVED slot host:port` or `ASK slot host:port` redirection: `(ask, slot, address)`.
+pub fn redirection(r: &Reply) -> Option<(bool, u16, &str)> {
+    let Reply::Error(e) = r else { return None };
+    let mut parts = e.split(' ');
+    let ask = match parts.next()? {
+        "MOVED" => false,
+        "ASK" => true,
+        _ => return None,
+    };
+    let slot = parts.next()?.parse().ok()?;
+    let addr = parts.next()?;
+    parts.next().is_none().then_some((ask, slot, addr))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn slots_and_redirections() {
+        // Values from `redis-cli cluster keyslot`.
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"user:{t:bob}:sockets"), key_slot(b"t:bob"));
+        let moved = Reply::Error("MOVED 3999 127.0.0.1:6381".into());
+        assert_eq!(redirection(&moved), Some((false, 3999, "127.0.0.1:6381")));
+        let ask = Reply::Error("ASK 12 10.0.0.2:7000".into());
+        assert_eq!(redirection(&ask), Some((true, 12, "10.0.0.2:7000")));
+        assert_eq!(redirection(&Reply::Error("ERR MOVED 1 a:1".into())), None);
+        assert_eq!(redirection(&Reply::Error("MOVED x a:1".into())), None);
+        let push = |kind: &str| {
+            Reply::Array(vec![
+                Reply::BulkString(kind.into()),
+                Reply::BulkString(b"ch".to_vec()),
+                Reply::BulkString(b"p".to_vec()),
+            ])
+        };
+        assert_eq!(as_message(&push("smessage")), Some((&b"ch"[..], &b"p"[..])));
+        assert_eq!(as_message(&push("pmessage")), None);
+    }
 
     #[test]
     fn encodes_commands_as_bulk_arrays() {

@@ -8,9 +8,19 @@ use shardgate_shard::metrics::Counter;
 use shardgate_shard::msg::{parse_sid, BridgeMsg, DeliveryStatus, Frame, ShardId, ShardMsg, SocketRef};
 use tracing::warn;
 
-use super::plan::{parse_servers, plan, sweep, Batch, Then};
+use super::keys::from_redis_id;
+use super::plan::{
+    claim_dead, end_sweep, enqueue, parse_servers, plan, publish_to_servers, sweep, unregister, Batch, Sweep,
+    Then,
+};
 use super::recover;
+use super::scripts;
 use super::state::Cluster;
+
+/// A bulk reply as text.
+fn text(r: &Reply) -> Option<&str> {
+    resp::as_bytes(r).and_then(|b| std::str::from_utf8(b).ok())
+}
 
 /// Applies the reply of one command.
 pub fn apply(c: &Cluster, then: Then, reply: Reply, followups: &mut Batch) {
@@ -19,11 +29,36 @@ pub fn apply(c: &Cluster, then: Then, reply: Reply, followups: &mut Batch) {
     }
     match then {
         Then::Ignore => {}
-        Then::Swept => {
-            if let Reply::Integer(n) = reply {
-                c.m().add(Counter::SweptSockets, n.max(0) as u64);
+        Then::Alive => {
+            if reply != Reply::Integer(1) {
+                c.swept.set(true);
             }
         }
+        Then::Lease(server) => {
+            if reply == Reply::Integer(1) {
+                sweep(c, followups, &server, Sweep::Dead);
+            }
+        }
+        Then::SweepSockets(server) => {
+            let Reply::Array(pairs) = reply else { return };
+            for pair in pairs.chunks_exact(2) {
+                let (Some(sid), Some(user)) = (text(&pair[0]), text(&pair[1])) else { continue };
+                let Some(user) = from_redis_id(user) else { continue };
+                c.m().inc(Counter::SweptSockets);
+                unregister(c, followups, &server, &user, sid, Then::Down(user.clone()));
+            }
+        }
+        Then::SweepRooms(server, kind) => {
+            if let Reply::Array(rooms) = reply {
+                for room in rooms.iter().filter_map(text) {
+                    let k = c.keys.room_of_id(room);
+                    followups.cmd(&["EVAL", scripts::ROOM_SWEEP, "1", &k, &server], Then::Ignore);
+                }
+            }
+            // After every step above (a batch's replies are all in before any is applied).
+            followups.cmd(&["EXISTS", &c.keys.connections(&server)], Then::SweepEnd(server, kind));
+        }
+        Then::SweepEnd(server, kind) => end_sweep(c, followups, &server, kind),
         Then::Down(user) => {
             if reply == Reply::Integer(1) {
                 c.persist_presence(&user, false);
@@ -46,7 +81,7 @@ pub fn apply(c: &Cluster, then: Then, reply: Reply, followups: &mut Batch) {
                 c.shared.mesh.send(socket.shard, ShardMsg::OfflineDrain { conn, frames });
             }
         }
-        Then::Cached { user, frame, msg_id, origin, tally, local } => {
+        Then::Cached { user, frame, msg_id, origin, tally, local, registry } => {
             let (pending, reached) = tally.get();
             let got = if let Reply::Integer(n) = reply { n } else { 0 };
             if got == 0 {
@@ -54,8 +89,15 @@ pub fn apply(c: &Cluster, then: Then, reply: Reply, followups: &mut Batch) {
             }
             tally.set((pending.saturating_sub(1), reached + got));
             if pending == 1 && reached + got == 0 && !local {
-                // Every cached server was gone: ask the registry.
-                plan(c, BridgeMsg::ToUser { user, frame, msg_id, origin }, followups);
+                if registry {
+                    // The registry's servers are gone too (not swept yet): queue it.
+                    enqueue(c, followups, &user, &frame);
+                    c.m().inc(Counter::OfflineQueued);
+                    c.status(origin, msg_id, DeliveryStatus::Queued);
+                } else {
+                    // Every cached server was gone: ask the registry.
+                    plan(c, BridgeMsg::ToUser { user, frame, msg_id, origin }, followups);
+                }
             }
         }
         Then::Route { user, frame, msg_id, origin, epoch } => {
@@ -77,8 +119,14 @@ pub fn apply(c: &Cluster, then: Then, reply: Reply, followups: &mut Batch) {
                 .map(parse_servers)
                 .unwrap_or_default();
             let sids = items.get(2..).unwrap_or_default();
-            if reached > 0 || !sids.is_empty() {
-                c.routes.borrow_mut().put(user.clone(), servers, epoch);
+            // On a Redis Cluster the script published nothing: publish to its servers.
+            let publish = c.sharded.get() && !servers.is_empty();
+            if reached > 0 || !sids.is_empty() || publish {
+                c.routes.borrow_mut().put(user.clone(), servers.clone(), epoch);
+            }
+            if publish {
+                let local = !sids.is_empty();
+                publish_to_servers(c, followups, &servers, &user, &frame, msg_id, origin, local, true);
             }
             let mut shards: Vec<ShardId> = sids
                 .iter()
@@ -129,7 +177,7 @@ pub fn apply(c: &Cluster, then: Then, reply: Reply, followups: &mut Batch) {
             if let Reply::Array(ids) = reply {
                 for id in ids.iter().filter_map(resp::as_bytes).filter_map(|i| std::str::from_utf8(i).ok()) {
                     if id != c.me() {
-                        sweep(c, followups, id, false, Then::Swept);
+                        claim_dead(c, followups, id);
                     }
                 }
             }
@@ -210,6 +258,7 @@ mod tests {
             origin: origin(),
             tally: Rc::clone(tally),
             local: false,
+            registry: false,
         };
         let mut next = Batch::default();
         apply(&c, cached(&tally), Reply::Integer(0), &mut next);
@@ -228,13 +277,50 @@ mod tests {
     }
 
     #[test]
-    fn the_node_list_sweeps_every_other_node() {
+    fn the_node_list_sweeps_every_other_dead_node_under_a_lease() {
         let c = cluster();
         let mut next = Batch::default();
         let reply = Reply::Array(vec![bulk("me"), bulk("n2"), bulk("n3")]);
         apply(&c, Then::Nodes, reply, &mut next);
         let cmds = commands(&next);
         assert_eq!(cmds.len(), 2);
-        assert_eq!((cmds[0][4].as_str(), cmds[1][4].as_str(), cmds[0][7].as_str()), ("n2", "n3", "check"));
+        assert_eq!(&cmds[0][3..5], ["p:node:{n2}", "p:sweep:{n2}"]);
+        assert_eq!(cmds[1][3], "p:node:{n3}");
+        // n2 is alive: nothing more; n3 is dead and the lease is ours: sweep it.
+        let mut next = Batch::default();
+        apply(&c, Then::Lease("n2".into()), Reply::Integer(0), &mut next);
+        assert!(next.is_empty());
+        apply(&c, Then::Lease("n3".into()), Reply::Integer(1), &mut next);
+        let cmds = commands(&next);
+        assert_eq!(cmds, [vec!["HGETALL", "p:connections:{n3}"], vec!["SMEMBERS", "p:rooms:{n3}"]]);
+        // Each socket unregistered on its user's slot, each room cleared, then the end.
+        let mut steps = Batch::default();
+        let sockets = Reply::Array(vec![bulk("00ab"), bulk("t:bob"), bulk("01cd"), bulk("t:amy")]);
+        apply(&c, Then::SweepSockets("n3".into()), sockets, &mut steps);
+        apply(
+            &c,
+            Then::SweepRooms("n3".into(), Sweep::Dead),
+            Reply::Array(vec![bulk("t:lobby")]),
+            &mut steps,
+        );
+        let cmds = commands(&steps);
+        assert_eq!(cmds.len(), 4);
+        assert_eq!(
+            (cmds[0][3].as_str(), cmds[0][6].as_str(), cmds[0][7].as_str()),
+            ("p:user:{t:bob}:sockets", "n3", "00ab")
+        );
+        assert_eq!(cmds[1][3], "p:user:{t:amy}:sockets");
+        assert_eq!((cmds[2][3].as_str(), cmds[2][4].as_str()), ("p:room:{t:lobby}", "n3"));
+        assert!(matches!(steps.then[3], Then::SweepEnd(_, Sweep::Dead)));
+        let mut end = Batch::default();
+        apply(&c, Then::SweepEnd("n3".into(), Sweep::Dead), Reply::Integer(1), &mut end);
+        assert_eq!(
+            commands(&end),
+            [
+                vec!["DEL", "p:connections:{n3}", "p:rooms:{n3}"],
+                vec!["SREM", "p:nodes", "n3"],
+                vec!["DEL", "p:sweep:{n3}"]
+            ]
+        );
     }
 }

@@ -76,6 +76,11 @@ impl Keys {
         self.name(&["room:{", &redis_id(room), "}"])
     }
 
+    /// `room:{T:R}` of a room as `rooms:{S}` lists it (`T:R`, see [`redis_id`]).
+    pub fn room_of_id(&self, id: &str) -> String {
+        self.name(&["room:{", id, "}"])
+    }
+
     /// `rooms:{S}`: rooms with members on `server` (for the sweep of a dead node).
     pub fn server_rooms(&self, server: &str) -> String {
         self.name(&["rooms:{", server, "}"])
@@ -130,6 +135,11 @@ impl Keys {
     /// `node:{S}`: the node's liveness key.
     pub fn node(&self, server: &str) -> String {
         self.name(&["node:{", server, "}"])
+    }
+
+    /// `sweep:{S}`: the lease of the node sweeping dead server `S`.
+    pub fn sweep(&self, server: &str) -> String {
+        self.name(&["sweep:{", server, "}"])
     }
 
     /// `nodes`: every node that registered.

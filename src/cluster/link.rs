@@ -21,25 +21,27 @@ use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncRead, FutureExt};
 use glommio::net::UnixStream;
+use shardgate_io::resp::Reply;
 use shardgate_shard::mesh::{wait_ring, RING_READ};
 use shardgate_shard::metrics::Counter;
 use shardgate_shard::msg::{parse_sid, BridgeMsg, DeliveryStatus, ShardMsg, SocketRef};
 use tracing::{info, warn};
 
 use super::apply::apply;
+use super::conns::Conns;
 use super::keys::{redis_id, Keys};
-use super::plan::{liveness, plan, refresh_presence, register, sweep, Batch, Then};
+use super::plan::{liveness, plan, refresh_presence, register, sweep, Batch, Sweep, Then};
 use super::pubsub::on_pubsub;
 use super::recover;
-use super::redis::RedisConn;
 use super::state::Cluster;
 
 /// Time allowed to open one Redis connection (TCP, AUTH, SELECT).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// First reconnect delay; doubled after each failure.
 const BACKOFF_START: Duration = Duration::from_millis(100);
-/// Longest reconnect delay.
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Longest reconnect delay (a failed-over Redis Cluster master is replaced within
+/// seconds: the node should follow soon after).
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Inbox messages handled per round while Redis is down.
 const OFFLINE_BATCH: usize = 1024;
 /// Inbox messages planned into one pipelined batch.
@@ -55,20 +57,27 @@ const LEAVE_POLL: Duration = Duration::from_millis(20);
 pub async fn run(c: Rc<Cluster>, mut bell: UnixStream) {
     let mut backoff = BACKOFF_START;
     let url = c.settings.redis.clone();
+    // Every node of the last Redis Cluster slot map: where to reconnect when the
+    // configured one is down.
+    let mut known: Vec<String> = Vec::new();
     while !c.shared.stopping.load(Ordering::Relaxed) {
-        let conns = async {
-            Ok::<_, std::io::Error>((
-                RedisConn::connect(&url, CONNECT_TIMEOUT).await?,
-                RedisConn::connect(&url, CONNECT_TIMEOUT).await?,
-            ))
-        };
-        match conns.await {
-            Ok((cmd, sub)) => {
+        match Conns::open(&url, &known, CONNECT_TIMEOUT).await {
+            Ok(conns) => {
                 backoff = BACKOFF_START;
+                if let Some(map) = conns.map() {
+                    known.clone_from(&map.nodes);
+                }
                 c.m().inc(Counter::RedisConnects);
                 c.m().add(Counter::RedisUp, 1);
-                info!(server = c.me(), "connected to redis {}:{}", url.host, url.port);
-                if let Err(e) = connected(&c, cmd, sub, &mut bell).await {
+                match conns.map() {
+                    Some(map) => info!(
+                        server = c.me(),
+                        "connected to the redis cluster: {} masters",
+                        map.masters.len()
+                    ),
+                    None => info!(server = c.me(), "connected to redis {}:{}", url.host, url.port),
+                }
+                if let Err(e) = connected(&c, conns, &mut bell).await {
                     warn!("redis connection lost: {e}; serving local traffic, reconnecting");
                 }
                 c.m().dec(Counter::RedisUp);
@@ -148,18 +157,27 @@ fn offline(c: &Cluster, msg: BridgeMsg) {
     }
 }
 
-/// Runs one connected session; returns when either connection fails.
-async fn connected(
-    c: &Rc<Cluster>,
-    mut cmd: RedisConn,
-    mut sub: RedisConn,
-    bell: &mut UnixStream,
-) -> std::io::Result<()> {
+/// Runs one connected session; returns when a connection fails.
+async fn connected(c: &Rc<Cluster>, mut conns: Conns, bell: &mut UnixStream) -> std::io::Result<()> {
     let me = c.me().to_string();
+    c.sharded.set(conns.map().is_some());
+    if c.sharded.get() && c.settings.recovery.is_some() {
+        return Err(std::io::Error::other(
+            "connection state recovery needs a single Redis, not a Redis Cluster (docs/redis-cluster.md)",
+        ));
+    }
+    // Alive again: unless a sweep of this node is running (then wait for its end).
+    let mut batch = Batch::default();
+    liveness(c, &mut batch);
+    if conns.exec(&batch).await?.first() == Some(&Reply::Integer(2)) {
+        return Err(std::io::Error::other("another node is sweeping this node's registrations; waiting"));
+    }
+    c.swept.set(false);
     // Clear what an earlier session of this process left, then register everything live.
     let mut batch = Batch::default();
-    sweep(c, &mut batch, &me, true, Then::Ignore);
-    liveness(c, &mut batch);
+    sweep(c, &mut batch, &me, Sweep::Own);
+    exec(c, &mut conns, batch).await?;
+    let mut batch = Batch::default();
     let mirror = c.mirror.borrow().clone();
     // Changes may have been missed while disconnected: start the route cache over.
     c.routes.borrow_mut().clear();
@@ -178,17 +196,9 @@ async fn connected(
     }
     // Subscribe first, and only then register: a socket must never be in the registry
     // while its node is deaf to its server channel (messages to it would be queued).
-    let mut subscribe = Vec::new();
-    for ch in &channels {
-        shardgate_io::resp::encode_command(&["SUBSCRIBE", ch], &mut subscribe);
-    }
-    sub.write(&subscribe).await?;
-    for _ in &channels {
-        let reply = sub.read_reply().await?;
-        on_pubsub(c, reply);
-    }
+    conns.subscribe_all(&channels, |reply| on_pubsub(c, reply)).await?;
     *c.subs.borrow_mut() = Some(Vec::new());
-    exec(c, &mut cmd, batch).await?;
+    exec(c, &mut conns, batch).await?;
     // Registered and subscribed: the node may take traffic (a no-op once draining).
     c.shared.mark_ready();
 
@@ -201,22 +211,28 @@ async fn connected(
     let mut next_sweep = Instant::now();
     loop {
         if c.shared.stopping.load(Ordering::Relaxed) {
-            return leave(c, &mut cmd, bell).await;
+            return leave(c, &mut conns, bell).await;
+        }
+        if c.swept.get() {
+            return Err(std::io::Error::other(
+                "this node's liveness key had expired: registering everything again",
+            ));
         }
         let pending_subs = c.subs.borrow_mut().as_mut().map(std::mem::take).unwrap_or_default();
         if !pending_subs.is_empty() {
-            sub.write(&pending_subs).await?;
+            conns.subscribe(&pending_subs).await?;
         }
         let wake = next_live.min(next_presence).min(next_sweep);
         let max = wake.saturating_duration_since(Instant::now()).min(IDLE_WAKE);
-        wait_any(c, bell, &mut sub, max).await?;
+        wait_any(c, bell, &mut conns, max).await?;
         // Barrier: every push already received (registry changes above all) is applied
         // before anything in the inbox is routed.
         let mut pushes = Vec::new();
-        sub.take_ready(&mut pushes)?;
+        conns.take_ready(&mut pushes)?;
         for reply in pushes {
             on_pubsub(c, reply);
         }
+        conns.repair().await?;
         let mut batch = Batch::default();
         let now = Instant::now();
         if now >= next_live {
@@ -238,7 +254,7 @@ async fn connected(
             plan(c, msg, &mut batch);
         }
         if !batch.is_empty() {
-            exec(c, &mut cmd, batch).await?;
+            exec(c, &mut conns, batch).await?;
         }
     }
 }
@@ -246,7 +262,7 @@ async fn connected(
 /// Graceful exit: let the shards close their clients (their unregistrations arrive
 /// here and are applied), then take this node out of the registry at once instead of
 /// waiting for its liveness key to expire.
-async fn leave(c: &Cluster, cmd: &mut RedisConn, bell: &mut UnixStream) -> std::io::Result<()> {
+async fn leave(c: &Cluster, conns: &mut Conns, bell: &mut UnixStream) -> std::io::Result<()> {
     let until = Instant::now() + LEAVE_GRACE;
     loop {
         let mut batch = Batch::default();
@@ -255,7 +271,7 @@ async fn leave(c: &Cluster, cmd: &mut RedisConn, bell: &mut UnixStream) -> std::
         for msg in msgs {
             plan(c, msg, &mut batch);
         }
-        exec(c, cmd, batch).await?;
+        exec(c, conns, batch).await?;
         if (c.shared.open_connections() == 0 && c.inbox.backlog() == 0) || Instant::now() >= until {
             break;
         }
@@ -263,24 +279,28 @@ async fn leave(c: &Cluster, cmd: &mut RedisConn, bell: &mut UnixStream) -> std::
     }
     let me = c.me();
     let mut batch = Batch::default();
-    sweep(c, &mut batch, me, true, Then::Swept);
-    batch.cmd(&["DEL", &c.keys.node(me)], Then::Ignore);
-    batch.cmd(&["SREM", &c.keys.nodes(), me], Then::Ignore);
-    exec(c, cmd, batch).await?;
+    sweep(c, &mut batch, me, Sweep::Leave);
+    exec(c, conns, batch).await?;
     info!(server = me, "left the cluster");
     Ok(())
 }
 
-/// Writes a batch, reads every reply in order, applies them; follow-ups run as the next
-/// batch.
-async fn exec(c: &Cluster, cmd: &mut RedisConn, mut batch: Batch) -> std::io::Result<()> {
+/// Runs a batch and applies every reply in order; follow-ups run as the next batch.
+/// When a connection fails, what is still waiting for a reply is answered as if Redis
+/// had refused it (senders hear `sent`, counted as unroutable): never silently dropped.
+async fn exec(c: &Cluster, conns: &mut Conns, mut batch: Batch) -> std::io::Result<()> {
     while !batch.is_empty() {
         c.m().inc(Counter::RedisBatches);
         c.m().add(Counter::RedisCommands, batch.then.len() as u64);
-        cmd.write(&batch.buf).await?;
+        let replies = match conns.exec(&batch).await {
+            Ok(replies) => replies,
+            Err(e) => {
+                abandon(c, batch.then);
+                return Err(e);
+            }
+        };
         let mut followups = Batch::default();
-        for then in batch.then {
-            let reply = cmd.read_reply().await?;
+        for (then, reply) in batch.then.into_iter().zip(replies) {
             apply(c, then, reply, &mut followups);
         }
         batch = followups;
@@ -288,11 +308,29 @@ async fn exec(c: &Cluster, cmd: &mut RedisConn, mut batch: Batch) -> std::io::Re
     Ok(())
 }
 
-/// Waits until the inbox has work, the pub/sub connection has data, or `max` passes.
+/// Answers the commands of a batch lost with its connection.
+fn abandon(c: &Cluster, thens: Vec<Then>) {
+    let lost = Reply::Error("connection lost".into());
+    let mut ignored = Batch::default();
+    for then in thens {
+        match then {
+            Then::Route { .. } | Then::Cached { .. } | Then::Logged { .. } | Then::Bounced { .. } => {
+                c.m().inc(Counter::Unroutable);
+                apply(c, then, lost.clone(), &mut ignored);
+            }
+            Then::Drain { .. } | Then::Presence { .. } | Then::ResumeRead { .. } | Then::Resume { .. } => {
+                apply(c, then, lost.clone(), &mut ignored)
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Waits until the inbox has work, a pub/sub connection has data, or `max` passes.
 async fn wait_any(
     c: &Cluster,
     bell: &mut UnixStream,
-    sub: &mut RedisConn,
+    conns: &mut Conns,
     max: Duration,
 ) -> std::io::Result<()> {
     let mut ring = [0u8; RING_READ];
@@ -300,7 +338,7 @@ async fn wait_any(
         if c.inbox.backlog() > 0 {
             return Poll::Ready(Ok(()));
         }
-        if let Poll::Ready(reply) = sub.poll_reply(cx) {
+        if let Poll::Ready(reply) = conns.poll_push(cx) {
             on_pubsub(c, reply?);
             return Poll::Ready(Ok(()));
         }

@@ -4,7 +4,8 @@
 //! bridge answers through their mesh inboxes. Read in this order:
 //!
 //! * [`state`]: the bridge's cluster state ([`state::Cluster`]) and its effects on shards;
-//! * [`link`]: the two Redis connections, the reconnect loop and the connected loop;
+//! * [`link`]: the reconnect loop and the connected loop, over [`conns`]: the Redis
+//!   connections (one Redis, or one per master of a Redis Cluster);
 //! * [`plan`]: each shard message -> pipelined commands, each with a [`plan::Then`];
 //! * [`apply`]: each reply, as its `Then` says;
 //! * [`pubsub`]: pushes on this node's channels -> shard messages;
@@ -18,6 +19,7 @@
 //! The envelope other nodes publish is decoded by `shardgate_io::envelope`.
 
 pub mod apply;
+pub mod conns;
 pub mod keys;
 pub mod link;
 pub mod mirror;

@@ -67,6 +67,10 @@ pub enum Then {
         tally: Tally,
         /// Some sockets of the recipient are local (delivered already).
         local: bool,
+        /// The servers came from the registry just now (a Redis Cluster, where the ROUTE
+        /// script cannot publish to another slot's channel): when nobody is reached the
+        /// message is queued, not routed again.
+        registry: bool,
     },
     /// QUEUE_IF_OFFLINE for a bounce.
     Bounced {
@@ -108,11 +112,34 @@ pub enum Then {
         /// The claiming socket's id.
         sid: String,
     },
-    /// SMEMBERS nodes: sweep the others.
+    /// SMEMBERS nodes: try to sweep the others.
     Nodes,
-    /// SWEEP script: count what was swept.
-    Swept,
+    /// LEASE script on a server: 1 when it is dead and this node sweeps it.
+    Lease(Arc<str>),
+    /// HGETALL `connections:{S}`: unregister each socket of the swept server.
+    SweepSockets(Arc<str>),
+    /// SMEMBERS `rooms:{S}`: remove its members from each room, then end the sweep.
+    SweepRooms(Arc<str>, Sweep),
+    /// Planned after every step of a sweep: delete the server's lists (and more, by kind).
+    SweepEnd(Arc<str>, Sweep),
+    /// ALIVE script (the periodic liveness refresh): anything but 1 means this node's
+    /// registrations may have been swept.
+    Alive,
 }
+
+/// Why a server's registrations are swept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sweep {
+    /// Another node, dead (its liveness key expired); this node holds the lease.
+    Dead,
+    /// This node's own, left by an earlier session, before it registers again.
+    Own,
+    /// This node's own, as it leaves the cluster.
+    Leave,
+}
+
+/// How long a sweeper holds its lease on a dead server.
+const SWEEP_LEASE_MS: &str = "30000";
 
 /// Replies pending and receivers counted over the PUBLISHes of one cached route.
 pub type Tally = Rc<std::cell::Cell<(usize, i64)>>;
@@ -124,6 +151,11 @@ pub struct Batch {
     pub buf: Vec<u8>,
     /// One entry per command.
     pub then: Vec<Then>,
+    /// Where each command ends in `buf`.
+    pub ends: Vec<usize>,
+    /// Each command's hash slot (its key's), `None` for a command without a key, which
+    /// any Redis Cluster master serves.
+    pub slots: Vec<Option<u16>>,
 }
 
 impl Batch {
@@ -131,12 +163,37 @@ impl Batch {
     pub fn cmd<A: AsRef<[u8]>>(&mut self, args: &[A], then: Then) {
         resp::encode_command(args, &mut self.buf);
         self.then.push(then);
+        self.ends.push(self.buf.len());
+        self.slots.push(key_of(args).map(resp::key_slot));
+    }
+
+    /// The encoded bytes of command `i`.
+    pub fn command(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.buf[start..self.ends[i]]
     }
 
     /// No command planned.
     pub fn is_empty(&self) -> bool {
         self.then.is_empty()
     }
+}
+
+/// The key a command is routed by in a Redis Cluster: an EVAL's first key (its keys
+/// share one slot), a sharded PUBLISH's channel, else the first argument; `None` for a
+/// script without keys and a classic PUBLISH.
+fn key_of<A: AsRef<[u8]>>(args: &[A]) -> Option<&[u8]> {
+    let name = args.first()?.as_ref();
+    if name.eq_ignore_ascii_case(b"EVAL") {
+        return match args.get(2)?.as_ref() {
+            b"0" => None,
+            _ => args.get(3).map(AsRef::as_ref),
+        };
+    }
+    if name.eq_ignore_ascii_case(b"PUBLISH") {
+        return None;
+    }
+    args.get(1).map(AsRef::as_ref)
 }
 
 /// The `D` envelope of a 1:1 message from `origin` on this node.
@@ -180,18 +237,45 @@ pub fn unregister(c: &Cluster, batch: &mut Batch, server: &str, user: &Key, sid:
     batch.cmd(&args, then);
 }
 
-/// Sweeps what server `server` registered (SWEEP script); `force` for this node's own.
-pub fn sweep(c: &Cluster, batch: &mut Batch, server: &str, force: bool, then: Then) {
-    let (now, keep) = (wall_ms().to_string(), c.settings.presence_retention_secs.to_string());
-    let mode = if force { "force" } else { "check" };
-    batch.cmd(&["EVAL", scripts::SWEEP, NO_KEYS, c.keys.prefix(), server, &now, &keep, mode], then);
+/// Sweeps what `server` registered, in steps of one slot each: its socket and room lists
+/// are read, each socket unregistered (DOWN) and each room cleared of its members
+/// (ROOM_SWEEP), then the lists deleted ([`Then::SweepEnd`]). A dead server's sweep runs
+/// under a lease ([`claim_dead`]).
+pub fn sweep(c: &Cluster, batch: &mut Batch, server: &str, kind: Sweep) {
+    let s: Arc<str> = server.into();
+    batch.cmd(&["HGETALL", &c.keys.connections(server)], Then::SweepSockets(s.clone()));
+    batch.cmd(&["SMEMBERS", &c.keys.server_rooms(server)], Then::SweepRooms(s, kind));
+}
+
+/// Takes the sweep lease on `server` if its liveness key is gone (LEASE script); the
+/// reply starts the sweep.
+pub fn claim_dead(c: &Cluster, batch: &mut Batch, server: &str) {
+    let (k1, k2) = (c.keys.node(server), c.keys.sweep(server));
+    batch.cmd(&["EVAL", scripts::LEASE, "2", &k1, &k2, c.me(), SWEEP_LEASE_MS], Then::Lease(server.into()));
+}
+
+/// The last steps of a sweep, once every socket and room step is done.
+pub fn end_sweep(c: &Cluster, batch: &mut Batch, server: &str, kind: Sweep) {
+    batch.cmd(&["DEL", &c.keys.connections(server), &c.keys.server_rooms(server)], Then::Ignore);
+    match kind {
+        Sweep::Own => {}
+        Sweep::Dead => {
+            batch.cmd(&["SREM", &c.keys.nodes(), server], Then::Ignore);
+            batch.cmd(&["DEL", &c.keys.sweep(server)], Then::Ignore);
+        }
+        Sweep::Leave => {
+            batch.cmd(&["DEL", &c.keys.node(server)], Then::Ignore);
+            batch.cmd(&["SREM", &c.keys.nodes(), server], Then::Ignore);
+        }
+    }
 }
 
 /// Refreshes this node's liveness key and membership.
 pub fn liveness(c: &Cluster, batch: &mut Batch) {
     let me = c.me();
     let ttl = c.settings.liveness_ttl_ms.to_string();
-    batch.cmd(&["SET", &c.keys.node(me), "1", "PX", &ttl], Then::Ignore);
+    let (k1, k2) = (c.keys.node(me), c.keys.sweep(me));
+    batch.cmd(&["EVAL", scripts::ALIVE, "2", &k1, &k2, &ttl], Then::Alive);
     batch.cmd(&["SADD", &c.keys.nodes(), me], Then::Ignore);
 }
 
@@ -295,7 +379,7 @@ pub fn plan(c: &Cluster, msg: BridgeMsg, batch: &mut Batch) {
             let mut pending = c.pending_subs.borrow_mut();
             if first {
                 batch.cmd(&["SADD", &c.keys.server_rooms(me), &redis_id(&room)], Then::Ignore);
-                c.subscribe("SUBSCRIBE", &channel);
+                c.subscribe(true, &channel);
                 pending.entry(channel).or_default().push((socket, room, ack));
             } else if let Some(waiters) = pending.get_mut(&channel) {
                 waiters.push((socket, room, ack));
@@ -311,12 +395,12 @@ pub fn plan(c: &Cluster, msg: BridgeMsg, batch: &mut Batch) {
             }
             if c.mirror.borrow().members(&room) == 0 {
                 batch.cmd(&["SREM", &c.keys.server_rooms(me), &redis_id(&room)], Then::Ignore);
-                c.subscribe("UNSUBSCRIBE", &channel);
+                c.subscribe(false, &channel);
             }
         }
         BridgeMsg::RoomPublish { room, frame } => {
             let env = RoomEnvelope { origin_server: me, frame: &frame }.to_vec().unwrap_or_default();
-            batch.cmd(&[b"PUBLISH".as_slice(), c.keys.room(&room).as_bytes(), &env], Then::Ignore);
+            batch.cmd(&[c.publish(), c.keys.room(&room).as_bytes(), &env], Then::Ignore);
         }
         BridgeMsg::ToUser { user, frame, msg_id, origin } if s.recovery.is_some() => {
             route_logged(c, batch, user, frame, msg_id, origin)
@@ -327,7 +411,7 @@ pub fn plan(c: &Cluster, msg: BridgeMsg, batch: &mut Batch) {
             let at = SocketRef { shard: origin.shard, conn: origin.conn }.remote();
             let env = Envelope::Ack { msg_id, origin: at, status: status.into() };
             let env = env.to_vec().unwrap_or_default();
-            batch.cmd(&[b"PUBLISH".as_slice(), c.keys.server(server).as_bytes(), &env], Then::Ignore);
+            batch.cmd(&[c.publish(), c.keys.server(server).as_bytes(), &env], Then::Ignore);
         }
         BridgeMsg::Bounce { user, frame, msg_id, origin } => {
             let (cap, ttl) = (s.offline_queue_len.max(1).to_string(), s.offline_ttl_secs.to_string());
@@ -369,19 +453,7 @@ fn route(c: &Cluster, batch: &mut Batch, user: Key, frame: Frame, msg_id: u128, 
         if !(servers.is_empty() && local.is_empty()) {
             c.m().inc(Counter::RouteCacheHits);
             c.deliver(&local, &user, &frame, msg_id, origin.into());
-            let env = deliver_envelope(c, &user, msg_id, origin, &frame);
-            let tally = Rc::new(std::cell::Cell::new((servers.len(), 0)));
-            for server in servers.iter() {
-                let then = Then::Cached {
-                    user: user.clone(),
-                    frame: frame.clone(),
-                    msg_id,
-                    origin,
-                    tally: tally.clone(),
-                    local: !local.is_empty(),
-                };
-                batch.cmd(&[b"PUBLISH".as_slice(), c.keys.server(server).as_bytes(), &env], then);
-            }
+            publish_to_servers(c, batch, &servers, &user, &frame, msg_id, origin, !local.is_empty(), false);
             return;
         }
         c.routes.borrow_mut().invalidate(&user);
@@ -393,7 +465,7 @@ fn route(c: &Cluster, batch: &mut Batch, user: Key, frame: Frame, msg_id: u128, 
     let u = redis_id(&user);
     let f = frame.clone();
     let (k1, k2) = (c.keys.user_sockets(&user), c.keys.offline(&user));
-    let args: [&[u8]; 12] = [
+    let args: [&[u8]; 13] = [
         b"EVAL",
         scripts::ROUTE.as_bytes(),
         b"2",
@@ -406,8 +478,39 @@ fn route(c: &Cluster, batch: &mut Batch, user: Key, frame: Frame, msg_id: u128, 
         cap.as_bytes(),
         ttl.as_bytes(),
         &f,
+        if c.sharded.get() { b"0" } else { b"1" },
     ];
     batch.cmd(&args, Then::Route { user, frame, msg_id, origin, epoch });
+}
+
+/// Publishes a 1:1 message's envelope to each of `servers` (the route cache's, or the
+/// registry's on a Redis Cluster), each reply counted in one tally.
+#[allow(clippy::too_many_arguments)]
+pub fn publish_to_servers(
+    c: &Cluster,
+    batch: &mut Batch,
+    servers: &[Arc<str>],
+    user: &Key,
+    frame: &Frame,
+    msg_id: u128,
+    origin: SocketRef,
+    local: bool,
+    registry: bool,
+) {
+    let env = deliver_envelope(c, user, msg_id, origin, frame);
+    let tally = Rc::new(std::cell::Cell::new((servers.len(), 0)));
+    for server in servers {
+        let then = Then::Cached {
+            user: user.clone(),
+            frame: frame.clone(),
+            msg_id,
+            origin,
+            tally: tally.clone(),
+            local,
+            registry,
+        };
+        batch.cmd(&[c.publish(), c.keys.server(server).as_bytes(), &env], then);
+    }
 }
 
 /// Routes a recoverable 1:1 message: always through Redis (the ROUTE_LOGGED script gives
@@ -436,6 +539,17 @@ fn route_logged(c: &Cluster, batch: &mut Batch, user: Key, frame: Frame, msg_id:
         live.as_bytes(),
     ];
     batch.cmd(&args, Then::Logged { origin, msg_id });
+}
+
+/// Appends `frame` to `user`'s bounded offline queue (the ROUTE script's `enqueue`, as
+/// commands on the user's slot).
+pub fn enqueue(c: &Cluster, batch: &mut Batch, user: &Key, frame: &Frame) {
+    let s = &c.settings;
+    let q = c.keys.offline(user);
+    let cap = format!("-{}", s.offline_queue_len.max(1));
+    batch.cmd(&[b"RPUSH".as_slice(), q.as_bytes(), frame], Then::Ignore);
+    batch.cmd(&["LTRIM", &q, &cap, "-1"], Then::Ignore);
+    batch.cmd(&["EXPIRE", &q, &s.offline_ttl_secs.to_string()], Then::Ignore);
 }
 
 /// Other servers as the ROUTE script lists them (`a,b,c`).
@@ -495,7 +609,7 @@ mod tests {
         assert_eq!(cmds[2], ["SADD", "p:room:{t:lobby}", "me|b"]);
         assert_eq!(cmds.len(), 3);
         let subs = c.subs.borrow().clone().unwrap();
-        assert_eq!(String::from_utf8_lossy(&subs).matches("SUBSCRIBE").count(), 1);
+        assert_eq!(subs, [(true, "p:room:{t:lobby}".to_string())]);
         assert!(drain_shard(&c, 0).is_empty(), "nobody is answered before the subscription");
         c.release_joins("p:room:{t:lobby}");
         let ready = drain_shard(&c, 0);
@@ -513,7 +627,7 @@ mod tests {
         assert_eq!(cmds.last().unwrap(), &["SREM", "p:rooms:{me}", "t:lobby"]);
         assert_eq!(cmds.len(), 4);
         let subs = c.subs.borrow().clone().unwrap();
-        assert_eq!(String::from_utf8_lossy(&subs).matches("UNSUBSCRIBE").count(), 1);
+        assert_eq!(subs.iter().filter(|(on, _)| !on).count(), 1);
     }
 
     #[test]

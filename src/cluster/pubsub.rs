@@ -20,8 +20,8 @@ pub fn on_pubsub(c: &Cluster, reply: Reply) {
     if let Some((channel, payload)) = resp::as_message(&reply) {
         on_push(c, channel, payload);
     } else if let Reply::Array(a) = &reply {
-        // ["subscribe", channel, count]: the node now receives that channel.
-        if a.first().and_then(resp::as_bytes) == Some(b"subscribe".as_slice()) {
+        // ["subscribe" or "ssubscribe", channel, count]: the node now receives that channel.
+        if matches!(a.first().and_then(resp::as_bytes), Some(b"subscribe" | b"ssubscribe")) {
             if let Some(channel) = a.get(1).and_then(resp::as_bytes).map(String::from_utf8_lossy) {
                 c.release_joins(&channel);
                 recover::on_subscribed(c, &channel);

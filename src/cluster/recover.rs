@@ -120,7 +120,7 @@ pub fn on_read(
         let mut pending = c.pending_subs.borrow_mut();
         if first && !pending.contains_key(&channel) {
             followups.cmd(&["SADD", &c.keys.server_rooms(me), &redis_id(room)], Then::Ignore);
-            c.subscribe("SUBSCRIBE", &channel);
+            c.subscribe(true, &channel);
             pending.entry(channel.clone()).or_default();
         }
         if pending.contains_key(&channel) {

@@ -6,9 +6,10 @@
 //! server: one hash slot, `docs/redis-cluster.md`), built by `keys.rs`; ARGV carries the
 //! prefix (for channel names) and values. A user's keys: `KEYS[1]` = `user:{T:U}:sockets`,
 //! `KEYS[2]` = `presence:{T:U}`, `KEYS[3]` = `offline:{T:U}`. Steps two scripts share are
-//! Lua functions defined once (the macros below) and prepended with `concat!`. SWEEP and
-//! the recovery scripts at the end still build keys of several owners themselves: they
-//! need a single Redis (`docs/redis-cluster.md`).
+//! Lua functions defined once (the macros below) and prepended with `concat!`. The sweep
+//! of a dead server is split in steps of one slot each (LEASE, then DOWN per socket and
+//! ROOM_SWEEP per room). The recovery scripts at the end still build keys of several
+//! owners themselves: they need a single Redis (`docs/redis-cluster.md`).
 
 /// `unregister(sockets, presence, p, server, sid, user, now, ttl)`: removes the socket from
 /// the user's set and announces the change; on the user's last socket cluster-wide,
@@ -115,8 +116,11 @@ return 0
 
 /// Route a 1:1 message: publish envelope `ARGV[4]` to every other server holding a socket
 /// of user `ARGV[3]`; return {receivers, "server,server,...", local sids...}, or {-1}
-/// after queueing frame `ARGV[7]` when no socket is reachable. KEYS: the user's sockets
-/// and queue. ARGV: prefix, server, user, envelope, cap, offline_ttl_secs, frame.
+/// after queueing frame `ARGV[7]` when no socket is reachable. With `ARGV[8]` = '0' (a
+/// Redis Cluster: a script may not publish on another slot's sharded channel) nothing is
+/// published: the caller publishes to the servers returned, and the frame is queued here
+/// only when the user has no socket at all. KEYS: the user's sockets and queue.
+/// ARGV: prefix, server, user, envelope, cap, offline_ttl_secs, frame, publish.
 pub const ROUTE: &str = concat!(
     lua_enqueue!(),
     r#"
@@ -127,11 +131,11 @@ for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if s == me then table.insert(out, sid) elseif s then servers[s] = true end
 end
 for s, _ in pairs(servers) do
-  out[1] = out[1] + redis.call('PUBLISH', p..'server:{'..s..'}', ARGV[4])
+  if ARGV[8] == '1' then out[1] = out[1] + redis.call('PUBLISH', p..'server:{'..s..'}', ARGV[4]) end
   table.insert(names, s)
 end
 out[2] = table.concat(names, ',')
-if out[1] == 0 and #out == 2 then
+if out[1] == 0 and #out == 2 and (ARGV[8] == '1' or #names == 0) then
   enqueue(KEYS[2], ARGV[7], ARGV[5], ARGV[6])
   return {-1}
 end
@@ -150,34 +154,39 @@ return 1
 "#
 );
 
-/// Remove every registry entry of server `ARGV[2]` if its liveness key is gone (or
-/// `ARGV[5]` == 'force': a node clearing its own stale entries after a reconnect). Users
-/// left without sockets go offline. Returns the number of sockets removed. It touches the
-/// keys of every user and room of the server, building their names itself: the one
-/// registry script that needs a single Redis (its split for Redis Cluster, and why it
-/// must stay atomic against a node that comes back: `docs/redis-cluster.md`).
-/// ARGV: prefix, server, now_ms, retention_secs, force.
-pub const SWEEP: &str = concat!(
-    lua_unregister!(),
-    r#"
-local p, id, now = ARGV[1], ARGV[2], ARGV[3]
-if ARGV[5] ~= 'force' and redis.call('EXISTS', p..'node:{'..id..'}') == 1 then return 0 end
-local conns = redis.call('HGETALL', p..'connections:{'..id..'}')
-for i = 1, #conns, 2 do
-  local u = conns[i + 1]
-  unregister(p..'user:{'..u..'}:sockets', p..'presence:{'..u..'}', p, id, conns[i], u, now, ARGV[4])
-end
-for _, r in ipairs(redis.call('SMEMBERS', p..'rooms:{'..id..'}')) do
-  local k = p..'room:{'..r..'}'
-  for _, m in ipairs(redis.call('SMEMBERS', k)) do
-    if string.sub(m, 1, #id + 1) == id..'|' then redis.call('SREM', k, m) end
+/// The sweep of a dead server (`docs/redis-cluster.md`): a lease on it, taken only if
+/// its liveness key is gone. 1 when the caller holds the lease and sweeps.
+/// KEYS: `node:{S}`, `sweep:{S}` (one slot). ARGV: sweeper, lease_ms.
+pub const LEASE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+return 1
+"#;
+
+/// A node's liveness refresh: sets its liveness key unless a sweep of it is running.
+/// Returns 1 if the key was still there (nothing of the node can have been swept), 0 if
+/// it had expired, 2 if a sweeper holds the lease (the key is not set: the node waits
+/// for the sweep to end, then registers everything again).
+/// KEYS: `node:{S}`, `sweep:{S}`. ARGV: ttl_ms.
+pub const ALIVE: &str = r#"
+if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
+local was = redis.call('EXISTS', KEYS[1])
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+return was
+"#;
+
+/// Removes every member `ARGV[1]|...` (server `ARGV[1]`'s sockets) from room `KEYS[1]`;
+/// returns how many.
+pub const ROOM_SWEEP: &str = r#"
+local n = 0
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if string.sub(m, 1, #ARGV[1] + 1) == ARGV[1]..'|' then
+    redis.call('SREM', KEYS[1], m)
+    n = n + 1
   end
 end
-redis.call('DEL', p..'connections:{'..id..'}', p..'rooms:{'..id..'}')
-if ARGV[5] ~= 'force' then redis.call('SREM', p..'nodes', id) end
-return #conns / 2
-"#
-);
+return n
+"#;
 
 // ---- connection state recovery (docs/recovery.md) ----
 //

@@ -6,11 +6,10 @@
 //! (un)subscribe commands for the pub/sub connection. Its methods are the bridge's only
 //! ways to reach shards (through the mesh) and Kafka (through the record inbox).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use shardgate_io::resp;
 use shardgate_shard::mesh::Inbox;
 use shardgate_shard::metrics::ShardMetrics;
 use shardgate_shard::msg::{BridgeMsg, DeliveryStatus, Frame, Key, Origin, ShardId, ShardMsg, SocketRef};
@@ -39,8 +38,11 @@ pub struct Cluster {
     pub inbox: Arc<Inbox<BridgeMsg>>,
     /// This process's registrations.
     pub mirror: RefCell<Mirror>,
-    /// `Some` while connected: (un)subscribe commands waiting for the pub/sub connection.
-    pub subs: RefCell<Option<Vec<u8>>>,
+    /// `Some` while connected: (un)subscriptions (`true` to subscribe) waiting for the
+    /// pub/sub connections.
+    pub subs: RefCell<Option<Vec<(bool, String)>>>,
+    /// Connected to a Redis Cluster: server and room channels are sharded (`SPUBLISH`).
+    pub sharded: Cell<bool>,
     /// user -> other servers holding their sockets.
     pub routes: RefCell<RouteCache>,
     /// Room channels whose SUBSCRIBE is not confirmed yet, with the joins waiting on it.
@@ -49,6 +51,9 @@ pub struct Cluster {
     pub claims: RefCell<Claims>,
     /// RESUME markers received on the pub/sub connection, for the next round.
     pub markers: RefCell<Vec<String>>,
+    /// This node's liveness key had expired (or a sweep of it was running) at its last
+    /// refresh: its registrations may be gone, so the session starts over.
+    pub swept: Cell<bool>,
 }
 
 impl Cluster {
@@ -65,6 +70,8 @@ impl Cluster {
             pending_subs: Default::default(),
             claims: Default::default(),
             markers: Default::default(),
+            swept: Cell::new(false),
+            sharded: Cell::new(false),
         }
     }
 
@@ -83,11 +90,22 @@ impl Cluster {
         self.shared.mesh.send(origin.shard, ShardMsg::Status { conn: origin.conn, msg_id, status });
     }
 
-    /// Queues `SUBSCRIBE` / `UNSUBSCRIBE` of `channel` for the pub/sub connection; a no-op
-    /// while disconnected (everything is subscribed again on reconnect).
-    pub fn subscribe(&self, verb: &str, channel: &str) {
+    /// Queues the subscription (`on`) or unsubscription of `channel` for the pub/sub
+    /// connections; a no-op while disconnected (everything is subscribed again on
+    /// reconnect).
+    pub fn subscribe(&self, on: bool, channel: &str) {
         if let Some(out) = self.subs.borrow_mut().as_mut() {
-            resp::encode_command(&[verb, channel], out);
+            out.push((on, channel.to_string()));
+        }
+    }
+
+    /// The command publishing on a server or room channel: `SPUBLISH` on a Redis
+    /// Cluster (sharded pub/sub), else `PUBLISH`.
+    pub fn publish(&self) -> &'static [u8] {
+        if self.sharded.get() {
+            b"SPUBLISH"
+        } else {
+            b"PUBLISH"
         }
     }
 

@@ -2,76 +2,228 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use shardgate_io::resp::{self, Reply};
 
-/// A running redis-server, killed on drop.
+/// A running redis-server, or a Redis Cluster of them, killed on drop.
 pub struct RedisServer {
-    child: Option<Child>,
+    children: Vec<Option<Child>>,
+    /// Every node's port (one for a single server; masters first for a cluster).
+    pub ports: Vec<u16>,
+    /// The port of the node the URL names.
     pub port: u16,
+    /// Cluster nodes' configuration files live here (kept across a restart).
+    dir: Option<PathBuf>,
+}
+
+/// A free loopback port below 55536: a cluster node's bus listens on port + 10000.
+fn free_port() -> u16 {
+    loop {
+        let p = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if p < 55536 && TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+            return p;
+        }
+    }
 }
 
 impl RedisServer {
     /// Starts redis-server without persistence on a free port.
     pub fn start() -> RedisServer {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut r = RedisServer { child: None, port };
-        r.spawn();
+        let mut r = RedisServer { children: vec![None], ports: vec![port], port, dir: None };
+        r.spawn_all();
         r
     }
 
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+    /// Starts a real Redis Cluster on loopback: `masters` masters, each with one
+    /// replica, created with `redis-cli --cluster create`, a 2 s node timeout (a
+    /// killed master's replica takes over within seconds).
+    pub fn start_cluster(masters: usize) -> RedisServer {
+        let dir = std::env::temp_dir().join(format!(
+            "shardgate-redis-cluster-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ports: Vec<u16> = Vec::new();
+        while ports.len() < masters * 2 {
+            let p = free_port();
+            if !ports.contains(&p) {
+                ports.push(p);
+            }
+        }
+        let children = ports.iter().map(|_| None).collect();
+        let mut r = RedisServer { children, ports: ports.clone(), port: ports[0], dir: Some(dir) };
+        r.spawn_all();
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for p in &ports {
+            create.arg(format!("127.0.0.1:{p}"));
+        }
+        create.args(["--cluster-replicas", "1", "--cluster-yes"]);
+        let out = create.output().expect("redis-cli must be installed (scripts/test.sh installs it)");
+        assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        r.wait_cluster_ok();
+        r
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.dir.is_some()
+    }
+
+    fn spawn_all(&mut self) {
+        for i in 0..self.ports.len() {
+            self.spawn(i);
+        }
+        for &p in &self.ports {
+            let end = Instant::now() + Duration::from_secs(10);
+            while at(p, &[&["PING"]]).is_none() {
+                assert!(Instant::now() < end, "redis-server did not start on port {p}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let port = self.ports[i].to_string();
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        if let Some(dir) = &self.dir {
+            cmd.args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]);
+            cmd.args(["--cluster-config-file", &format!("nodes-{port}.conf")]);
+            cmd.arg("--dir").arg(dir);
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/test.sh installs it)");
-        self.child = Some(child);
-        let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end {
-            if self.try_cmd(&["PING"]).is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("redis-server did not start on port {}", self.port);
+        self.children[i] = Some(child);
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// Waits until every running node of the cluster says `cluster_state:ok` and
+    /// agrees on the slot map.
+    pub fn wait_cluster_ok(&self) {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let live: Vec<u16> =
+                self.ports.iter().zip(&self.children).filter(|(_, c)| c.is_some()).map(|(p, _)| *p).collect();
+            let ok = live.iter().all(|&p| {
+                matches!(at(p, &[&["CLUSTER", "INFO"]]), Some(Reply::BulkString(b)) if String::from_utf8_lossy(&b).contains("cluster_state:ok"))
+            });
+            let maps: Vec<Option<String>> = live.iter().map(|&p| self.masters_seen_by(p)).collect();
+            if ok && maps.iter().all(|m| m.is_some() && *m == maps[0]) {
+                return;
+            }
+            assert!(Instant::now() < end, "the redis cluster did not become ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The masters' ports as node `port` sees them (sorted, as text).
+    fn masters_seen_by(&self, port: u16) -> Option<String> {
+        let Some(Reply::Array(ranges)) = at(port, &[&["CLUSTER", "SLOTS"]]) else { return None };
+        let mut masters: Vec<i64> = ranges
+            .iter()
+            .filter_map(|r| match r {
+                Reply::Array(r) => match r.get(2) {
+                    Some(Reply::Array(n)) => match n.get(1) {
+                        Some(Reply::Integer(p)) => Some(*p),
+                        _ => None,
+                    },
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        masters.sort_unstable();
+        masters.dedup();
+        Some(format!("{masters:?}"))
+    }
+
+    /// `redis://127.0.0.1:PORT` (for a cluster: its first node).
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Kills the server (all data is lost, as in a crash without persistence).
+    /// Kills every node (all data is lost, as in a crash without persistence).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        for c in &mut self.children {
+            if let Some(mut c) = c.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
     }
 
-    /// Starts it again on the same port.
+    /// Starts every node again on the same ports (a cluster keeps its configuration).
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn();
+        self.spawn_all();
+        if self.is_cluster() {
+            self.wait_cluster_ok();
+        }
+    }
+
+    /// Kills the master serving `key` with SIGKILL; returns its port.
+    #[allow(dead_code)]
+    pub fn kill_master_of(&mut self, key: &str) -> u16 {
+        let port = self.owner(key);
+        let i = self.ports.iter().position(|p| *p == port).expect("a node of this cluster");
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        port
     }
 
     /// The redis-server process id (benchmarks read its CPU time).
     #[allow(dead_code)]
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+        self.children.first().and_then(Option::as_ref).map_or(0, Child::id)
+    }
+
+    /// The port of the node serving `key` (following `MOVED`); the one server's port
+    /// without a cluster.
+    pub fn owner(&self, key: &str) -> u16 {
+        if !self.is_cluster() {
+            return self.port;
+        }
+        for &p in self.live_ports().iter() {
+            match at(p, &[&["EXISTS", key]]) {
+                Some(Reply::Error(e)) if e.starts_with("MOVED ") => {
+                    let addr = e.rsplit(' ').next().unwrap_or_default();
+                    return addr.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(p);
+                }
+                Some(Reply::Error(_)) | None => continue,
+                Some(_) => return p,
+            }
+        }
+        panic!("no node serves {key}");
+    }
+
+    fn live_ports(&self) -> Vec<u16> {
+        self.ports.iter().zip(&self.children).filter(|(_, c)| c.is_some()).map(|(p, _)| *p).collect()
+    }
+
+    /// How many nodes subscribe to a server or room channel (sharded on a cluster).
+    pub fn subscribers(&self, channel: &str) -> i64 {
+        let reply = if self.is_cluster() {
+            at(self.owner(channel), &[&["PUBSUB", "SHARDNUMSUB", channel]])
+        } else {
+            self.try_cmd(&["PUBSUB", "NUMSUB", channel])
+        };
+        match reply {
+            Some(Reply::Array(r)) => match r.get(1) {
+                Some(Reply::Integer(n)) => *n,
+                _ => -1,
+            },
+            _ => -1,
+        }
     }
 
     /// Runs one command.
@@ -86,36 +238,18 @@ impl RedisServer {
         self.session(&cmds).expect("redis command")
     }
 
+    /// Runs `args` on the node serving its key (`args[1]`).
     fn try_cmd(&self, args: &[&str]) -> Option<Reply> {
-        self.session(&[args])
+        let port = match args.get(1) {
+            Some(key) if self.is_cluster() => self.owner(key),
+            _ => self.port,
+        };
+        at(port, &[args])
     }
 
     /// Runs commands on one connection; returns the last reply.
     fn session(&self, cmds: &[&[&str]]) -> Option<Reply> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        let mut out = Vec::new();
-        for args in cmds {
-            resp::encode_command(args, &mut out);
-        }
-        s.write_all(&out).ok()?;
-        let mut buf = Vec::new();
-        let mut left = cmds.len();
-        let mut chunk = [0u8; 4096];
-        loop {
-            while let Ok(Some((r, used))) = resp::decode_reply(&buf) {
-                buf.drain(..used);
-                left -= 1;
-                if left == 0 {
-                    return Some(r);
-                }
-            }
-            let n = s.read(&mut chunk).ok()?;
-            if n == 0 {
-                return None;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
+        at(self.port, cmds)
     }
 
     /// SMEMBERS as strings.
@@ -132,5 +266,36 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Runs commands on one fresh connection to `port`; returns the last reply.
+fn at(port: u16, cmds: &[&[&str]]) -> Option<Reply> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut out = Vec::new();
+    for args in cmds {
+        resp::encode_command(args, &mut out);
+    }
+    s.write_all(&out).ok()?;
+    let mut buf = Vec::new();
+    let mut left = cmds.len();
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Ok(Some((r, used))) = resp::decode_reply(&buf) {
+            buf.drain(..used);
+            left -= 1;
+            if left == 0 {
+                return Some(r);
+            }
+        }
+        let n = s.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
     }
 }
