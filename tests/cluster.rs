@@ -11,8 +11,12 @@ use support::redis::RedisServer;
 use support::{token, Client, Server};
 
 fn node(redis: &RedisServer, extra: &[&str]) -> Server {
-    let url = redis.url();
-    let mut args = vec!["--shards", "2", "--redis", url.as_str()];
+    node_at(redis, &redis.url(), extra)
+}
+
+/// A node pointed at `url` (one member of `redis`).
+fn node_at(redis: &RedisServer, url: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--shards", "2", "--redis", url];
     if !extra.contains(&"--liveness-ttl-ms") {
         args.extend_from_slice(&["--liveness-ttl-ms", "600"]);
     }
@@ -20,7 +24,10 @@ fn node(redis: &RedisServer, extra: &[&str]) -> Server {
     let s = Server::start(&args);
     s.wait_for("bridge connected to redis", |s| s.metric("shardgate_redis_up") == 1);
     if redis.is_cluster() {
-        assert!(s.log().contains("connected to the redis cluster: 3 masters"), "{}", s.log());
+        // (Metrics may come from another process on a shared port: the log is this one's.)
+        s.wait_for("connected in cluster mode", |s| {
+            s.log().contains("connected to the redis cluster: 3 masters")
+        });
     }
     s
 }
@@ -344,6 +351,87 @@ fn a_drained_node_leaves_without_flapping_presence_of_users_connected_elsewhere(
     assert_eq!(redis.members("user:{t1:carol}:sockets").len(), 1, "only the laptop is registered");
     assert!(redis.members("room:{t1:r}").is_empty());
     assert_eq!(redis.members("nodes").len(), 1);
+}
+
+#[test]
+fn chat_resumes_after_a_redis_cluster_master_fails_over() {
+    let mut redis = RedisServer::start_cluster(3);
+    // Each node pointed at a different member: any member will do.
+    let urls: Vec<String> = redis.ports[..3].iter().map(|p| format!("redis://127.0.0.1:{p}")).collect();
+    let nodes: Vec<Server> = urls.iter().map(|u| node_at(&redis, u, &[])).collect();
+    let env = [
+        ("SHARDGATE_URL_A", format!("http://{}", nodes[0].addr)),
+        ("SHARDGATE_URL_B", format!("http://{}", nodes[1].addr)),
+        ("SHARDGATE_URL_C", format!("http://{}", nodes[2].addr)),
+    ];
+    support::interop_suite("cluster.test.mjs", &env, String::new);
+
+    let mut alice = Client::connect(nodes[0].addr, &token("alice", "t1"));
+    let mut bob = Client::connect(nodes[1].addr, &token("bob", "t1"));
+    let send = |alice: &mut Client, content: String| {
+        let ack = alice.emit_ack("message:send", json!({ "to": "bob", "content": content }));
+        ack["status"].as_str().unwrap_or_default().to_string()
+    };
+    assert_eq!(send(&mut alice, "before".into()), "delivered");
+    assert_eq!(bob.expect_event("message:new")["content"], "before");
+
+    // The master of bob's keys dies; its replica takes over after the node timeout (2 s).
+    let killed = redis.kill_master_of("user:{t1:bob}:sockets");
+    let t0 = std::time::Instant::now();
+    let mut statuses = Vec::new();
+    loop {
+        let status = send(&mut alice, format!("m{}", statuses.len()));
+        statuses.push(status.clone());
+        if status == "delivered" {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(40) {
+            let tail = |s: &Server| s.log().lines().rev().take(15).collect::<Vec<_>>().join("\n");
+            panic!(
+                "chat never resumed after {} messages\nnode a:\n{}\nnode b:\n{}",
+                statuses.len(),
+                tail(&nodes[0]),
+                tail(&nodes[1])
+            );
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let gap = t0.elapsed();
+    // Every message was answered; what was not delivered was counted, never dropped
+    // silently; each delivered or queued message reaches bob (a queued one when his node
+    // registers him again), in order.
+    let unanswered = statuses.iter().filter(|s| *s == "sent").count() as u64;
+    let unroutable: u64 = nodes.iter().map(|n| n.metric("shardgate_cluster_unroutable_total")).sum();
+    assert!(unroutable >= unanswered.min(1), "{statuses:?}, unroutable {unroutable}");
+    let wanted: Vec<String> = statuses
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| *s == "delivered" || *s == "queued")
+        .map(|(i, _)| format!("m{i}"))
+        .collect();
+    let mut got = Vec::new();
+    while got.len() < wanted.len() {
+        let m = bob.expect_event("message:new");
+        got.push(m["content"].as_str().unwrap_or_default().to_string());
+    }
+    let got: Vec<String> = got.into_iter().filter(|m| wanted.contains(m)).collect();
+    assert_eq!(got, wanted);
+    assert_ne!(redis.owner("user:{t1:bob}:sockets"), killed, "a replica serves bob's slot now");
+    println!(
+        "failover gap: {} ms from SIGKILL of the master on port {killed} to the first delivered message; \
+         {} messages meanwhile ({} answered sent, {} queued); unroutable counted: {unroutable}",
+        gap.as_millis(),
+        statuses.len() - 1,
+        unanswered,
+        statuses.iter().filter(|s| *s == "queued").count()
+    );
+
+    // After the failover: the official client's flows across the three nodes again.
+    redis.wait_cluster_ok();
+    for n in &nodes {
+        n.wait_for("reconnected to the cluster", |s| s.metric("shardgate_redis_up") == 1);
+    }
+    support::interop_suite("cluster.test.mjs", &env, String::new);
 }
 
 /// Every test above taking a `RedisServer` runs twice: on a single redis-server

@@ -93,7 +93,14 @@ impl RedisServer {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
         if let Some(dir) = &self.dir {
-            cmd.args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]);
+            cmd.args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "2000",
+                "--repl-diskless-sync-delay",
+                "0",
+            ]);
             cmd.args(["--cluster-config-file", &format!("nodes-{port}.conf")]);
             cmd.arg("--dir").arg(dir);
         }
@@ -116,7 +123,15 @@ impl RedisServer {
                 matches!(at(p, &[&["CLUSTER", "INFO"]]), Some(Reply::BulkString(b)) if String::from_utf8_lossy(&b).contains("cluster_state:ok"))
             });
             let maps: Vec<Option<String>> = live.iter().map(|&p| self.masters_seen_by(p)).collect();
-            if ok && maps.iter().all(|m| m.is_some() && *m == maps[0]) {
+            // A replica that never synchronised cannot take over: wait for every link.
+            let synced = live.iter().all(|&p| match at(p, &[&["INFO", "replication"]]) {
+                Some(Reply::BulkString(b)) => {
+                    let info = String::from_utf8_lossy(&b);
+                    !info.contains("role:slave") || info.contains("master_link_status:up")
+                }
+                _ => false,
+            });
+            if ok && synced && maps.iter().all(|m| m.is_some() && *m == maps[0]) {
                 return;
             }
             assert!(Instant::now() < end, "the redis cluster did not become ready");
