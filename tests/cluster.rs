@@ -87,6 +87,17 @@ fn direct_messages_rooms_offline_and_presence_across_nodes(redis: RedisServer) {
     drop(d2);
     let p = watcher.expect_event("presence");
     assert_eq!((&p["userId"], &p["status"]), (&json!("dave"), &json!("offline")));
+    if redis.is_cluster() {
+        // Presence and registry changes go only to the nodes that care: the watcher's
+        // node subscribes dave's own channel, nobody the broadcast ones.
+        assert_eq!(redis.subscribers("presence:updates:{t1:dave}"), 1);
+        assert_eq!(redis.subscribers("registry:changes:{t1:bob}"), 1, "alice's node caches bob's route");
+        for &port in &redis.ports {
+            for ch in ["presence:updates", "registry:changes"] {
+                assert_eq!(redis.classic_subscribers(port, ch), 0, "{ch} on {port}");
+            }
+        }
+    }
 
     // Tenant isolation across nodes.
     let mut other = Client::connect(nodes[1].addr, &token("bob", "t2"));

@@ -134,6 +134,12 @@ pub enum BridgeMsg {
         /// Subscriber.
         socket: SocketRef,
     },
+    /// One presence subscription to `user` ended (a Redis Cluster node subscribes to a
+    /// user's presence channel while it has watchers of that user).
+    Unwatch {
+        /// Watched user key.
+        user: Key,
+    },
     /// A typing indicator started or stopped (`typing:{room}` key).
     Typing {
         /// Room key.

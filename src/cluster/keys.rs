@@ -43,6 +43,10 @@ pub enum Channel {
     RegistryChanges,
     /// `presence:updates`: a user went online or offline cluster-wide.
     PresenceUpdates,
+    /// `registry:changes:{T:U}`: the same for one user (a Redis Cluster).
+    UserRegistry(Key),
+    /// `presence:updates:{T:U}`: the same for one user (a Redis Cluster).
+    UserPresence(Key),
 }
 
 /// The names of one deployment (one prefix).
@@ -147,6 +151,16 @@ impl Keys {
         self.name(&["nodes"])
     }
 
+    /// `registry:changes:{T:U}`: the user's own registry channel (a Redis Cluster).
+    pub fn user_registry(&self, user: &str) -> String {
+        self.name(&["registry:changes:{", &redis_id(user), "}"])
+    }
+
+    /// `presence:updates:{T:U}`: the user's own presence channel (a Redis Cluster).
+    pub fn user_presence(&self, user: &str) -> String {
+        self.name(&["presence:updates:{", &redis_id(user), "}"])
+    }
+
     /// `registry:changes` channel.
     pub fn registry_changes(&self) -> String {
         self.name(&["registry:changes"])
@@ -168,6 +182,13 @@ impl Keys {
         let name = std::str::from_utf8(channel).ok()?.strip_prefix(self.prefix.as_str())?;
         if let Some(room) = name.strip_prefix("room:{").and_then(|r| r.strip_suffix('}')) {
             return from_redis_id(room).map(Channel::Room);
+        }
+        let user = |rest: &str| rest.strip_prefix('{')?.strip_suffix('}').and_then(from_redis_id);
+        if let Some(rest) = name.strip_prefix("registry:changes:") {
+            return user(rest).map(Channel::UserRegistry);
+        }
+        if let Some(rest) = name.strip_prefix("presence:updates:") {
+            return user(rest).map(Channel::UserPresence);
         }
         match name {
             "registry:changes" => Some(Channel::RegistryChanges),
@@ -203,6 +224,13 @@ mod tests {
         assert_eq!(k.parse_channel(k.server("n1").as_bytes()), Some(Channel::Server));
         assert_eq!(k.parse_channel(k.registry_changes().as_bytes()), Some(Channel::RegistryChanges));
         assert_eq!(k.parse_channel(k.presence_updates().as_bytes()), Some(Channel::PresenceUpdates));
+        let bob = key("acme", "bob");
+        assert_eq!(k.user_registry(&bob), "sg:registry:changes:{acme:bob}");
+        assert_eq!(
+            k.parse_channel(k.user_registry(&bob).as_bytes()),
+            Some(Channel::UserRegistry(bob.clone()))
+        );
+        assert_eq!(k.parse_channel(k.user_presence(&bob).as_bytes()), Some(Channel::UserPresence(bob)));
         assert_eq!(k.parse_channel(b"other:room:{acme:lobby}"), None);
         assert_eq!(k.parse_channel(b"sg:room:{no-tenant-separator}"), None);
         assert_eq!(k.parse_channel(b"sg:\xff"), None);

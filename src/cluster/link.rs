@@ -30,7 +30,7 @@ use tracing::{info, warn};
 use super::apply::apply;
 use super::conns::Conns;
 use super::keys::{redis_id, Keys};
-use super::plan::{liveness, plan, refresh_presence, register, sweep, Batch, Sweep, Then};
+use super::plan::{liveness, plan, plan_watches, refresh_presence, register, sweep, Batch, Sweep, Then};
 use super::pubsub::on_pubsub;
 use super::recover;
 use super::state::Cluster;
@@ -116,7 +116,11 @@ fn offline(c: &Cluster, msg: BridgeMsg) {
             }
             c.deliver(&shards, &user, &frame, msg_id, origin.into());
         }
+        BridgeMsg::Unwatch { user } => {
+            c.watch(&user, false);
+        }
         BridgeMsg::Watch { user, socket } => {
+            c.watch(&user, true);
             let online = !c.mirror.borrow().shards_of(&user).is_empty();
             let msg = ShardMsg::Presence { user, conn: Some(socket.conn), online, last_seen: 0 };
             c.shared.mesh.send(socket.shard, msg);
@@ -180,8 +184,16 @@ async fn connected(c: &Rc<Cluster>, mut conns: Conns, bell: &mut UnixStream) -> 
     let mut batch = Batch::default();
     let mirror = c.mirror.borrow().clone();
     // Changes may have been missed while disconnected: start the route cache over.
+    c.routes.borrow_mut().set_per_user(c.sharded.get());
     c.routes.borrow_mut().clear();
-    let mut channels = vec![c.keys.registry_changes(), c.keys.server(&me), c.keys.presence_updates()];
+    let mut channels = vec![c.keys.server(&me)];
+    if c.sharded.get() {
+        // Registry and presence changes on per-user channels: the presence of every
+        // user watched here (registry channels follow the route cache).
+        channels.extend(c.watches.borrow().keys().map(|u| c.keys.user_presence(u)));
+    } else {
+        channels.extend([c.keys.registry_changes(), c.keys.presence_updates()]);
+    }
     for (sid, (user, _)) in &mirror.sockets {
         let Some((shard, conn)) = parse_sid(sid) else { continue };
         register(c, &mut batch, user, sid, SocketRef { shard, conn }, false);
@@ -242,7 +254,12 @@ async fn connected(c: &Rc<Cluster>, mut conns: Conns, bell: &mut UnixStream) -> 
         if now >= next_presence {
             next_presence = now + presence_every;
             refresh_presence(c, &mut batch);
+            let gone = c.routes.borrow_mut().prune();
+            for user in gone {
+                c.subscribe(false, &c.keys.user_registry(&user));
+            }
         }
+        plan_watches(c, &mut batch);
         if now >= next_sweep {
             next_sweep = now + sweep_every;
             batch.cmd(&["SMEMBERS", &c.keys.nodes()], Then::Nodes);

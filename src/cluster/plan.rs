@@ -211,7 +211,21 @@ pub fn register(c: &Cluster, batch: &mut Batch, user: &Key, sid: &str, socket: S
     batch.cmd(&["HSET", &c.keys.connections(c.me()), sid, &u], Then::Ignore);
     let [k1, k2, k3] = c.keys.user_keys(user);
     batch.cmd(
-        &["EVAL", scripts::UP, "3", &k1, &k2, &k3, c.keys.prefix(), c.me(), sid, &u, &now, &ttl],
+        &[
+            "EVAL",
+            scripts::UP,
+            "3",
+            &k1,
+            &k2,
+            &k3,
+            c.keys.prefix(),
+            c.me(),
+            sid,
+            &u,
+            &now,
+            &ttl,
+            c.per_user(),
+        ],
         Then::Drain { socket, answer, user: user.clone() },
     );
 }
@@ -233,6 +247,7 @@ pub fn unregister(c: &Cluster, batch: &mut Batch, server: &str, user: &Key, sid:
         &redis_id(user),
         &now,
         &retention,
+        c.per_user(),
     ];
     batch.cmd(&args, then);
 }
@@ -293,6 +308,14 @@ pub fn refresh_presence(c: &Cluster, batch: &mut Batch) {
     for pid in pids {
         batch.cmd(&["PEXPIRE", &c.keys.session(&pid), &live], Then::Ignore);
         batch.cmd(&["PEXPIRE", &c.keys.session_rooms(&pid), &live], Then::Ignore);
+    }
+}
+
+/// Reads the presence of users whose watchers waited for the presence channel.
+pub fn plan_watches(c: &Cluster, batch: &mut Batch) {
+    let ready = std::mem::take(&mut *c.ready_watches.borrow_mut());
+    for (user, socket) in ready {
+        batch.cmd(&["GET", &c.keys.presence(&user)], Then::Presence { user, socket });
     }
 }
 
@@ -429,7 +452,26 @@ pub fn plan(c: &Cluster, msg: BridgeMsg, batch: &mut Batch) {
             batch.cmd(&args, Then::Bounced { origin, msg_id });
         }
         BridgeMsg::Watch { user, socket } => {
+            let first = c.watch(&user, true);
+            if c.sharded.get() {
+                // The first watcher of a user subscribes to its presence channel; the
+                // state is read once the subscription is live (no change falls between).
+                let channel = c.keys.user_presence(&user);
+                if first {
+                    c.subscribe(true, &channel);
+                }
+                let mut waiting = c.watch_waiters.borrow_mut();
+                if first || waiting.contains_key(&channel) {
+                    waiting.entry(channel).or_default().push((user, socket));
+                    return;
+                }
+            }
             batch.cmd(&["GET", &c.keys.presence(&user)], Then::Presence { user, socket });
+        }
+        BridgeMsg::Unwatch { user } => {
+            if c.watch(&user, false) && c.sharded.get() {
+                c.subscribe(false, &c.keys.user_presence(&user));
+            }
         }
         BridgeMsg::Typing { room, user, on } => {
             let k = c.keys.typing(&room);
@@ -457,6 +499,10 @@ fn route(c: &Cluster, batch: &mut Batch, user: Key, frame: Frame, msg_id: u128, 
             return;
         }
         c.routes.borrow_mut().invalidate(&user);
+    }
+    if c.routes.borrow_mut().wants_channel(&user) {
+        // A Redis Cluster: routes to this user are cached once its registry channel is.
+        c.subscribe(true, &c.keys.user_registry(&user));
     }
     let s = &c.settings;
     let epoch = c.routes.borrow().epoch();

@@ -25,6 +25,11 @@ pub fn on_pubsub(c: &Cluster, reply: Reply) {
             if let Some(channel) = a.get(1).and_then(resp::as_bytes).map(String::from_utf8_lossy) {
                 c.release_joins(&channel);
                 recover::on_subscribed(c, &channel);
+                match c.keys.parse_channel(channel.as_bytes()) {
+                    Some(Channel::UserRegistry(user)) => c.routes.borrow_mut().channel_live(&user),
+                    Some(Channel::UserPresence(_)) => c.release_watchers(&channel),
+                    _ => {}
+                }
             }
         }
     }
@@ -67,12 +72,12 @@ fn on_push(c: &Cluster, channel: &[u8], payload: &[u8]) {
                 except: None,
             });
         }
-        Channel::RegistryChanges => {
+        Channel::RegistryChanges | Channel::UserRegistry(_) => {
             if let Some(user) = std::str::from_utf8(payload).ok().and_then(from_redis_id) {
                 c.routes.borrow_mut().invalidate(&user);
             }
         }
-        Channel::PresenceUpdates => {
+        Channel::PresenceUpdates | Channel::UserPresence(_) => {
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else { return };
             let Some(user) = v["user"].as_str().and_then(from_redis_id) else { return };
             let online = v["status"] == "online";

@@ -35,9 +35,57 @@ pub struct RouteCache {
     entries: HashMap<Key, (Servers, Instant)>,
     /// Bumped by every `registry:changes` push.
     epoch: u64,
+    /// On a Redis Cluster, changes come on each user's own channel: the users whose
+    /// channel this node subscribes, `true` once the subscription is confirmed. A route
+    /// is cached only for a user whose channel was live before the ROUTE was sent.
+    channels: Option<HashMap<Key, bool>>,
 }
 
 impl RouteCache {
+    /// Changes come on per-user channels (a Redis Cluster) or on the broadcast one.
+    pub fn set_per_user(&mut self, on: bool) {
+        self.channels = on.then(HashMap::new);
+    }
+
+    /// Whether `user`'s registry channel must be subscribed before its route can be
+    /// cached (then it counts as subscribing).
+    pub fn wants_channel(&mut self, user: &Key) -> bool {
+        let Some(channels) = &mut self.channels else { return false };
+        if channels.contains_key(user) {
+            return false;
+        }
+        channels.insert(user.clone(), false);
+        true
+    }
+
+    /// `user`'s registry channel is subscribed: ROUTEs sent from now on may be cached
+    /// (the epoch moves, so that no reply to an earlier one is).
+    pub fn channel_live(&mut self, user: &Key) {
+        if let Some(live) = self.channels.as_mut().and_then(|c| c.get_mut(user)) {
+            *live = true;
+            self.epoch += 1;
+        }
+    }
+
+    /// Users whose route is no longer cached: their channels are unsubscribed.
+    pub fn prune(&mut self) -> Vec<Key> {
+        self.prune_at(Instant::now())
+    }
+
+    fn prune_at(&mut self, now: Instant) -> Vec<Key> {
+        let Some(channels) = &mut self.channels else { return Vec::new() };
+        let entries = &self.entries;
+        let fresh =
+            |u: &Key| entries.get(u).is_some_and(|(_, at)| now.saturating_duration_since(*at) < ROUTE_TTL);
+        let gone: Vec<Key> =
+            channels.iter().filter(|(u, live)| **live && !fresh(u)).map(|(u, _)| u.clone()).collect();
+        for u in &gone {
+            channels.remove(u);
+            self.entries.remove(u);
+        }
+        gone
+    }
+
     /// The epoch to remember when sending a ROUTE, for [`RouteCache::put`].
     pub fn epoch(&self) -> u64 {
         self.epoch
@@ -68,6 +116,11 @@ impl RouteCache {
         if epoch != self.epoch {
             return;
         }
+        if let Some(channels) = &self.channels {
+            if channels.get(&user) != Some(&true) {
+                return;
+            }
+        }
         if self.entries.len() >= ROUTE_CACHE_MAX {
             self.entries.clear();
         }
@@ -84,6 +137,9 @@ impl RouteCache {
     pub fn clear(&mut self) {
         self.epoch += 1;
         self.entries.clear();
+        if let Some(channels) = &mut self.channels {
+            channels.clear();
+        }
     }
 
     /// Users cached.
@@ -147,5 +203,29 @@ mod tests {
         assert_eq!(c.len(), ROUTE_CACHE_MAX);
         c.put_at("t\x1fone-more".into(), servers(&[]), c.epoch(), t0);
         assert_eq!(c.len(), 1, "past the bound the cache starts over");
+    }
+
+    #[test]
+    fn on_per_user_channels_a_route_is_cached_once_its_channel_is_live_and_pruned_with_it() {
+        let mut c = RouteCache::default();
+        c.set_per_user(true);
+        let bob: Key = "t\x1fbob".into();
+        assert!(c.wants_channel(&bob), "the first miss subscribes");
+        assert!(!c.wants_channel(&bob), "once");
+        // A ROUTE sent before the subscription is confirmed is not cached...
+        let asked = c.epoch();
+        c.channel_live(&bob);
+        c.put(bob.clone(), servers(&["n2"]), asked);
+        assert!(c.get(&bob).is_none());
+        // ...one sent after is.
+        c.put(bob.clone(), servers(&["n2"]), c.epoch());
+        assert!(c.get(&bob).is_some());
+        // A user never subscribed is not cached.
+        c.put("t\x1fann".into(), servers(&["n3"]), c.epoch());
+        assert!(c.get("t\x1fann").is_none());
+        // Once the entry expires, its channel is given up.
+        let later = Instant::now() + ROUTE_TTL;
+        assert_eq!(c.prune_at(later), vec![bob.clone()]);
+        assert!(c.wants_channel(&bob));
     }
 }

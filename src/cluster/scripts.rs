@@ -11,38 +11,56 @@
 //! ROOM_SWEEP per room). The recovery scripts at the end still build keys of several
 //! owners themselves: they need a single Redis (`docs/redis-cluster.md`).
 
-/// `unregister(sockets, presence, p, server, sid, user, now, ttl)`: removes the socket from
-/// the user's set and announces the change; on the user's last socket cluster-wide,
-/// records lastSeen and publishes offline. Returns true if the user went offline.
+/// `announce(p, sh, channel, user, message)`: publishes a registry or presence change of
+/// `user`: on the broadcast channel (`PUBLISH`, a single Redis), or with `sh` = '1' on
+/// the user's own sharded channel `channel:{user}` (`SPUBLISH`, a Redis Cluster: the
+/// channel is in the slot of the user's keys, and only nodes that care subscribe).
+macro_rules! lua_announce {
+    () => {
+        r#"
+local function announce(p, sh, ch, u, msg)
+  if sh == '1' then
+    redis.call('SPUBLISH', p..ch..':{'..u..'}', msg)
+  else
+    redis.call('PUBLISH', p..ch, msg)
+  end
+end
+"#
+    };
+}
+
+/// `unregister(sockets, presence, p, server, sid, user, now, ttl, sh)`: removes the socket
+/// from the user's set and announces the change; on the user's last socket cluster-wide,
+/// records lastSeen and announces offline. Returns true if the user went offline.
 macro_rules! lua_unregister {
     () => {
         r#"
-local function unregister(k, kp, p, s, sid, u, now, ttl)
+local function unregister(k, kp, p, s, sid, u, now, ttl, sh)
   redis.call('SREM', k, s..'|'..sid)
-  redis.call('PUBLISH', p..'registry:changes', u)
+  announce(p, sh, 'registry:changes', u, u)
   if redis.call('SCARD', k) > 0 then return false end
   redis.call('SET', kp, 'offline|'..now, 'EX', ttl)
-  redis.call('PUBLISH', p..'presence:updates', cjson.encode({user=u, status='offline', lastSeen=tonumber(now)}))
+  announce(p, sh, 'presence:updates', u, cjson.encode({user=u, status='offline', lastSeen=tonumber(now)}))
   return true
 end
 "#
     };
 }
 
-/// `register(sockets, presence, p, server, sid, user, now, ttl)`: adds the socket to the
-/// user's set, marks the user online (publishing on the first socket cluster-wide) and
-/// announces the change. Returns true on the user's first socket.
+/// `register(sockets, presence, p, server, sid, user, now, ttl, sh)`: adds the socket to
+/// the user's set, marks the user online (announcing it on the first socket cluster-wide)
+/// and announces the change. Returns true on the user's first socket.
 macro_rules! lua_register {
     () => {
         r#"
-local function register(k, kp, p, me, sid, u, now, ttl)
+local function register(k, kp, p, me, sid, u, now, ttl, sh)
   redis.call('SADD', k, me..'|'..sid)
   redis.call('SET', kp, 'online|'..now, 'EX', ttl)
   local first = redis.call('SCARD', k) == 1
   if first then
-    redis.call('PUBLISH', p..'presence:updates', cjson.encode({user=u, status='online', lastSeen=tonumber(now)}))
+    announce(p, sh, 'presence:updates', u, cjson.encode({user=u, status='online', lastSeen=tonumber(now)}))
   end
-  redis.call('PUBLISH', p..'registry:changes', u)
+  announce(p, sh, 'registry:changes', u, u)
   return first
 end
 "#
@@ -88,13 +106,15 @@ end
 /// Register socket `ARGV[3]` of user `ARGV[4]` on server `ARGV[2]`; mark online (publishing
 /// on the user's first socket cluster-wide); return {1 if it was the first socket else 0,
 /// the user's offline queue...} and clear the queue.
-/// KEYS: the user's. ARGV: prefix, server, sid, user, now_ms, presence_ttl_secs.
+/// KEYS: the user's. ARGV: prefix, server, sid, user, now_ms, presence_ttl_secs,
+/// sharded ('1' on a Redis Cluster: see `announce`).
 pub const UP: &str = concat!(
+    lua_announce!(),
     lua_register!(),
     r#"
 local p, me, sid, u, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local out = {0}
-if register(KEYS[1], KEYS[2], p, me, sid, u, now, ARGV[6]) then out[1] = 1 end
+if register(KEYS[1], KEYS[2], p, me, sid, u, now, ARGV[6], ARGV[7]) then out[1] = 1 end
 local q = redis.call('LRANGE', KEYS[3], 0, -1)
 if #q > 0 then redis.call('DEL', KEYS[3]) end
 for _, f in ipairs(q) do table.insert(out, f) end
@@ -105,11 +125,12 @@ return out
 /// Unregister socket `ARGV[3]` of user `ARGV[4]`; on the user's last socket cluster-wide,
 /// record lastSeen and publish offline; 1 if the user went offline. The sweep of a dead
 /// server runs it for each of its sockets. KEYS: the user's sockets and presence.
-/// ARGV: prefix, server, sid, user, now_ms, retention_secs.
+/// ARGV: prefix, server, sid, user, now_ms, retention_secs, sharded.
 pub const DOWN: &str = concat!(
+    lua_announce!(),
     lua_unregister!(),
     r#"
-if unregister(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]) then return 1 end
+if unregister(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]) then return 1 end
 return 0
 "#
 );
@@ -299,6 +320,7 @@ return out
 /// KEYS: the user's. ARGV: prefix, server, sid, user, now_ms, presence_ttl_secs, pid,
 /// offset or '', session_ttl_ms.
 pub const RESUME: &str = concat!(
+    lua_announce!(),
     lua_register!(),
     r#"
 local p, me, sid, u, now, pid = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[7]
@@ -329,7 +351,7 @@ for _, s in ipairs(streams) do
   end
 end
 table.sort(entries, function(a, b) return a[1] < b[1] end)
-local first = register(KEYS[1], KEYS[2], p, me, sid, u, now, ARGV[6])
+local first = register(KEYS[1], KEYS[2], p, me, sid, u, now, ARGV[6], '0')
 redis.call('DEL', KEYS[3])
 redis.call('HSET', k, 'sid', me..'|'..sid)
 redis.call('PEXPIRE', k, ARGV[9])

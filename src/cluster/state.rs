@@ -41,8 +41,17 @@ pub struct Cluster {
     /// `Some` while connected: (un)subscriptions (`true` to subscribe) waiting for the
     /// pub/sub connections.
     pub subs: RefCell<Option<Vec<(bool, String)>>>,
-    /// Connected to a Redis Cluster: server and room channels are sharded (`SPUBLISH`).
+    /// Connected to a Redis Cluster: server and room channels are sharded (`SPUBLISH`),
+    /// and registry and presence changes go on per-user channels.
     pub sharded: Cell<bool>,
+    /// Presence subscriptions of local sockets, by watched user (kept across Redis
+    /// sessions: on a Redis Cluster, each watched user's channel is subscribed).
+    pub watches: RefCell<HashMap<Key, u32>>,
+    /// Presence channels whose subscription is not confirmed yet, with the watchers
+    /// waiting to be told the current state.
+    pub watch_waiters: RefCell<HashMap<String, Vec<(Key, SocketRef)>>>,
+    /// Watchers whose channel is live: their presence is read in the next batch.
+    pub ready_watches: RefCell<Vec<(Key, SocketRef)>>,
     /// user -> other servers holding their sockets.
     pub routes: RefCell<RouteCache>,
     /// Room channels whose SUBSCRIBE is not confirmed yet, with the joins waiting on it.
@@ -72,6 +81,9 @@ impl Cluster {
             markers: Default::default(),
             swept: Cell::new(false),
             sharded: Cell::new(false),
+            watches: Default::default(),
+            watch_waiters: Default::default(),
+            ready_watches: Default::default(),
         }
     }
 
@@ -131,6 +143,44 @@ impl Cluster {
         }
     }
 
+    /// `'1'` when registry and presence changes go on per-user sharded channels (a Redis
+    /// Cluster), as the UP and DOWN scripts take it.
+    pub fn per_user(&self) -> &'static str {
+        if self.sharded.get() {
+            "1"
+        } else {
+            "0"
+        }
+    }
+
+    /// Counts a presence subscription to `user` (`on`) or its end; true when it was the
+    /// first one, or the last one ended.
+    pub fn watch(&self, user: &Key, on: bool) -> bool {
+        let mut watches = self.watches.borrow_mut();
+        if on {
+            let n = watches.entry(user.clone()).or_default();
+            *n += 1;
+            return *n == 1;
+        }
+        match watches.get_mut(user) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                watches.remove(user);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The watchers that waited for presence channel `channel` are told the state next.
+    pub fn release_watchers(&self, channel: &str) {
+        let waiters = self.watch_waiters.borrow_mut().remove(channel).unwrap_or_default();
+        self.ready_watches.borrow_mut().extend(waiters);
+    }
+
     /// Answers the joins that waited for `channel`'s subscription.
     pub fn release_joins(&self, channel: &str) {
         let waiters = self.pending_subs.borrow_mut().remove(channel).unwrap_or_default();
@@ -145,6 +195,11 @@ impl Cluster {
         let channels: Vec<String> = self.pending_subs.borrow().keys().cloned().collect();
         for ch in channels {
             self.release_joins(&ch);
+        }
+        // Watchers waiting for a presence channel are told after the reconnect.
+        let waiting: Vec<String> = self.watch_waiters.borrow().keys().cloned().collect();
+        for ch in waiting {
+            self.release_watchers(&ch);
         }
     }
 }

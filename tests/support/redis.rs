@@ -225,6 +225,18 @@ impl RedisServer {
         self.ports.iter().zip(&self.children).filter(|(_, c)| c.is_some()).map(|(p, _)| *p).collect()
     }
 
+    /// Classic (unsharded) subscribers of `channel` that node `port` knows of.
+    #[allow(dead_code)]
+    pub fn classic_subscribers(&self, port: u16, channel: &str) -> i64 {
+        match at(port, &[&["PUBSUB", "NUMSUB", channel]]) {
+            Some(Reply::Array(r)) => match r.get(1) {
+                Some(Reply::Integer(n)) => *n,
+                _ => -1,
+            },
+            _ => -1,
+        }
+    }
+
     /// How many nodes subscribe to a server or room channel (sharded on a cluster).
     pub fn subscribers(&self, channel: &str) -> i64 {
         let reply = if self.is_cluster() {

@@ -233,11 +233,11 @@ impl Router {
         }
     }
 
-    /// One presence subscription from `shard` ended (the embedded bus counts them; the
-    /// cluster answers each subscription once and keeps no count).
+    /// One presence subscription from `shard` ended (the embedded bus and the bridge
+    /// count them).
     pub fn unwatch(&self, user: Key, shard: ShardId) -> Dispatch {
         match self {
-            Router::Cluster(_) => Dispatch::Nothing,
+            Router::Cluster(_) => Dispatch::Bridge(BridgeMsg::Unwatch { user }),
             &Router::Embedded { shards, recovery } => {
                 Dispatch::Shard(Router::home(&user, shards, recovery), ShardMsg::Unwatch { user, shard })
             }
@@ -321,7 +321,7 @@ mod tests {
             r.room_joined(&bob, sock(), Some(3)),
             Dispatch::Bridge(BridgeMsg::RoomJoin { ack: Some(3), .. })
         ));
-        assert!(matches!(r.unwatch(bob.clone(), 1), Dispatch::Nothing));
+        assert!(matches!(r.unwatch(bob.clone(), 1), Dispatch::Bridge(BridgeMsg::Unwatch { .. })));
         let remote = Origin { server: Some("n2".into()), shard: 0, conn: ConnId::from_u64(1) };
         assert!(matches!(
             r.report(remote, 1, DeliveryStatus::Delivered),
