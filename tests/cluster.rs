@@ -99,6 +99,31 @@ fn direct_messages_rooms_offline_and_presence_across_nodes(redis: RedisServer) {
         }
     }
 
+    // Redis forgets the scripts behind the bridge's back: the next calls are sent again
+    // with their text (NOSCRIPT), and nothing is lost.
+    for &port in &redis.ports {
+        redis.cmd_at(port, &["SCRIPT", "FLUSH"]);
+    }
+    let eve = Client::connect(nodes[2].addr, &token("eve", "t1"));
+    drop(eve);
+    let mut erin = Client::connect(nodes[1].addr, &token("erin", "t1"));
+    let ack = alice.emit_ack("message:send", json!({ "to": "erin", "content": "after flush" }));
+    assert_eq!(ack["status"], "delivered", "{ack}");
+    assert_eq!(erin.expect_event("message:new")["content"], "after flush");
+    let noscript: u64 = redis
+        .ports
+        .iter()
+        .filter_map(|&p| match redis.cmd_at(p, &["INFO", "errorstats"]) {
+            Some(shardgate_io::resp::Reply::BulkString(b)) => {
+                String::from_utf8_lossy(&b).lines().find_map(|l| {
+                    l.strip_prefix("errorstat_NOSCRIPT:count=").and_then(|n| n.trim().parse::<u64>().ok())
+                })
+            }
+            _ => None,
+        })
+        .sum();
+    assert!(noscript > 0, "the flushed scripts were asked for by SHA-1 first");
+
     // Tenant isolation across nodes.
     let mut other = Client::connect(nodes[1].addr, &token("bob", "t2"));
     let ack = alice.emit_ack("message:send", json!({ "to": "bob", "content": "t1 only" }));

@@ -26,6 +26,7 @@ use shardgate_io::resp::{self, Reply};
 
 use super::plan::Batch;
 use super::redis::RedisConn;
+use super::scripts;
 use crate::config::RedisUrl;
 
 /// Slots of a Redis Cluster.
@@ -48,6 +49,47 @@ fn at(url: &RedisUrl, addr: &str) -> std::io::Result<RedisUrl> {
     let port = port.parse().map_err(|_| other(format!("bad node address {addr}")))?;
     let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
     Ok(RedisUrl { host, port, ..url.clone() })
+}
+
+/// A command connection to `url`, with every script of `scripts::ALL` loaded (a failed
+/// load is answered later by `NOSCRIPT` and the script sent as `EVAL`).
+async fn command_conn(url: &RedisUrl, timeout: Duration) -> std::io::Result<RedisConn> {
+    let mut conn = RedisConn::connect(url, timeout).await?;
+    load_scripts(&mut conn).await?;
+    Ok(conn)
+}
+
+async fn load_scripts(conn: &mut RedisConn) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    for script in scripts::ALL {
+        resp::encode_command(&["SCRIPT", "LOAD", script], &mut buf);
+    }
+    conn.write(&buf).await?;
+    for _ in scripts::ALL {
+        if let Reply::Error(e) = conn.read_reply().await? {
+            tracing::warn!("SCRIPT LOAD refused: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// `EVALSHA sha ...` (as encoded in a batch) as `EVAL text ...`.
+fn as_eval(command: &[u8]) -> Option<Vec<u8>> {
+    let (Reply::Array(args), _) = resp::decode_reply(command).ok()?? else { return None };
+    let mut args: Vec<Vec<u8>> =
+        args.iter().map(|a| resp::as_bytes(a).map(<[u8]>::to_vec)).collect::<Option<_>>()?;
+    if args.first().map(Vec::as_slice) != Some(b"EVALSHA") {
+        return None;
+    }
+    args[0] = b"EVAL".to_vec();
+    args[1] = scripts::text_of(&args[1])?.as_bytes().to_vec();
+    let mut out = Vec::new();
+    resp::encode_command(&args, &mut out);
+    Some(out)
+}
+
+fn is_noscript(r: &Reply) -> bool {
+    matches!(r, Reply::Error(e) if e.starts_with("NOSCRIPT"))
 }
 
 /// A bulk or simple string reply as text.
@@ -158,6 +200,7 @@ impl Conns {
         let info = conn.call(&["INFO", "cluster"]).await?;
         let cluster = text(&info).is_some_and(|i| i.contains("cluster_enabled:1"));
         if !cluster {
+            load_scripts(&mut conn).await?;
             let sub = RedisConn::connect(&at(url, &addr)?, timeout).await?;
             return Ok(Conns {
                 url: url.clone(),
@@ -180,6 +223,7 @@ impl Conns {
             )));
         }
         let map = SlotMap::parse(&conn.call(&["CLUSTER", "SLOTS"]).await?, &addr).map_err(other)?;
+        load_scripts(&mut conn).await?;
         let sub_at = map.masters[0].clone();
         let mut conns = Conns {
             url: url.clone(),
@@ -213,7 +257,7 @@ impl Conns {
         if let Some(i) = self.cmd.iter().position(|(a, _)| a == addr) {
             return Ok(i);
         }
-        let conn = RedisConn::connect(&at(&self.url, addr)?, self.timeout).await?;
+        let conn = command_conn(&at(&self.url, addr)?, self.timeout).await?;
         self.cmd.push((addr.to_string(), conn));
         Ok(self.cmd.len() - 1)
     }
@@ -246,6 +290,10 @@ impl Conns {
             for _ in 0..n {
                 replies.push(conn.read_reply().await?);
             }
+            let addr = &self.cmd[0].0;
+            let retry: Vec<(usize, String)> =
+                (0..n).filter(|&i| is_noscript(&replies[i])).map(|i| (i, addr.clone())).collect();
+            self.noscript(batch, &mut replies, retry).await?;
             return Ok(replies);
         };
         let mut groups: Vec<(String, bool, Vec<usize>)> = Vec::new();
@@ -281,7 +329,46 @@ impl Conns {
                 }
             }
         }
+        let retry: Vec<(usize, String)> = match &self.map {
+            Some(map) => (0..n)
+                .filter(|&i| is_noscript(&replies[i]))
+                .map(|i| (i, batch.slots[i].map_or(map.masters[0].as_str(), |s| map.master(s)).to_string()))
+                .collect(),
+            None => Vec::new(),
+        };
+        self.noscript(batch, &mut replies, retry).await?;
         Ok(replies)
+    }
+
+    /// Sends again, as `EVAL` with the script's text, the commands `retry` names (index,
+    /// node) that Redis answered with `NOSCRIPT` (its script cache was flushed since the
+    /// bridge loaded the scripts). The retried scripts run after the rest of the batch.
+    async fn noscript(
+        &mut self,
+        batch: &Batch,
+        replies: &mut [Reply],
+        retry: Vec<(usize, String)>,
+    ) -> std::io::Result<()> {
+        let mut groups: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (i, addr) in retry {
+            let Some(eval) = as_eval(batch.command(i)) else { continue };
+            match groups.iter_mut().find(|(a, _, _)| *a == addr) {
+                Some((_, idx, buf)) => {
+                    idx.push(i);
+                    buf.extend_from_slice(&eval);
+                }
+                None => groups.push((addr, vec![i], eval)),
+            }
+        }
+        for (addr, idx, buf) in groups {
+            let c = self.cmd_conn(&addr).await?;
+            let conn = &mut self.cmd[c].1;
+            conn.write(&buf).await?;
+            for i in idx {
+                replies[i] = conn.read_reply().await?;
+            }
+        }
+        Ok(())
     }
 
     /// Writes each group's commands to its node (after `ASKING` when asked to), then
@@ -464,6 +551,20 @@ mod tests {
         let mut r = vec![Reply::Integer(from), Reply::Integer(to)];
         r.extend(nodes);
         Reply::Array(r)
+    }
+
+    #[test]
+    fn a_noscript_command_is_sent_again_with_the_script_text() {
+        let mut b = Batch::default();
+        b.cmd(&["EVAL", scripts::DOWN, "2", "k1", "k2", "p:"], super::super::plan::Then::Ignore);
+        b.cmd(&["SET", "k", "v"], super::super::plan::Then::Ignore);
+        assert!(b.command(0).starts_with(b"*6\r\n$7\r\nEVALSHA\r\n"));
+        let eval = as_eval(b.command(0)).unwrap();
+        let mut expected = Vec::new();
+        resp::encode_command(&["EVAL", scripts::DOWN, "2", "k1", "k2", "p:"], &mut expected);
+        assert_eq!(eval, expected);
+        assert_eq!(as_eval(b.command(1)), None);
+        assert!(is_noscript(&Reply::Error("NOSCRIPT No matching script.".into())));
     }
 
     #[test]

@@ -161,7 +161,16 @@ pub struct Batch {
 impl Batch {
     /// Appends one command.
     pub fn cmd<A: AsRef<[u8]>>(&mut self, args: &[A], then: Then) {
-        resp::encode_command(args, &mut self.buf);
+        // A script the bridge loads when it connects goes by its SHA-1 (`scripts::ALL`).
+        match (args.first().map(AsRef::as_ref), args.get(1).and_then(|s| scripts::sha_of(s.as_ref()))) {
+            (Some(b"EVAL"), Some(sha)) => {
+                let mut by_sha: Vec<&[u8]> = args.iter().map(AsRef::as_ref).collect();
+                by_sha[0] = b"EVALSHA";
+                by_sha[1] = sha.as_bytes();
+                resp::encode_command(&by_sha, &mut self.buf);
+            }
+            _ => resp::encode_command(args, &mut self.buf),
+        }
         self.then.push(then);
         self.ends.push(self.buf.len());
         self.slots.push(key_of(args).map(resp::key_slot));
@@ -627,7 +636,11 @@ mod tests {
         let cmds = commands(&b);
         assert_eq!(cmds.len(), 2);
         assert_eq!(cmds[0], ["HSET", "p:connections:{me}", "00ab", "t:bob"]);
-        assert_eq!((cmds[1][0].as_str(), cmds[1][2].as_str()), ("EVAL", "3"));
+        // By the script's SHA-1 (loaded on connect), not its text.
+        assert_eq!(
+            (cmds[1][0].as_str(), cmds[1][1].as_str(), cmds[1][2].as_str()),
+            ("EVALSHA", scripts::sha_of(scripts::UP.as_bytes()).unwrap(), "3")
+        );
         // The user's keys, all in one slot (the hash tag), then the values.
         assert_eq!(&cmds[1][3..6], ["p:user:{t:bob}:sockets", "p:presence:{t:bob}", "p:offline:{t:bob}"]);
         assert_eq!(&cmds[1][6..10], ["p:", "me", "00ab", "t:bob"]);

@@ -225,6 +225,12 @@ impl RedisServer {
         self.ports.iter().zip(&self.children).filter(|(_, c)| c.is_some()).map(|(p, _)| *p).collect()
     }
 
+    /// Runs one command on node `port`.
+    #[allow(dead_code)]
+    pub fn cmd_at(&self, port: u16, args: &[&str]) -> Option<Reply> {
+        at(port, &[args])
+    }
+
     /// Classic (unsharded) subscribers of `channel` that node `port` knows of.
     #[allow(dead_code)]
     pub fn classic_subscribers(&self, port: u16, channel: &str) -> i64 {
