@@ -31,9 +31,18 @@ use shardgate_io::resp::{self, Reply};
 use support::redis::RedisServer;
 use support::{token, Client, Incoming, Server};
 
-fn pipeline_throughput(url: &RedisUrl, cmd: Vec<Vec<u8>>, batch: usize, dur: Duration) -> f64 {
+/// Commands/s through one connection at `batch` commands per write, and the Redis
+/// server's CPU time per command meanwhile (µs).
+fn pipeline_throughput(
+    redis: &RedisServer,
+    url: &RedisUrl,
+    cmd: Vec<Vec<u8>>,
+    batch: usize,
+    dur: Duration,
+) -> (f64, f64) {
+    let cpu0 = support::cpu_seconds(redis.pid());
     let url = url.clone();
-    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+    let rate = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .spawn(move || async move {
             let mut conn = RedisConn::connect(&url, Duration::from_secs(2)).await.unwrap();
             let mut buf = Vec::new();
@@ -49,16 +58,24 @@ fn pipeline_throughput(url: &RedisUrl, cmd: Vec<Vec<u8>>, batch: usize, dur: Dur
                 }
                 done += batch as u64;
             }
-            done as f64 / start.elapsed().as_secs_f64()
+            (done, start.elapsed().as_secs_f64())
         })
         .unwrap()
         .join()
-        .unwrap()
+        .unwrap();
+    let (done, secs) = rate;
+    let cpu = support::cpu_seconds(redis.pid()) - cpu0;
+    (done as f64 / secs, cpu * 1e6 / done as f64)
 }
 
-fn redis_benchmark(port: u16, pipeline: usize) -> Option<f64> {
+/// `redis-benchmark` PUBLISH with `clients` connections at `pipeline` commands per write:
+/// requests/s and the Redis server's CPU time per command (µs).
+fn redis_benchmark(redis: &RedisServer, clients: usize, pipeline: usize) -> Option<(f64, f64)> {
+    let n = 200_000;
+    let cpu0 = support::cpu_seconds(redis.pid());
     let out = std::process::Command::new("redis-benchmark")
-        .args(["-p", &port.to_string(), "-c", "1", "-n", "200000", "-P", &pipeline.to_string(), "-q"])
+        .args(["-p", &redis.port.to_string(), "-c", &clients.to_string(), "-n", &n.to_string()])
+        .args(["-P", &pipeline.to_string(), "-q"])
         .args(["PUBLISH", "bench:nobody", &"x".repeat(64)])
         .output()
         .ok()?;
@@ -66,7 +83,8 @@ fn redis_benchmark(port: u16, pipeline: usize) -> Option<f64> {
     // "PUBLISH bench:nobody xxx: 123456.79 requests per second, p50=..."
     let line = text.lines().rev().find(|l| l.contains("requests per second"))?;
     let rps = line.split("requests per second").next()?.rsplit(':').next()?.trim();
-    rps.parse().ok()
+    let cpu = support::cpu_seconds(redis.pid()) - cpu0;
+    Some((rps.parse().ok()?, cpu * 1e6 / n as f64))
 }
 
 fn latency(sender: &mut Client, recipient: Client, to: &str, n: usize) -> Histogram<u64> {
@@ -355,17 +373,34 @@ fn main() {
     let commands =
         [("PUBLISH 64B", publish), ("EVAL ROUTE (offline user)", route), ("EVALSHA ROUTE (same)", route_sha)];
     for (name, cmd) in commands {
-        let base = pipeline_throughput(&url, cmd.clone(), 1, dur);
+        let (base, base_cpu) = pipeline_throughput(&redis, &url, cmd.clone(), 1, dur);
         for batch in [1usize, 16, 128, 1024] {
-            let rate = if batch == 1 { base } else { pipeline_throughput(&url, cmd.clone(), batch, dur) };
-            println!("{name:<28} batch {batch:>5}: {rate:>12.0} commands/s  ({:.1}x batch 1)", rate / base);
-            results.push(json!({ "command": name, "batch": batch, "commands_per_sec": rate.round(), "ratio_to_batch_1": rate / base }));
+            let (rate, cpu) = if batch == 1 {
+                (base, base_cpu)
+            } else {
+                pipeline_throughput(&redis, &url, cmd.clone(), batch, dur)
+            };
+            println!(
+                "{name:<28} batch {batch:>5}: {rate:>12.0} commands/s  ({:.1}x batch 1)  redis CPU {cpu:.2} us/command ({:.2}x batch 1)",
+                rate / base,
+                cpu / base_cpu
+            );
+            results.push(json!({ "command": name, "batch": batch, "commands_per_sec": rate.round(), "ratio_to_batch_1": rate / base, "redis_cpu_us_per_command": cpu }));
         }
         redis.cmd(&["DEL", "offline:{t:nobody}"]);
     }
-    let reference = redis_benchmark(redis.port, 128);
+    let reference = redis_benchmark(&redis, 1, 128).map(|r| r.0);
     if let Some(r) = reference {
         println!("redis-benchmark PUBLISH -c 1 -P 128: {r:.0} requests/s (reference client, same run)");
+    }
+    // Many connections each writing little (many nodes, each with few commands per
+    // master per round): what Redis spends per command then.
+    let mut many = Vec::new();
+    for (clients, pipeline) in [(100usize, 1usize), (100, 4), (100, 16)] {
+        if let Some((rps, cpu)) = redis_benchmark(&redis, clients, pipeline) {
+            println!("redis-benchmark PUBLISH -c {clients} -P {pipeline}: {rps:.0} requests/s, redis CPU {cpu:.2} us/command");
+            many.push(json!({ "clients": clients, "pipeline": pipeline, "requests_per_sec": rps, "redis_cpu_us_per_command": cpu }));
+        }
     }
 
     println!("\n== 1:1 publish-to-delivery latency (2 nodes, 2000 messages each way, 2 kHz)");
@@ -407,6 +442,6 @@ fn main() {
     println!("redis commands issued by both nodes during the run: {cmds}");
     println!(
         "RESULT {}",
-        json!({ "pipeline": results, "redis_benchmark_publish_p128": reference, "latency_same_node": pct(&h_same), "latency_cross_node": pct(&h_cross), "redis_commands_total": cmds })
+        json!({ "pipeline": results, "redis_benchmark_publish_p128": reference, "redis_benchmark_many_clients": many, "latency_same_node": pct(&h_same), "latency_cross_node": pct(&h_cross), "redis_commands_total": cmds })
     );
 }

@@ -8,14 +8,13 @@ use shardgate_shard::metrics::Counter;
 use shardgate_shard::msg::{parse_sid, BridgeMsg, DeliveryStatus, Frame, ShardId, ShardMsg, SocketRef};
 use tracing::warn;
 
+use super::batch::{Batch, Sweep, Then};
 use super::keys::from_redis_id;
-use super::plan::{
-    claim_dead, end_sweep, enqueue, parse_servers, plan, publish_to_servers, sweep, unregister, Batch, Sweep,
-    Then,
-};
+use super::plan::{enqueue, parse_servers, plan, publish_to_servers, unregister};
 use super::recover;
 use super::scripts;
 use super::state::Cluster;
+use super::sweep::{claim_dead, end_sweep, sweep};
 
 /// A bulk reply as text.
 fn text(r: &Reply) -> Option<&str> {

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use shardgate_io::resp::{self, Reply};
 
-use super::plan::Batch;
+use super::batch::Batch;
 use super::redis::RedisConn;
 use super::scripts;
 use crate::config::RedisUrl;
@@ -556,8 +556,8 @@ mod tests {
     #[test]
     fn a_noscript_command_is_sent_again_with_the_script_text() {
         let mut b = Batch::default();
-        b.cmd(&["EVAL", scripts::DOWN, "2", "k1", "k2", "p:"], super::super::plan::Then::Ignore);
-        b.cmd(&["SET", "k", "v"], super::super::plan::Then::Ignore);
+        b.cmd(&["EVAL", scripts::DOWN, "2", "k1", "k2", "p:"], super::super::batch::Then::Ignore);
+        b.cmd(&["SET", "k", "v"], super::super::batch::Then::Ignore);
         assert!(b.command(0).starts_with(b"*6\r\n$7\r\nEVALSHA\r\n"));
         let eval = as_eval(b.command(0)).unwrap();
         let mut expected = Vec::new();

@@ -28,12 +28,14 @@ use shardgate_shard::msg::{parse_sid, BridgeMsg, DeliveryStatus, ShardMsg, Socke
 use tracing::{info, warn};
 
 use super::apply::apply;
+use super::batch::{Batch, Sweep, Then};
 use super::conns::Conns;
 use super::keys::{redis_id, Keys};
-use super::plan::{liveness, plan, plan_watches, refresh_presence, register, sweep, Batch, Sweep, Then};
+use super::plan::{plan, plan_watches, refresh_presence, register};
 use super::pubsub::on_pubsub;
 use super::recover;
 use super::state::Cluster;
+use super::sweep::{liveness, sweep};
 
 /// Time allowed to open one Redis connection (TCP, AUTH, SELECT).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);

@@ -6,9 +6,11 @@
 //! * [`state`]: the bridge's cluster state ([`state::Cluster`]) and its effects on shards;
 //! * [`link`]: the reconnect loop and the connected loop, over [`conns`]: the Redis
 //!   connections (one Redis, or one per master of a Redis Cluster);
-//! * [`plan`]: each shard message -> pipelined commands, each with a [`plan::Then`];
+//! * [`plan`]: each shard message -> pipelined commands in a [`batch::Batch`], each with
+//!   a [`batch::Then`];
 //! * [`apply`]: each reply, as its `Then` says;
 //! * [`pubsub`]: pushes on this node's channels -> shard messages;
+//! * [`sweep`]: this node's liveness, and the sweep of dead nodes' registrations;
 //! * [`mirror`]: what this process registered (re-registration, Redis-down delivery,
 //!   room subscription counts); [`route_cache`]: who holds a user's sockets;
 //! * [`recover`]: connection state recovery (logged messages, restoring a session), with
@@ -19,6 +21,7 @@
 //! The envelope other nodes publish is decoded by `shardgate_io::envelope`.
 
 pub mod apply;
+pub mod batch;
 pub mod conns;
 pub mod keys;
 pub mod link;
@@ -31,6 +34,7 @@ pub mod resume;
 pub mod route_cache;
 pub mod scripts;
 pub mod state;
+pub mod sweep;
 
 use std::sync::Arc;
 
@@ -143,7 +147,7 @@ pub(crate) mod tests {
     }
 
     /// The commands of a batch, as raw arguments.
-    pub fn commands_raw(b: &plan::Batch) -> Vec<Vec<Vec<u8>>> {
+    pub fn commands_raw(b: &batch::Batch) -> Vec<Vec<Vec<u8>>> {
         let mut out = Vec::new();
         let mut rest = &b.buf[..];
         while let Ok(Some((Reply::Array(args), used))) = resp::decode_reply(rest) {
@@ -155,7 +159,7 @@ pub(crate) mod tests {
     }
 
     /// The commands of a batch, arguments as (lossy) text.
-    pub fn commands(b: &plan::Batch) -> Vec<Vec<String>> {
+    pub fn commands(b: &batch::Batch) -> Vec<Vec<String>> {
         commands_raw(b)
             .into_iter()
             .map(|c| c.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect())

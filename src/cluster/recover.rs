@@ -24,8 +24,9 @@ use shardgate_shard::shared::wall_ms;
 use std::sync::Arc;
 use tracing::debug;
 
+use super::batch::{Batch, Then};
 use super::keys::{from_redis_id, redis_id, Keys};
-use super::plan::{plan, Batch, Then};
+use super::plan::plan;
 use super::resume::Claim;
 use super::scripts;
 use super::state::Cluster;
