@@ -3,7 +3,8 @@
 //! it missed, in order, once; refusals (another user's pid, a guessed one, an expired
 //! session) connect as new sessions and are counted. The official client's view of the
 //! same, with a node killed and another drained under traffic, is
-//! `tests/interop/recovery.test.mjs`.
+//! `tests/interop/recovery.test.mjs`. Every test with Redis runs on a single redis-server
+//! and again on a real Redis Cluster of 3 masters and 3 replicas (`on_both!` at the end).
 
 mod support;
 
@@ -19,6 +20,11 @@ fn node(redis: &RedisServer, extra: &[&str]) -> Server {
     args.extend_from_slice(extra);
     let s = Server::start(&args);
     s.wait_for("bridge connected to redis", |s| s.metric("shardgate_redis_up") == 1);
+    if redis.is_cluster() {
+        s.wait_for("connected in cluster mode", |s| {
+            s.log().contains("connected to the redis cluster: 3 masters")
+        });
+    }
     s
 }
 
@@ -37,11 +43,15 @@ fn next_message(c: &mut Client) -> (String, String) {
     (content, args.get(1).and_then(Value::as_str).unwrap_or_default().to_string())
 }
 
-#[test]
-fn a_session_is_restored_on_another_node_with_its_rooms_and_missed_messages() {
-    let redis = RedisServer::start();
+fn a_session_is_restored_on_another_node_with_its_rooms_and_missed_messages(redis: RedisServer) {
     let (a, b) = (node(&redis, &[]), node(&redis, &[]));
     restore_scenario(&a, &b);
+    // One sequence numbered every recoverable message, in the recovery slot.
+    let seq = match redis.cmd(&["GET", "{recovery}:seq"]) {
+        shardgate_io::resp::Reply::BulkString(b) => String::from_utf8_lossy(&b).parse::<u64>().unwrap_or(0),
+        other => panic!("{other:?}"),
+    };
+    assert!(seq > 0);
 }
 
 /// The same protocol on the embedded bus: within one process, on any of its shards.
@@ -115,9 +125,7 @@ fn restore_scenario(a: &Server, b: &Server) {
     ann.expect_no_event("message:new", Duration::from_millis(300));
 }
 
-#[test]
-fn a_pid_restores_nothing_for_another_user_when_guessed_or_expired() {
-    let redis = RedisServer::start();
+fn a_pid_restores_nothing_for_another_user_when_guessed_or_expired(redis: RedisServer) {
     let a = node(&redis, &["--max-disconnection-ms", "400"]);
     let mut ann = Client::connect(a.addr, &token("ann", "t1"));
     assert_eq!(ann.emit_ack("join_room", json!("lobby"))["ok"], true);
@@ -149,9 +157,7 @@ fn a_pid_restores_nothing_for_another_user_when_guessed_or_expired() {
     assert_eq!(a.metric("shardgate_recovery_restored_total"), 0);
 }
 
-#[test]
-fn a_client_that_said_goodbye_has_no_session_to_restore() {
-    let redis = RedisServer::start();
+fn a_client_that_said_goodbye_has_no_session_to_restore(redis: RedisServer) {
     let a = node(&redis, &[]);
     let mut ann = Client::connect(a.addr, &token("ann", "t1"));
     let pid = ann.pid.clone().unwrap();
@@ -166,8 +172,7 @@ fn a_client_that_said_goodbye_has_no_session_to_restore() {
 /// Three nodes on one Redis behind the interop suite's balancer, stopped as `steps` says
 /// (`tests/interop/recovery.test.mjs`); returns the restored sessions and replayed
 /// messages counted by the nodes left.
-fn three_nodes_stopped(steps: &str) -> (u64, u64) {
-    let redis = RedisServer::start();
+fn three_nodes_stopped(redis: RedisServer, steps: &str) -> (u64, u64) {
     let nodes: Vec<Server> = (0..3).map(|_| node(&redis, &["--drain-ms", "1000"])).collect();
     let addrs: Vec<String> = nodes.iter().map(|n| n.addr.to_string()).collect();
     let pids: Vec<String> = nodes.iter().map(|n| n.pid().to_string()).collect();
@@ -188,15 +193,13 @@ fn three_nodes_stopped(steps: &str) -> (u64, u64) {
     counts
 }
 
-#[test]
-fn the_official_client_recovers_after_a_node_is_killed() {
-    let (restored, _) = three_nodes_stopped("SIGKILL:2");
+fn the_official_client_recovers_after_a_node_is_killed(redis: RedisServer) {
+    let (restored, _) = three_nodes_stopped(redis, "SIGKILL:2");
     assert!(restored > 0);
 }
 
-#[test]
-fn the_official_client_recovers_after_a_node_is_drained_then_another_killed() {
-    let (restored, _) = three_nodes_stopped("SIGTERM:1,SIGKILL:2");
+fn the_official_client_recovers_after_a_node_is_drained_then_another_killed(redis: RedisServer) {
+    let (restored, _) = three_nodes_stopped(redis, "SIGTERM:1,SIGKILL:2");
     assert!(restored > 0);
 }
 
@@ -217,9 +220,7 @@ fn the_official_client_recovers_from_transport_drops_without_redis() {
     }
 }
 
-#[test]
-fn a_client_further_behind_than_the_logs_gets_a_new_session() {
-    let redis = RedisServer::start();
+fn a_client_further_behind_than_the_logs_gets_a_new_session(redis: RedisServer) {
     let url = redis.url();
     let toml = "[runtime]\nrecovery = true\nrecovery_log_len = 5\nevents_per_second = 100000\nevent_burst = 100000\n";
     let a = Server::start_with_config(&["--shards", "1", "--redis", url.as_str()], Some(toml));
@@ -245,3 +246,25 @@ fn a_client_further_behind_than_the_logs_gets_a_new_session() {
     let ack = ann.emit_ack("message:send", json!({ "room": "lobby", "content": "x" }));
     assert_eq!(ack["code"], "not_in_room", "nothing restored: {ack}");
 }
+
+/// Every test above taking a `RedisServer` runs on a single redis-server (`single::…`)
+/// and on a real Redis Cluster of 3 masters and 3 replicas (`redis_cluster::…`).
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod single {
+            $(#[test] fn $name() { super::$name(super::RedisServer::start()) })*
+        }
+        mod redis_cluster {
+            $(#[test] fn $name() { super::$name(super::RedisServer::start_cluster(3)) })*
+        }
+    };
+}
+
+on_both!(
+    a_session_is_restored_on_another_node_with_its_rooms_and_missed_messages,
+    a_pid_restores_nothing_for_another_user_when_guessed_or_expired,
+    a_client_that_said_goodbye_has_no_session_to_restore,
+    a_client_further_behind_than_the_logs_gets_a_new_session,
+    the_official_client_recovers_after_a_node_is_killed,
+    the_official_client_recovers_after_a_node_is_drained_then_another_killed,
+);

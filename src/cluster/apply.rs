@@ -9,7 +9,7 @@ use shardgate_shard::msg::{parse_sid, BridgeMsg, DeliveryStatus, Frame, ShardId,
 use tracing::warn;
 
 use super::batch::{Batch, Sweep, Then};
-use super::keys::from_redis_id;
+use super::keys::{from_redis_id, Keys};
 use super::plan::{enqueue, parse_servers, plan, publish_to_servers, unregister};
 use super::recover;
 use super::scripts;
@@ -45,6 +45,11 @@ pub fn apply(c: &Cluster, then: Then, reply: Reply, followups: &mut Batch) {
                 let Some(user) = from_redis_id(user) else { continue };
                 c.m().inc(Counter::SweptSockets);
                 unregister(c, followups, &server, &user, sid, Then::Down(user.clone()));
+                if c.settings.recovery.is_some() {
+                    // Its sessions stay recoverable, but no longer receive.
+                    let at = Keys::room_member(&server, sid);
+                    followups.cmd(&["SREM", &c.keys.sessions_of(&user), &at], Then::Ignore);
+                }
             }
         }
         Then::SweepRooms(server, kind) => {
@@ -145,6 +150,16 @@ pub fn apply(c: &Cluster, then: Then, reply: Reply, followups: &mut Batch) {
             // Published: every node that delivers it reports (this one through the mesh).
             Reply::Array(_) => {}
             // A room message logged (its receivers), or an error: nothing better to say.
+            _ => c.status(origin, msg_id, DeliveryStatus::Sent),
+        },
+        Then::LoggedUser { origin, msg_id, user } => match reply {
+            Reply::Array(items) if items.first() == Some(&Reply::Integer(-1)) => {
+                let payload = items.get(1).and_then(resp::as_bytes).unwrap_or_default();
+                enqueue(c, followups, &user, &Frame::from(payload));
+                c.m().inc(Counter::OfflineQueued);
+                c.status(origin, msg_id, DeliveryStatus::Queued);
+            }
+            Reply::Array(_) => {}
             _ => c.status(origin, msg_id, DeliveryStatus::Sent),
         },
         Then::ResumeRead { sid, socket, user, pid, offset } => {

@@ -82,6 +82,16 @@ pub enum Then {
         /// Message id.
         msg_id: u128,
     },
+    /// LOG_USER script (recovery on a Redis Cluster): published to its receivers, or
+    /// `{-1, payload}` when nobody was reachable: queued on the user's slot.
+    LoggedUser {
+        /// Sender.
+        origin: SocketRef,
+        /// Message id.
+        msg_id: u128,
+        /// Recipient.
+        user: Key,
+    },
     /// SESSION_READ script: open the claim of `sid` on the session's rooms.
     ResumeRead {
         /// The claiming socket's id.

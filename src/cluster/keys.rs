@@ -125,15 +125,49 @@ impl Keys {
         self.name(&["typing:{", &redis_id(room), "}"])
     }
 
-    /// `session:{pid}`: a recovery session (hash: `user`, `from`, `sid`); its rooms are
-    /// `session:{pid}:rooms` (hash: room -> sequence number at the join).
+    /// `{recovery}:session:PID`: a recovery session (hash: `user`, `from`, `sid`); its
+    /// rooms are `{recovery}:session:PID:rooms` (hash: room -> sequence number at the
+    /// join). Every recovery key is in the one `{recovery}` slot (`docs/recovery.md`).
     pub fn session(&self, pid: &str) -> String {
-        self.name(&["session:", pid])
+        self.name(&["{recovery}:session:", pid])
     }
 
-    /// `session:{pid}:rooms`.
+    /// `{recovery}:session:PID:rooms`.
     pub fn session_rooms(&self, pid: &str) -> String {
-        self.name(&["session:", pid, ":rooms"])
+        self.name(&["{recovery}:session:", pid, ":rooms"])
+    }
+
+    /// `{recovery}:sessions:T:U`: the sockets (`S|sid`) holding a session of the user,
+    /// the receivers of its recoverable 1:1 messages on a Redis Cluster.
+    pub fn sessions_of(&self, user: &str) -> String {
+        self.name(&["{recovery}:sessions:", &redis_id(user)])
+    }
+
+    /// `{recovery}:seq`: the one sequence of recoverable messages.
+    pub fn recovery_seq(&self) -> String {
+        self.name(&["{recovery}:seq"])
+    }
+
+    /// `{recovery}:log:room:T:R`.
+    pub fn room_log(&self, room: &str) -> String {
+        self.name(&["{recovery}:log:room:", &redis_id(room)])
+    }
+
+    /// `{recovery}:log:user:T:U`.
+    pub fn user_log(&self, user: &str) -> String {
+        self.name(&["{recovery}:log:user:", &redis_id(user)])
+    }
+
+    /// `{recovery}:server:S`: node S's channel of recoverable 1:1 messages and RESUME
+    /// markers on a Redis Cluster (in the recovery slot, so that one master orders them
+    /// with the room messages).
+    pub fn recovery_server(&self, server: &str) -> String {
+        self.name(&["{recovery}:server:", server])
+    }
+
+    /// `{recovery}:room:T:R`: a room's channel of recoverable messages on a Redis Cluster.
+    pub fn recovery_room(&self, room: &str) -> String {
+        self.name(&["{recovery}:room:", &redis_id(room)])
     }
 
     /// `node:{S}`: the node's liveness key.
@@ -183,6 +217,12 @@ impl Keys {
         if let Some(room) = name.strip_prefix("room:{").and_then(|r| r.strip_suffix('}')) {
             return from_redis_id(room).map(Channel::Room);
         }
+        if let Some(room) = name.strip_prefix("{recovery}:room:") {
+            return from_redis_id(room).map(Channel::Room);
+        }
+        if name.starts_with("{recovery}:server:") {
+            return Some(Channel::Server);
+        }
         let user = |rest: &str| rest.strip_prefix('{')?.strip_suffix('}').and_then(from_redis_id);
         if let Some(rest) = name.strip_prefix("registry:changes:") {
             return user(rest).map(Channel::UserRegistry);
@@ -220,7 +260,7 @@ mod tests {
         let room = key("acme", "lobby");
         assert_eq!(k.room(&room), "sg:room:{acme:lobby}");
         assert_eq!(k.user_sockets(&key("acme", "bob")), "sg:user:{acme:bob}:sockets");
-        assert_eq!(k.parse_channel(k.room(&room).as_bytes()), Some(Channel::Room(room)));
+        assert_eq!(k.parse_channel(k.room(&room).as_bytes()), Some(Channel::Room(room.clone())));
         assert_eq!(k.parse_channel(k.server("n1").as_bytes()), Some(Channel::Server));
         assert_eq!(k.parse_channel(k.registry_changes().as_bytes()), Some(Channel::RegistryChanges));
         assert_eq!(k.parse_channel(k.presence_updates().as_bytes()), Some(Channel::PresenceUpdates));
@@ -231,6 +271,9 @@ mod tests {
             Some(Channel::UserRegistry(bob.clone()))
         );
         assert_eq!(k.parse_channel(k.user_presence(&bob).as_bytes()), Some(Channel::UserPresence(bob)));
+        assert_eq!(k.parse_channel(k.recovery_room(&room).as_bytes()), Some(Channel::Room(room.clone())));
+        assert_eq!(k.parse_channel(k.recovery_server("n1").as_bytes()), Some(Channel::Server));
+        assert_eq!(k.recovery_room(&room), "sg:{recovery}:room:acme:lobby");
         assert_eq!(k.parse_channel(b"other:room:{acme:lobby}"), None);
         assert_eq!(k.parse_channel(b"sg:room:{no-tenant-separator}"), None);
         assert_eq!(k.parse_channel(b"sg:\xff"), None);

@@ -31,7 +31,7 @@ use super::apply::apply;
 use super::batch::{Batch, Sweep, Then};
 use super::conns::Conns;
 use super::keys::{redis_id, Keys};
-use super::plan::{plan, plan_watches, refresh_presence, register};
+use super::plan::{plan, plan_watches, refresh_presence, register, Registration};
 use super::pubsub::on_pubsub;
 use super::recover;
 use super::state::Cluster;
@@ -167,11 +167,6 @@ fn offline(c: &Cluster, msg: BridgeMsg) {
 async fn connected(c: &Rc<Cluster>, mut conns: Conns, bell: &mut UnixStream) -> std::io::Result<()> {
     let me = c.me().to_string();
     c.sharded.set(conns.map().is_some());
-    if c.sharded.get() && c.settings.recovery.is_some() {
-        return Err(std::io::Error::other(
-            "connection state recovery needs a single Redis, not a Redis Cluster (docs/redis-cluster.md)",
-        ));
-    }
     // Alive again: unless a sweep of this node is running (then wait for its end).
     let mut batch = Batch::default();
     liveness(c, &mut batch);
@@ -189,6 +184,10 @@ async fn connected(c: &Rc<Cluster>, mut conns: Conns, bell: &mut UnixStream) -> 
     c.routes.borrow_mut().set_per_user(c.sharded.get());
     c.routes.borrow_mut().clear();
     let mut channels = vec![c.keys.server(&me)];
+    if c.sharded.get() && c.settings.recovery.is_some() {
+        // Recoverable 1:1 messages and RESUME markers, from the recovery slot's master.
+        channels.push(c.keys.recovery_server(&me));
+    }
     if c.sharded.get() {
         // Registry and presence changes on per-user channels: the presence of every
         // user watched here (registry channels follow the route cache).
@@ -198,15 +197,14 @@ async fn connected(c: &Rc<Cluster>, mut conns: Conns, bell: &mut UnixStream) -> 
     }
     for (sid, (user, _)) in &mirror.sockets {
         let Some((shard, conn)) = parse_sid(sid) else { continue };
-        register(c, &mut batch, user, sid, SocketRef { shard, conn }, false);
+        register(c, &mut batch, user, sid, SocketRef { shard, conn }, Registration::Again);
     }
     for (room, sids) in &mirror.rooms {
-        let channel = c.keys.room(room);
         batch.cmd(&["SADD", &c.keys.server_rooms(&me), &redis_id(room)], Then::Ignore);
         for sid in sids {
-            batch.cmd(&["SADD", &channel, &Keys::room_member(&me, sid)], Then::Ignore);
+            batch.cmd(&["SADD", &c.keys.room(room), &Keys::room_member(&me, sid)], Then::Ignore);
         }
-        channels.push(channel);
+        channels.push(c.room_channel(room));
     }
     // Subscribe first, and only then register: a socket must never be in the registry
     // while its node is deaf to its server channel (messages to it would be queued).
@@ -333,7 +331,11 @@ fn abandon(c: &Cluster, thens: Vec<Then>) {
     let mut ignored = Batch::default();
     for then in thens {
         match then {
-            Then::Route { .. } | Then::Cached { .. } | Then::Logged { .. } | Then::Bounced { .. } => {
+            Then::Route { .. }
+            | Then::Cached { .. }
+            | Then::Logged { .. }
+            | Then::LoggedUser { .. }
+            | Then::Bounced { .. } => {
                 c.m().inc(Counter::Unroutable);
                 apply(c, then, lost.clone(), &mut ignored);
             }

@@ -14,7 +14,7 @@
 //! * [`mirror`]: what this process registered (re-registration, Redis-down delivery,
 //!   room subscription counts); [`route_cache`]: who holds a user's sockets;
 //! * [`recover`]: connection state recovery (logged messages, restoring a session), with
-//!   [`resume`], the claims in progress;
+//!   [`resume`], the claims in progress, and [`logged`], its commands (sessions, logs);
 //! * [`keys`]: every key and channel name; [`scripts`]: the Lua scripts;
 //!   [`redis`]: one RESP2 connection over glommio.
 //!
@@ -25,6 +25,7 @@ pub mod batch;
 pub mod conns;
 pub mod keys;
 pub mod link;
+pub mod logged;
 pub mod mirror;
 pub mod plan;
 pub mod pubsub;

@@ -8,52 +8,54 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use shardgate_io::envelope::{Envelope, LoggedRoom, RoomEnvelope};
+use shardgate_io::envelope::{Envelope, RoomEnvelope};
 use shardgate_shard::metrics::Counter;
 use shardgate_shard::msg::{BridgeMsg, Frame, Key, ShardMsg, SocketRef};
 use shardgate_shard::shared::wall_ms;
 
 use super::batch::{Batch, Then};
 use super::keys::{redis_id, Keys};
+use super::logged;
 use super::scripts;
 use super::state::Cluster;
 
-/// EVAL's key count of SWEEP and the recovery scripts, which build their keys themselves
-/// (single Redis; `docs/redis-cluster.md`).
-const NO_KEYS: &str = "0";
-
-/// The `D` envelope of a 1:1 message from `origin` on this node.
-fn deliver_envelope(c: &Cluster, user: &str, msg_id: u128, origin: SocketRef, frame: &[u8]) -> Vec<u8> {
-    let env = Envelope::Deliver { user, msg_id, origin_server: c.me(), origin: origin.remote(), frame };
-    // User keys are bounded by max_id_len and server ids by validation: both fit a u16.
-    env.to_vec().unwrap_or_default()
+/// Why a socket is registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registration {
+    /// A new connection: its CONNECT is answered once registered, with the offline queue.
+    New,
+    /// Again, after a Redis reconnect: the offline queue (if any) is drained to it.
+    Again,
+    /// A restored recovery session on a Redis Cluster: the offline queue is dropped (its
+    /// messages are in the user's log, replayed).
+    Restored,
 }
 
 /// Registers socket `sid` of `user`: in the server's socket list (for its sweep), then
-/// the UP script on the user's keys, answering its CONNECT or not.
-pub fn register(c: &Cluster, batch: &mut Batch, user: &Key, sid: &str, socket: SocketRef, answer: bool) {
+/// the UP script on the user's keys.
+pub fn register(c: &Cluster, batch: &mut Batch, user: &Key, sid: &str, socket: SocketRef, how: Registration) {
     let s = &c.settings;
     let (now, ttl, u) = (wall_ms().to_string(), s.presence_ttl_secs.to_string(), redis_id(user));
     batch.cmd(&["HSET", &c.keys.connections(c.me()), sid, &u], Then::Ignore);
     let [k1, k2, k3] = c.keys.user_keys(user);
-    batch.cmd(
-        &[
-            "EVAL",
-            scripts::UP,
-            "3",
-            &k1,
-            &k2,
-            &k3,
-            c.keys.prefix(),
-            c.me(),
-            sid,
-            &u,
-            &now,
-            &ttl,
-            c.per_user(),
-        ],
-        Then::Drain { socket, answer, user: user.clone() },
-    );
+    let queue = if how == Registration::Restored { "drop" } else { "" };
+    let args = [
+        "EVAL",
+        scripts::UP,
+        "3",
+        &k1,
+        &k2,
+        &k3,
+        c.keys.prefix(),
+        c.me(),
+        sid,
+        &u,
+        &now,
+        &ttl,
+        c.per_user(),
+        queue,
+    ];
+    batch.cmd(&args, Then::Drain { socket, answer: how == Registration::New, user: user.clone() });
 }
 
 /// Unregisters socket `sid` of `user` on `server` (the DOWN script on the user's keys);
@@ -86,12 +88,8 @@ pub fn refresh_presence(c: &Cluster, batch: &mut Batch) {
     for u in users {
         batch.cmd(&["SET", &c.keys.presence(&u), &format!("online|{ts}"), "EX", &ttl], Then::Ignore);
     }
-    let Some(r) = c.settings.recovery else { return };
-    let live = r.live_ttl_ms.to_string();
-    let pids: Vec<Arc<str>> = c.mirror.borrow().pids().cloned().collect();
-    for pid in pids {
-        batch.cmd(&["PEXPIRE", &c.keys.session(&pid), &live], Then::Ignore);
-        batch.cmd(&["PEXPIRE", &c.keys.session_rooms(&pid), &live], Then::Ignore);
+    if c.settings.recovery.is_some() {
+        logged::refresh_sessions(c, batch);
     }
 }
 
@@ -115,16 +113,11 @@ pub fn plan(c: &Cluster, msg: BridgeMsg, batch: &mut Batch) {
         _ => None,
     };
     c.mirror.borrow_mut().observe(&msg);
-    let live_ttl = s.recovery.map(|r| r.live_ttl_ms.to_string()).unwrap_or_default();
     match msg {
         BridgeMsg::SocketUp { user, sid, socket, pid } => {
-            register(c, batch, &user, &sid, socket, true);
+            register(c, batch, &user, &sid, socket, Registration::New);
             if let Some(pid) = pid {
-                let at = Keys::room_member(me, &sid);
-                let u = redis_id(&user);
-                let args =
-                    ["EVAL", scripts::SESSION_OPEN, NO_KEYS, c.keys.prefix(), &pid, &u, &live_ttl, &at];
-                batch.cmd(&args, Then::Ignore);
+                logged::session_open(c, batch, &user, &sid, &pid);
             }
         }
         BridgeMsg::SocketDown { user, sid, keep, .. } => {
@@ -135,53 +128,22 @@ pub fn plan(c: &Cluster, msg: BridgeMsg, batch: &mut Batch) {
             }
             batch.cmd(&["HDEL", &c.keys.connections(me), &sid], Then::Ignore);
             unregister(c, batch, me, &user, &sid, Then::Down(user.clone()));
-            if let (Some(pid), Some(r)) = (pid, s.recovery) {
-                let ttl = if keep { r.max_disconnection_ms.to_string() } else { "del".to_string() };
-                let at = Keys::room_member(me, &sid);
-                batch.cmd(
-                    &["EVAL", scripts::SESSION_CLOSE, NO_KEYS, c.keys.prefix(), &pid, &at, &ttl],
-                    Then::Ignore,
-                );
+            if let Some(pid) = pid {
+                logged::session_close(c, batch, &user, &sid, &pid, keep);
             }
         }
         BridgeMsg::Resume { user, sid, socket, pid, offset } => {
-            let u = redis_id(&user);
-            let then = Then::ResumeRead { sid, socket, user, pid: pid.clone(), offset };
-            batch.cmd(&["EVAL", scripts::SESSION_READ, NO_KEYS, c.keys.prefix(), &pid, &u], then);
+            logged::session_read(c, batch, user, sid, socket, pid, offset)
         }
         BridgeMsg::RoomLogged { room, frame, msg_id, origin } => {
-            let Some(r) = s.recovery else { return };
-            c.m().inc(Counter::RecoveryLogged);
-            let env = LoggedRoom { origin_server: me, origin: origin.remote(), frame: &frame };
-            let env = env.to_vec().unwrap_or_default();
-            let (len, id) = (r.log_len.to_string(), redis_id(&room));
-            let args: [&[u8]; 8] = [
-                b"EVAL",
-                scripts::LOG_ROOM.as_bytes(),
-                NO_KEYS.as_bytes(),
-                c.keys.prefix().as_bytes(),
-                id.as_bytes(),
-                &env,
-                len.as_bytes(),
-                live_ttl.as_bytes(),
-            ];
-            batch.cmd(&args, Then::Logged { origin, msg_id });
+            logged::log_room(c, batch, &room, &frame, msg_id, origin)
         }
         BridgeMsg::RoomJoin { room, sid, socket, ack } => {
-            let channel = c.keys.room(&room);
-            batch.cmd(&["SADD", &channel, &Keys::room_member(me, &sid)], Then::Ignore);
+            batch.cmd(&["SADD", &c.keys.room(&room), &Keys::room_member(me, &sid)], Then::Ignore);
             if let Some(pid) = &pid {
-                let args = [
-                    "EVAL",
-                    scripts::SESSION_JOIN,
-                    NO_KEYS,
-                    c.keys.prefix(),
-                    pid,
-                    &redis_id(&room),
-                    &live_ttl,
-                ];
-                batch.cmd(&args, Then::Ignore);
+                logged::session_join(c, batch, pid, &room);
             }
+            let channel = c.room_channel(&room);
             let first = c.mirror.borrow().members(&room) == 1;
             let mut pending = c.pending_subs.borrow_mut();
             if first {
@@ -195,14 +157,13 @@ pub fn plan(c: &Cluster, msg: BridgeMsg, batch: &mut Batch) {
             }
         }
         BridgeMsg::RoomLeave { room, sid, forget } => {
-            let channel = c.keys.room(&room);
-            batch.cmd(&["SREM", &channel, &Keys::room_member(me, &sid)], Then::Ignore);
+            batch.cmd(&["SREM", &c.keys.room(&room), &Keys::room_member(me, &sid)], Then::Ignore);
             if let (Some(pid), true) = (&pid, forget) {
                 batch.cmd(&["HDEL", &c.keys.session_rooms(pid), &redis_id(&room)], Then::Ignore);
             }
             if c.mirror.borrow().members(&room) == 0 {
                 batch.cmd(&["SREM", &c.keys.server_rooms(me), &redis_id(&room)], Then::Ignore);
-                c.subscribe(false, &channel);
+                c.subscribe(false, &c.room_channel(&room));
             }
         }
         BridgeMsg::RoomPublish { room, frame } => {
@@ -210,7 +171,7 @@ pub fn plan(c: &Cluster, msg: BridgeMsg, batch: &mut Batch) {
             batch.cmd(&[c.publish(), c.keys.room(&room).as_bytes(), &env], Then::Ignore);
         }
         BridgeMsg::ToUser { user, frame, msg_id, origin } if s.recovery.is_some() => {
-            route_logged(c, batch, user, frame, msg_id, origin)
+            logged::route_logged(c, batch, user, &frame, msg_id, origin)
         }
         BridgeMsg::ToUser { user, frame, msg_id, origin } => route(c, batch, user, frame, msg_id, origin),
         BridgeMsg::Ack { origin, msg_id, status } => {
@@ -290,7 +251,7 @@ fn route(c: &Cluster, batch: &mut Batch, user: Key, frame: Frame, msg_id: u128, 
     }
     let s = &c.settings;
     let epoch = c.routes.borrow().epoch();
-    let env = deliver_envelope(c, &user, msg_id, origin, &frame);
+    let env = c.deliver_envelope(&user, msg_id, origin, &frame);
     let (cap, ttl) = (s.offline_queue_len.max(1).to_string(), s.offline_ttl_secs.to_string());
     let u = redis_id(&user);
     let f = frame.clone();
@@ -327,7 +288,7 @@ pub fn publish_to_servers(
     local: bool,
     registry: bool,
 ) {
-    let env = deliver_envelope(c, user, msg_id, origin, frame);
+    let env = c.deliver_envelope(user, msg_id, origin, frame);
     let tally = Rc::new(std::cell::Cell::new((servers.len(), 0)));
     for server in servers {
         let then = Then::Cached {
@@ -341,34 +302,6 @@ pub fn publish_to_servers(
         };
         batch.cmd(&[c.publish(), c.keys.server(server).as_bytes(), &env], then);
     }
-}
-
-/// Routes a recoverable 1:1 message: always through Redis (the ROUTE_LOGGED script gives
-/// it its sequence number and logs it), delivered by every node holding the user's
-/// sockets, this one included, from its channel; the route cache is not used.
-fn route_logged(c: &Cluster, batch: &mut Batch, user: Key, frame: Frame, msg_id: u128, origin: SocketRef) {
-    let (s, Some(r)) = (&c.settings, c.settings.recovery) else { return };
-    c.m().inc(Counter::RecoveryLogged);
-    let env = deliver_envelope(c, &user, msg_id, origin, &frame);
-    let (cap, ttl) = (s.offline_queue_len.max(1).to_string(), s.offline_ttl_secs.to_string());
-    let (len, live) = (r.log_len.to_string(), r.live_ttl_ms.to_string());
-    let u = redis_id(&user);
-    let (k1, k2) = (c.keys.user_sockets(&user), c.keys.offline(&user));
-    let args: [&[u8]; 12] = [
-        b"EVAL",
-        scripts::ROUTE_LOGGED.as_bytes(),
-        b"2",
-        k1.as_bytes(),
-        k2.as_bytes(),
-        c.keys.prefix().as_bytes(),
-        u.as_bytes(),
-        &env,
-        cap.as_bytes(),
-        ttl.as_bytes(),
-        len.as_bytes(),
-        live.as_bytes(),
-    ];
-    batch.cmd(&args, Then::Logged { origin, msg_id });
 }
 
 /// Appends `frame` to `user`'s bounded offline queue (the ROUTE script's `enqueue`, as

@@ -26,7 +26,7 @@ use tracing::debug;
 
 use super::batch::{Batch, Then};
 use super::keys::{from_redis_id, redis_id, Keys};
-use super::plan::plan;
+use super::plan::{plan, register, Registration};
 use super::resume::Claim;
 use super::scripts;
 use super::state::Cluster;
@@ -113,11 +113,11 @@ pub fn on_read(
     let me = c.me();
     let mut waiting = std::collections::HashSet::new();
     for room in &rooms {
-        let channel = c.keys.room(room);
+        let channel = c.room_channel(room);
         let first = c.mirror.borrow().members(room) == 0;
         let join = BridgeMsg::RoomJoin { room: room.clone(), sid: sid.clone(), socket, ack: None };
         c.mirror.borrow_mut().observe(&join);
-        followups.cmd(&["SADD", &channel, &Keys::room_member(me, &sid)], Then::Ignore);
+        followups.cmd(&["SADD", &c.keys.room(room), &Keys::room_member(me, &sid)], Then::Ignore);
         let mut pending = c.pending_subs.borrow_mut();
         if first && !pending.contains_key(&channel) {
             followups.cmd(&["SADD", &c.keys.server_rooms(me), &redis_id(room)], Then::Ignore);
@@ -184,6 +184,14 @@ fn send_resume(c: &Cluster, sid: &str, batch: &mut Batch) {
     let offset = offset.map(|o| o.to_string()).unwrap_or_default();
     let u = redis_id(&user);
     let live = r.live_ttl_ms.to_string();
+    if c.sharded.get() {
+        // The recovery slot's half; the registration follows its reply (`on_resumed`).
+        let (k1, k2) = (c.keys.session(&pid), c.keys.recovery_seq());
+        let args =
+            ["EVAL", scripts::RESUME_LOG, "2", &k1, &k2, c.keys.prefix(), c.me(), sid, &u, &offset, &live];
+        batch.cmd(&args, Then::Resume { sid: sid.to_string() });
+        return;
+    }
     // In the server's socket list first (for its sweep), as any registration.
     batch.cmd(&["HSET", &c.keys.connections(c.me()), sid, &u], Then::Ignore);
     let [k1, k2, k3] = c.keys.user_keys(&user);
@@ -245,6 +253,11 @@ pub fn on_resumed(c: &Cluster, sid: String, reply: Reply, followups: &mut Batch)
     let marked = {
         let mut claims = c.claims.borrow_mut();
         let Some(claim) = claims.get_mut(&sid) else { return };
+        if c.sharded.get() {
+            // On a Redis Cluster the registration is on the user's slot, after the replay
+            // (the offline queue dropped: its messages are in the user's log).
+            register(c, followups, &claim.user, &sid, claim.socket, Registration::Restored);
+        }
         claim.replay = Some((upto, frames));
         if items.get(2) == Some(&Reply::Integer(1)) {
             c.persist_presence(&claim.user, true);

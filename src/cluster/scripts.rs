@@ -67,7 +67,7 @@ end
     };
 }
 
-/// `log(p, key, seq, envelope, maxlen, ttl)`: appends a recoverable message to a log
+/// `log(key, seq, envelope, maxlen, ttl)`: appends a recoverable message to a log
 /// stream under entry id `seq-0`, expiring `ttl` ms after its last message. Once it holds
 /// 64 entries more than `maxlen`, the oldest are trimmed in one step down to `maxlen`, and
 /// the highest trimmed id is recorded as the stream's `max-deleted-entry-id` (XSETID),
@@ -75,7 +75,7 @@ end
 macro_rules! lua_log {
     () => {
         r#"
-local function log(p, key, seq, env, maxlen, ttl)
+local function log(key, seq, env, maxlen, ttl)
   redis.call('XADD', key, seq..'-0', 'e', env)
   redis.call('PEXPIRE', key, ttl)
   local extra = redis.call('XLEN', key) - tonumber(maxlen)
@@ -107,7 +107,8 @@ end
 /// on the user's first socket cluster-wide); return {1 if it was the first socket else 0,
 /// the user's offline queue...} and clear the queue.
 /// KEYS: the user's. ARGV: prefix, server, sid, user, now_ms, presence_ttl_secs,
-/// sharded ('1' on a Redis Cluster: see `announce`).
+/// sharded ('1' on a Redis Cluster: see `announce`), and 'drop' to delete the queue
+/// instead (a restored session on a Redis Cluster: its messages are in the user's log).
 pub const UP: &str = concat!(
     lua_announce!(),
     lua_register!(),
@@ -115,6 +116,10 @@ pub const UP: &str = concat!(
 local p, me, sid, u, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local out = {0}
 if register(KEYS[1], KEYS[2], p, me, sid, u, now, ARGV[6], ARGV[7]) then out[1] = 1 end
+if ARGV[8] == 'drop' then
+  redis.call('DEL', KEYS[3])
+  return out
+end
 local q = redis.call('LRANGE', KEYS[3], 0, -1)
 if #q > 0 then redis.call('DEL', KEYS[3]) end
 for _, f in ipairs(q) do table.insert(out, f) end
@@ -211,57 +216,87 @@ return n
 
 // ---- connection state recovery (docs/recovery.md) ----
 //
-// One sequence, `recovery:seq`, orders every recoverable message of the cluster: Redis
+// One sequence, `{recovery}:seq`, orders every recoverable message of the cluster: Redis
 // runs one script at a time and a subscriber receives pushes in execution order, so every
-// node sees recoverable messages in sequence order. Logs: `log:room:T:R`, `log:user:T:U`
-// (streams, entry id `seq-0`, field `e` = the envelope). Sessions: `session:PID` (hash:
-// `user`, `from` = the sequence when it began, `sid`) and `session:PID:rooms` (room ->
-// sequence at the join).
+// node sees recoverable messages in sequence order. Every recovery key is in the
+// `{recovery}` slot, so that on a Redis Cluster one master keeps that order too. Logs:
+// `{recovery}:log:room:T:R`, `{recovery}:log:user:T:U` (streams, entry id `seq-0`, field
+// `e` = the envelope). Sessions: `{recovery}:session:PID` (hash: `user`, `from` = the
+// sequence when it began, `sid`), `{recovery}:session:PID:rooms` (room -> sequence at
+// the join), and per user `{recovery}:sessions:T:U` (the sockets holding a session).
 
-/// Open recovery session `ARGV[2]` for user `ARGV[3]` on socket `ARGV[5]`
-/// (`server|sid`), expiring in `ARGV[4]` ms. ARGV: prefix, pid, user, ttl_ms, socket.
+/// Open a recovery session for user `ARGV[1]` on socket `ARGV[3]` (`server|sid`),
+/// expiring in `ARGV[2]` ms. KEYS: the session, the sequence, the user's sessions.
 pub const SESSION_OPEN: &str = r#"
-local p, pid = ARGV[1], ARGV[2]
-local k = p..'session:'..pid
-redis.call('HSET', k, 'user', ARGV[3], 'from', redis.call('GET', p..'recovery:seq') or '0', 'sid', ARGV[5])
-redis.call('PEXPIRE', k, ARGV[4])
+redis.call('HSET', KEYS[1], 'user', ARGV[1], 'from', redis.call('GET', KEYS[2]) or '0', 'sid', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
 "#;
 
-/// Socket `ARGV[3]` (`server|sid`) of session `ARGV[2]` closed: the session expires in
-/// `ARGV[4]` ms, or is deleted (`del`), unless another socket has restored it since.
-/// ARGV: prefix, pid, socket, ttl_ms or 'del'.
+/// Socket `ARGV[1]` (`server|sid`) of a session closed: the session expires in `ARGV[2]`
+/// ms, or is deleted (`del`), unless another socket has restored it since.
+/// KEYS: the session, its rooms, the user's sessions.
 pub const SESSION_CLOSE: &str = r#"
-local k = ARGV[1]..'session:'..ARGV[2]
-local at = redis.call('HGET', k, 'sid')
-if at and at ~= ARGV[3] then return 0 end
-if ARGV[4] == 'del' then
-  redis.call('DEL', k, k..':rooms')
+redis.call('SREM', KEYS[3], ARGV[1])
+local at = redis.call('HGET', KEYS[1], 'sid')
+if at and at ~= ARGV[1] then return 0 end
+if ARGV[2] == 'del' then
+  redis.call('DEL', KEYS[1], KEYS[2])
 else
-  redis.call('PEXPIRE', k, ARGV[4])
-  redis.call('PEXPIRE', k..':rooms', ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
 end
 return 1
 "#;
 
-/// Session `ARGV[2]` joined room `ARGV[3]` now (the current sequence).
-/// ARGV: prefix, pid, room, ttl_ms.
+/// A session joined room `ARGV[1]` now (the current sequence).
+/// KEYS: the session's rooms, the sequence. ARGV: room, ttl_ms.
 pub const SESSION_JOIN: &str = r#"
-local p, pid = ARGV[1], ARGV[2]
-local k = p..'session:'..pid..':rooms'
-redis.call('HSET', k, ARGV[3], redis.call('GET', p..'recovery:seq') or '0')
-redis.call('PEXPIRE', k, ARGV[4])
+redis.call('HSET', KEYS[1], ARGV[1], redis.call('GET', KEYS[2]) or '0')
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 "#;
 
 /// A recoverable room message: next sequence number, logged in the room's log, published
-/// as `S<seq> <envelope>` on the room's channel. Returns the receivers.
-/// ARGV: prefix, room, envelope, log_len, log_ttl_ms.
+/// as `S<seq> <envelope>` on channel `ARGV[4]` with command `ARGV[5]` (`PUBLISH`, or
+/// `SPUBLISH` of the room's `{recovery}` channel on a Redis Cluster). Returns the
+/// receivers. KEYS: the sequence, the room's log. ARGV: envelope, log_len, log_ttl_ms,
+/// channel, publish command.
 pub const LOG_ROOM: &str = concat!(
     lua_log!(),
     r#"
-local p, r = ARGV[1], ARGV[2]
-local seq = redis.call('INCR', p..'recovery:seq')
-log(p, p..'log:room:'..r, seq, ARGV[3], ARGV[4], ARGV[5])
-return redis.call('PUBLISH', p..'room:{'..r..'}', 'S'..seq..' '..ARGV[3])
+local seq = redis.call('INCR', KEYS[1])
+log(KEYS[2], seq, ARGV[1], ARGV[2], ARGV[3])
+return redis.call(ARGV[5], ARGV[4], 'S'..seq..' '..ARGV[1])
+"#
+);
+
+/// A recoverable 1:1 message on a Redis Cluster: next sequence number, logged in the
+/// recipient's log, published with SPUBLISH as `S<seq> <envelope>` on the `{recovery}`
+/// channel of every server holding a session of the user (this one included: it
+/// delivers its own from its channel, in order). The sessions are in this slot, so
+/// choosing the receivers and numbering the message are one step. Returns {receivers,
+/// "server,..."}, or {-1, payload} when nobody is reachable (the caller queues it on the
+/// user's slot). KEYS: the sequence, the user's log, the user's sessions.
+/// ARGV: prefix, envelope, log_len, log_ttl_ms.
+pub const LOG_USER: &str = concat!(
+    lua_log!(),
+    r#"
+local p = ARGV[1]
+local seq = redis.call('INCR', KEYS[1])
+log(KEYS[2], seq, ARGV[2], ARGV[3], ARGV[4])
+local payload = 'S'..seq..' '..ARGV[2]
+local servers, names, reached = {}, {}, 0
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  local s = string.match(m, '^(.-)|')
+  if s then servers[s] = true end
+end
+for s, _ in pairs(servers) do
+  reached = reached + redis.call('SPUBLISH', p..'{recovery}:server:'..s, payload)
+  table.insert(names, s)
+end
+if reached == 0 then return {-1, payload} end
+return {reached, table.concat(names, ',')}
 "#
 );
 
@@ -276,8 +311,8 @@ pub const ROUTE_LOGGED: &str = concat!(
     lua_log!(),
     r#"
 local p, u = ARGV[1], ARGV[2]
-local seq = redis.call('INCR', p..'recovery:seq')
-log(p, p..'log:user:'..u, seq, ARGV[3], ARGV[6], ARGV[7])
+local seq = redis.call('INCR', p..'{recovery}:seq')
+log(p..'{recovery}:log:user:'..u, seq, ARGV[3], ARGV[6], ARGV[7])
 local payload = 'S'..seq..' '..ARGV[3]
 local servers, names, reached = {}, {}, 0
 for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -296,80 +331,123 @@ return {reached, table.concat(names, ',')}
 "#
 );
 
-/// The rooms of session `ARGV[2]` if it belongs to user `ARGV[3]`: {'ok', room...}, or
-/// {'unknown'} / {'other_user'}. ARGV: prefix, pid, user.
+/// The rooms of a session if it belongs to user `ARGV[1]`: {'ok', room...}, or
+/// {'unknown'} / {'other_user'}. KEYS: the session, its rooms.
 pub const SESSION_READ: &str = r#"
-local k = ARGV[1]..'session:'..ARGV[2]
-local owner = redis.call('HGET', k, 'user')
+local owner = redis.call('HGET', KEYS[1], 'user')
 if not owner then return {'unknown'} end
-if owner ~= ARGV[3] then return {'other_user'} end
+if owner ~= ARGV[1] then return {'other_user'} end
 local out = {'ok'}
-for _, r in ipairs(redis.call('HKEYS', k..':rooms')) do table.insert(out, r) end
+for _, r in ipairs(redis.call('HKEYS', KEYS[2])) do table.insert(out, r) end
 return out
 "#;
 
-/// Restore session `ARGV[7]` on socket `ARGV[3]` of user `ARGV[4]`: every logged message
-/// of the user's log and of the session's rooms after the client's offset `ARGV[8]` (or,
-/// without one, after the session began; for a room, never before its join), merged in
-/// sequence order; the socket registered (as UP), the offline queue dropped (its messages
-/// are in the user's log), the session pointed at the socket; last, a marker `M<sid>` on
-/// this node's channel: when the node receives it, it has received every push up to the
-/// returned sequence. Returns {'ok', current
-/// sequence, first socket 0/1, seq, envelope, seq, envelope...}, or {'unknown'},
-/// {'other_user'}, {'trimmed'} (a log lost entries after the offset), registering nothing.
+/// `replay(p, session, user, offset)`: every logged message of the user's log and of the
+/// session's rooms after the client's offset (or, without one, after the session began;
+/// for a room, never before its join), merged in sequence order; or nil and 'unknown',
+/// 'other_user' or 'trimmed' (a log lost entries after the offset).
+/// `move(p, session, user, socket, ttl)`: points the session (and the user's sessions
+/// set) at `socket` (`server|sid`), both expiring in `ttl` ms.
+macro_rules! lua_replay {
+    () => {
+        r#"
+local function replay(p, k, u, offset)
+  local owner = redis.call('HGET', k, 'user')
+  if not owner then return nil, 'unknown' end
+  if owner ~= u then return nil, 'other_user' end
+  local from = tonumber(offset) or tonumber(redis.call('HGET', k, 'from')) or 0
+  local streams = {{p..'{recovery}:log:user:'..u, from}}
+  local rooms = redis.call('HGETALL', k..':rooms')
+  for i = 1, #rooms, 2 do
+    table.insert(streams, {p..'{recovery}:log:room:'..rooms[i], math.max(from, tonumber(rooms[i + 1]) or 0)})
+  end
+  for _, s in ipairs(streams) do
+    if redis.call('EXISTS', s[1]) == 1 then
+      local info = redis.call('XINFO', 'STREAM', s[1])
+      for i = 1, #info, 2 do
+        if info[i] == 'max-deleted-entry-id' then
+          if (tonumber(string.match(info[i + 1], '^(%d+)')) or 0) > s[2] then return nil, 'trimmed' end
+        end
+      end
+    end
+  end
+  local entries = {}
+  for _, s in ipairs(streams) do
+    for _, e in ipairs(redis.call('XRANGE', s[1], '('..s[2]..'-0', '+')) do
+      table.insert(entries, {tonumber(string.match(e[1], '^(%d+)')), e[2][2]})
+    end
+  end
+  table.sort(entries, function(a, b) return a[1] < b[1] end)
+  return entries
+end
+local function move(p, k, u, at, ttl)
+  local ks = p..'{recovery}:sessions:'..u
+  local old = redis.call('HGET', k, 'sid')
+  if old then redis.call('SREM', ks, old) end
+  redis.call('SADD', ks, at)
+  redis.call('PEXPIRE', ks, ttl)
+  redis.call('HSET', k, 'sid', at)
+  redis.call('PEXPIRE', k, ttl)
+  redis.call('PEXPIRE', k..':rooms', ttl)
+end
+local function answer(seq, first, entries)
+  local out = {'ok', seq or '0', first}
+  for _, e in ipairs(entries) do
+    table.insert(out, tostring(e[1]))
+    table.insert(out, e[2])
+  end
+  return out
+end
+"#
+    };
+}
+
+/// Restore session `ARGV[7]` on socket `ARGV[3]` of user `ARGV[4]` (single Redis): the
+/// replay, the socket registered (as UP), the offline queue dropped (its messages are in
+/// the user's log), the session pointed at the socket; last, a marker `M<sid>` on this
+/// node's channel: when the node receives it, it has received every push up to the
+/// returned sequence. Returns {'ok', current sequence, first socket 0/1, seq, envelope,
+/// seq, envelope...}, or {'unknown'}, {'other_user'}, {'trimmed'}, registering nothing.
 /// KEYS: the user's. ARGV: prefix, server, sid, user, now_ms, presence_ttl_secs, pid,
 /// offset or '', session_ttl_ms.
 pub const RESUME: &str = concat!(
     lua_announce!(),
     lua_register!(),
+    lua_replay!(),
     r#"
 local p, me, sid, u, now, pid = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[7]
-local k = p..'session:'..pid
-local owner = redis.call('HGET', k, 'user')
-if not owner then return {'unknown'} end
-if owner ~= u then return {'other_user'} end
-local from = tonumber(ARGV[8]) or tonumber(redis.call('HGET', k, 'from')) or 0
-local streams = {{p..'log:user:'..u, from}}
-local rooms = redis.call('HGETALL', k..':rooms')
-for i = 1, #rooms, 2 do
-  table.insert(streams, {p..'log:room:'..rooms[i], math.max(from, tonumber(rooms[i + 1]) or 0)})
-end
-for _, s in ipairs(streams) do
-  if redis.call('EXISTS', s[1]) == 1 then
-    local info = redis.call('XINFO', 'STREAM', s[1])
-    for i = 1, #info, 2 do
-      if info[i] == 'max-deleted-entry-id' then
-        if (tonumber(string.match(info[i + 1], '^(%d+)')) or 0) > s[2] then return {'trimmed'} end
-      end
-    end
-  end
-end
-local entries = {}
-for _, s in ipairs(streams) do
-  for _, e in ipairs(redis.call('XRANGE', s[1], '('..s[2]..'-0', '+')) do
-    table.insert(entries, {tonumber(string.match(e[1], '^(%d+)')), e[2][2]})
-  end
-end
-table.sort(entries, function(a, b) return a[1] < b[1] end)
+local k = p..'{recovery}:session:'..pid
+local entries, err = replay(p, k, u, ARGV[8])
+if not entries then return {err} end
 local first = register(KEYS[1], KEYS[2], p, me, sid, u, now, ARGV[6], '0')
 redis.call('DEL', KEYS[3])
-redis.call('HSET', k, 'sid', me..'|'..sid)
-redis.call('PEXPIRE', k, ARGV[9])
-redis.call('PEXPIRE', k..':rooms', ARGV[9])
+move(p, k, u, me..'|'..sid, ARGV[9])
 redis.call('PUBLISH', p..'server:{'..me..'}', 'M'..sid)
-local out = {'ok', redis.call('GET', p..'recovery:seq') or '0', first and 1 or 0}
-for _, e in ipairs(entries) do
-  table.insert(out, tostring(e[1]))
-  table.insert(out, e[2])
-end
-return out
+return answer(redis.call('GET', p..'{recovery}:seq'), first and 1 or 0, entries)
+"#
+);
+
+/// RESUME on a Redis Cluster, the recovery slot's half: the replay, the session pointed
+/// at socket `ARGV[3]`, and the marker `M<sid>` on this node's `{recovery}` channel
+/// (the registration runs after it, on the user's slot). Returns as RESUME, with 0 for
+/// the first-socket flag. KEYS: the session, the sequence. ARGV: prefix, server, sid,
+/// user, offset or '', session_ttl_ms.
+pub const RESUME_LOG: &str = concat!(
+    lua_replay!(),
+    r#"
+local p, me, sid, u = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local entries, err = replay(p, KEYS[1], u, ARGV[5])
+if not entries then return {err} end
+move(p, KEYS[1], u, me..'|'..sid, ARGV[6])
+redis.call('SPUBLISH', p..'{recovery}:server:'..me, 'M'..sid)
+return answer(redis.call('GET', KEYS[2]), 0, entries)
 "#
 );
 
 /// Every script, loaded on each Redis (each master of a Redis Cluster) when the bridge
 /// connects to it: batches then carry `EVALSHA` and the script's SHA-1 instead of its
 /// text (about 900 bytes fewer per call, and Redis skips hashing the text).
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 16] = [
     UP,
     DOWN,
     ROUTE,
@@ -384,6 +462,8 @@ pub const ALL: [&str; 14] = [
     ROUTE_LOGGED,
     SESSION_READ,
     RESUME,
+    LOG_USER,
+    RESUME_LOG,
 ];
 
 /// (SHA-1 in hex, text) of every script in [`ALL`].

@@ -10,6 +10,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use shardgate_io::envelope::Envelope;
 use shardgate_shard::mesh::Inbox;
 use shardgate_shard::metrics::ShardMetrics;
 use shardgate_shard::msg::{BridgeMsg, DeliveryStatus, Frame, Key, Origin, ShardId, ShardMsg, SocketRef};
@@ -141,6 +142,24 @@ impl Cluster {
             let (tenant, id) = user.split_once('\x1f').unwrap_or(("", user));
             inbox.send(shardgate_shard::record::presence(tenant, id, online, wall_ms()));
         }
+    }
+
+    /// The channel room `room`'s messages come on: its `{recovery}` channel when
+    /// recoverable messages are ordered by one Redis Cluster master, else `room:{T:R}`.
+    pub fn room_channel(&self, room: &str) -> String {
+        if self.sharded.get() && self.settings.recovery.is_some() {
+            self.keys.recovery_room(room)
+        } else {
+            self.keys.room(room)
+        }
+    }
+
+    /// The `D` envelope of a 1:1 message from `origin` on this node.
+    pub fn deliver_envelope(&self, user: &str, msg_id: u128, origin: SocketRef, frame: &[u8]) -> Vec<u8> {
+        let env =
+            Envelope::Deliver { user, msg_id, origin_server: self.me(), origin: origin.remote(), frame };
+        // User keys are bounded by max_id_len and server ids by validation: both fit a u16.
+        env.to_vec().unwrap_or_default()
     }
 
     /// `'1'` when registry and presence changes go on per-user sharded channels (a Redis
