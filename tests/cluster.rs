@@ -470,6 +470,60 @@ fn chat_resumes_after_a_redis_cluster_master_fails_over() {
     support::interop_suite("cluster.test.mjs", &env, String::new);
 }
 
+#[test]
+fn chat_follows_slots_that_move_between_masters() {
+    let redis = RedisServer::start_cluster(3);
+    let a = node(&redis, &["--server-id", "node-a"]);
+    let b = node(&redis, &["--server-id", "node-b"]);
+    let mut alice = Client::connect(a.addr, &token("alice", "t1"));
+    let mut bob = Client::connect(b.addr, &token("bob", "t1"));
+    let mut watcher = Client::connect(a.addr, &token("w", "t1"));
+    watcher.emit_ack("presence:subscribe", json!(["bob"]));
+    expect_presence(&mut watcher, "online");
+    let mut send = |content: &str| {
+        let ack = alice.emit_ack("message:send", json!({ "to": "bob", "content": content }));
+        ack["status"].as_str().unwrap_or_default().to_string()
+    };
+    assert_eq!(send("before"), "delivered");
+    assert_eq!(bob.expect_event("message:new")["content"], "before");
+
+    // Bob's slot starts moving: a new device of his registers meanwhile (its script's
+    // keys are split between the two masters: TRYAGAIN until the keys have moved), then
+    // the move completes (MOVED from then on).
+    let moving = redis.begin_migration("user:{t1:bob}:sockets");
+    let b_addr = b.addr;
+    let phone = std::thread::spawn(move || Client::connect(b_addr, &token("bob", "t1")));
+    std::thread::sleep(Duration::from_millis(150));
+    redis.finish_migration(moving);
+    let mut phone = phone.join().expect("the phone connected");
+    assert_eq!(redis.members("user:{t1:bob}:sockets").len(), 2, "both devices registered on the new master");
+    b.wait_for("TRYAGAIN / MOVED counted", |s| s.metric("shardgate_cluster_redirects_total") > 0);
+    assert_eq!(send("after bob's slot moved"), "delivered");
+    for c in [&mut bob, &mut phone] {
+        assert_eq!(c.expect_event("message:new")["content"], "after bob's slot moved");
+    }
+
+    // Node b's own channel moves: Redis unsubscribes it there, node b subscribes at the
+    // new owner, and messages to bob arrive through it.
+    let moving = redis.begin_migration("server:{node-b}");
+    redis.finish_migration(moving);
+    b.wait_for("node b subscribed its channel at the new owner", |_| {
+        redis.subscribers("server:{node-b}") == 1
+    });
+    assert!(b.metric("shardgate_cluster_resubscribes_total") >= 1);
+    for i in 0..3 {
+        let content = format!("after node b's channel moved {i}");
+        assert_eq!(send(&content), "delivered");
+        for c in [&mut bob, &mut phone] {
+            assert_eq!(c.expect_event("message:new")["content"], content.as_str());
+        }
+    }
+    // Presence still follows: both of bob's devices leave, the watcher hears it.
+    drop((bob, phone));
+    expect_presence(&mut watcher, "offline");
+    assert_eq!(a.metric("shardgate_redis_up") + b.metric("shardgate_redis_up"), 2, "no session was lost");
+}
+
 /// Every test above taking a `RedisServer` runs twice: on a single redis-server
 /// (`single::…`) and on a real Redis Cluster of 3 masters and 3 replicas
 /// (`redis_cluster::…`), with each node pointed at one member.

@@ -120,6 +120,10 @@ labels! {
         SweptSockets => "cluster_swept_sockets_total",
         /// 1:1 messages routed from the bridge's route cache (no registry lookup).
         RouteCacheHits => "cluster_route_cache_hits_total",
+        /// Redis Cluster commands sent again: `MOVED` / `ASK` followed, `TRYAGAIN` retried.
+        ClusterRedirects => "cluster_redirects_total",
+        /// Redis Cluster sharded channels subscribed again after their slot moved.
+        ClusterResubscribes => "cluster_resubscribes_total",
         /// Payloads on this node's channels that were not envelopes (dropped).
         BadEnvelopes => "cluster_bad_envelopes_total",
         /// Records handed to librdkafka.

@@ -8,7 +8,8 @@
 //!   map from `CLUSTER SLOTS`, one command connection per master; a batch is split by
 //!   the slot of each command's key, written to every master at once, and its replies
 //!   put back in the batch's order. `MOVED` refreshes the map and sends the command to
-//!   the new owner, `ASK` sends it once to the named node after `ASKING`. Channels with
+//!   the new owner, `ASK` sends it once to the named node after `ASKING`, `TRYAGAIN` (a
+//!   script's keys split by a slot migration) sends it again shortly. Channels with
 //!   a hash tag (`server:{S}`, `room:{T:R}`) are sharded (`SSUBSCRIBE` on a connection to
 //!   the master owning their slot); the others are classic, on one connection. When a
 //!   slot moves, Redis unsubscribes its channels (`sunsubscribe`): they are subscribed
@@ -31,8 +32,11 @@ use crate::config::RedisUrl;
 
 /// Slots of a Redis Cluster.
 const SLOTS: usize = 16384;
-/// Redirections followed for one command before its error is its reply.
-const MAX_REDIRECTS: usize = 3;
+/// Redirections (and `TRYAGAIN` retries) for one command before its error is its reply.
+const MAX_REDIRECTS: usize = 6;
+/// First wait before a command answered `TRYAGAIN` is sent again, doubled each time
+/// (at most about 0.6 s in all: the bridge waits, a slot migration is rare and short).
+const TRYAGAIN_DELAY: Duration = Duration::from_millis(10);
 
 fn other(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
@@ -86,6 +90,10 @@ fn as_eval(command: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     resp::encode_command(&args, &mut out);
     Some(out)
+}
+
+fn is_tryagain(r: &Reply) -> bool {
+    matches!(r, Reply::Error(e) if e.starts_with("TRYAGAIN"))
 }
 
 fn is_noscript(r: &Reply) -> bool {
@@ -176,6 +184,10 @@ pub struct Conns {
     sharded: HashMap<String, String>,
     /// Sharded channels Redis unsubscribed because their slot moved.
     moved: Vec<String>,
+    /// Commands sent again after `MOVED`, `ASK` or `TRYAGAIN`, since the last look.
+    pub redirects: u64,
+    /// Channels subscribed again after their slot moved, since the last look.
+    pub resubscribes: u64,
 }
 
 impl Conns {
@@ -211,6 +223,8 @@ impl Conns {
                 ssub: Vec::new(),
                 sharded: HashMap::new(),
                 moved: Vec::new(),
+                redirects: 0,
+                resubscribes: 0,
             });
         }
         if url.db != 0 {
@@ -234,6 +248,8 @@ impl Conns {
             ssub: Vec::new(),
             sharded: HashMap::new(),
             moved: Vec::new(),
+            redirects: 0,
+            resubscribes: 0,
         };
         let masters = conns.map.as_ref().map(|m| m.masters.clone()).unwrap_or_default();
         for m in &masters {
@@ -308,21 +324,35 @@ impl Conns {
             }
         }
         let mut replies = vec![Reply::Null; n];
-        for _ in 0..=MAX_REDIRECTS {
+        for round in 0..=MAX_REDIRECTS {
             self.send(batch, &groups, &mut replies).await?;
-            let redirected: Vec<(usize, bool, String)> = groups
-                .iter()
-                .flat_map(|(_, _, idx)| idx.iter())
-                .filter_map(|&i| resp::redirection(&replies[i]).map(|(ask, _, a)| (i, ask, a.to_string())))
-                .collect();
-            if redirected.is_empty() {
+            // (index, ASKING first, node) of every command to send again.
+            let mut again: Vec<(usize, bool, String)> = Vec::new();
+            let mut wait = false;
+            for (addr, ask, idx) in &groups {
+                for &i in idx {
+                    if let Some((asked, _, to)) = resp::redirection(&replies[i]) {
+                        again.push((i, asked, to.to_string()));
+                    } else if is_tryagain(&replies[i]) {
+                        // A multi-key command on a slot being migrated, its keys split
+                        // between the two nodes: the same node, a little later.
+                        again.push((i, *ask, addr.clone()));
+                        wait = true;
+                    }
+                }
+            }
+            if again.is_empty() || round == MAX_REDIRECTS {
                 break;
             }
-            if redirected.iter().any(|(_, ask, _)| !ask) {
+            if again.iter().any(|(i, ask, _)| !ask && resp::redirection(&replies[*i]).is_some()) {
                 self.refresh().await?;
             }
+            if wait {
+                glommio::timer::sleep(TRYAGAIN_DELAY * (1 << round)).await;
+            }
+            self.redirects += again.len() as u64;
             groups.clear();
-            for (i, ask, addr) in redirected {
+            for (i, ask, addr) in again {
                 match groups.iter_mut().find(|(a, k, _)| *a == addr && *k == ask) {
                     Some((_, _, idx)) => idx.push(i),
                     None => groups.push((addr, ask, vec![i])),
@@ -512,6 +542,7 @@ impl Conns {
         self.refresh().await?;
         let again: Vec<(bool, String)> =
             std::mem::take(&mut self.moved).into_iter().map(|c| (true, c)).collect();
+        self.resubscribes += again.len() as u64;
         self.subscribe(&again).await
     }
 }

@@ -245,6 +245,8 @@ async fn connected(c: &Rc<Cluster>, mut conns: Conns, bell: &mut UnixStream) -> 
             on_pubsub(c, reply);
         }
         conns.repair().await?;
+        c.m().add(Counter::ClusterRedirects, std::mem::take(&mut conns.redirects));
+        c.m().add(Counter::ClusterResubscribes, std::mem::take(&mut conns.resubscribes));
         let mut batch = Batch::default();
         let now = Instant::now();
         if now >= next_live {

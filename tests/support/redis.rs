@@ -202,6 +202,85 @@ impl RedisServer {
         self.children.first().and_then(Option::as_ref).map_or(0, Child::id)
     }
 
+    /// Starts moving the slot of `key` to another master (`CLUSTER SETSLOT IMPORTING` /
+    /// `MIGRATING`): until [`RedisServer::finish_migration`], commands on keys still on
+    /// the old master are served there, others get `ASK` (or `TRYAGAIN` when a
+    /// command's keys are split).
+    #[allow(dead_code)]
+    pub fn begin_migration(&self, key: &str) -> Migration {
+        let from = self.owner(key);
+        let slot = match at(from, &[&["CLUSTER", "KEYSLOT", key]]) {
+            Some(Reply::Integer(n)) => n.to_string(),
+            other => panic!("CLUSTER KEYSLOT: {other:?}"),
+        };
+        let to = self.masters().into_iter().find(|p| *p != from).expect("another master");
+        let (from_id, to_id) = (self.node_id(from), self.node_id(to));
+        assert_eq!(
+            at(to, &[&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]]),
+            Some(Reply::SimpleString(b"OK".to_vec()))
+        );
+        assert_eq!(
+            at(from, &[&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]]),
+            Some(Reply::SimpleString(b"OK".to_vec()))
+        );
+        Migration { slot, from, to, to_id }
+    }
+
+    /// Moves the slot's keys (`MIGRATE`) and gives the slot to its new master on every
+    /// master (`CLUSTER SETSLOT NODE`); returns once every node agrees.
+    #[allow(dead_code)]
+    pub fn finish_migration(&self, m: Migration) {
+        loop {
+            let keys: Vec<String> = match at(m.from, &[&["CLUSTER", "GETKEYSINSLOT", &m.slot, "100"]]) {
+                Some(Reply::Array(k)) => k
+                    .iter()
+                    .filter_map(resp::as_bytes)
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .collect(),
+                other => panic!("GETKEYSINSLOT: {other:?}"),
+            };
+            if keys.is_empty() {
+                break;
+            }
+            let to = m.to.to_string();
+            let mut cmd = vec!["MIGRATE", "127.0.0.1", to.as_str(), "", "0", "5000", "KEYS"];
+            cmd.extend(keys.iter().map(String::as_str));
+            let reply = at(m.from, &[&cmd]);
+            assert_eq!(reply, Some(Reply::SimpleString(b"OK".to_vec())), "MIGRATE");
+        }
+        for p in [m.to, m.from].into_iter().chain(self.masters()) {
+            at(p, &[&["CLUSTER", "SETSLOT", &m.slot, "NODE", &m.to_id]]);
+        }
+        let end = Instant::now() + Duration::from_secs(10);
+        while !self.live_ports().iter().all(|&p| {
+            matches!(at(p, &[&["CLUSTER", "SLOTS"]]), Some(Reply::Array(r)) if r.iter().any(|range| {
+                let Reply::Array(range) = range else { return false };
+                let slot: i64 = m.slot.parse().unwrap_or(-1);
+                matches!((range.first(), range.get(1), range.get(2)), (Some(Reply::Integer(a)), Some(Reply::Integer(b)), Some(Reply::Array(n)))
+                    if *a <= slot && slot <= *b && n.get(1) == Some(&Reply::Integer(m.to as i64)))
+            }))
+        }) {
+            assert!(Instant::now() < end, "the slot move did not propagate");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The ports of the live masters.
+    #[allow(dead_code)]
+    pub fn masters(&self) -> Vec<u16> {
+        self.live_ports()
+            .into_iter()
+            .filter(|&p| matches!(at(p, &[&["INFO", "replication"]]), Some(Reply::BulkString(b)) if String::from_utf8_lossy(&b).contains("role:master")))
+            .collect()
+    }
+
+    fn node_id(&self, port: u16) -> String {
+        match at(port, &[&["CLUSTER", "MYID"]]) {
+            Some(Reply::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+            other => panic!("CLUSTER MYID: {other:?}"),
+        }
+    }
+
     /// The port of the node serving `key` (following `MOVED`); the one server's port
     /// without a cluster.
     pub fn owner(&self, key: &str) -> u16 {
@@ -303,6 +382,14 @@ impl Drop for RedisServer {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// A slot being moved between two masters (`RedisServer::begin_migration`).
+pub struct Migration {
+    slot: String,
+    from: u16,
+    to: u16,
+    to_id: String,
 }
 
 /// Runs commands on one fresh connection to `port`; returns the last reply.
