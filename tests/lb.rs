@@ -82,7 +82,16 @@ fn shipped_configs_pass_nginx_and_haproxy_checks() {
 
 #[test]
 fn official_client_through_nginx_and_haproxy_across_three_nodes() {
-    let redis = RedisServer::start();
+    through_nginx_and_haproxy(RedisServer::start());
+}
+
+/// The same with the nodes on a real Redis Cluster (3 masters, 3 replicas).
+#[test]
+fn official_client_through_nginx_and_haproxy_across_three_nodes_on_a_redis_cluster() {
+    through_nginx_and_haproxy(RedisServer::start_cluster(3));
+}
+
+fn through_nginx_and_haproxy(redis: RedisServer) {
     let url = redis.url();
     let nodes: Vec<Server> = (0..3)
         .map(|_| {

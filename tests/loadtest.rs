@@ -106,7 +106,16 @@ fn connect_storm_measures_a_wave_and_a_mass_reconnect() {
 
 #[test]
 fn direct_scenario_pairs_users_across_nodes() {
-    let redis = support::redis::RedisServer::start();
+    direct_across_nodes(support::redis::RedisServer::start());
+}
+
+/// The same with the nodes on a real Redis Cluster (3 masters, 3 replicas).
+#[test]
+fn direct_scenario_pairs_users_across_nodes_on_a_redis_cluster() {
+    direct_across_nodes(support::redis::RedisServer::start_cluster(3));
+}
+
+fn direct_across_nodes(redis: support::redis::RedisServer) {
     let url = redis.url();
     let nodes: Vec<Server> = (0..2).map(|_| Server::start(&["--redis", &url])).collect();
     for n in &nodes {

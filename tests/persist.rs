@@ -224,7 +224,16 @@ fn past_the_buffer_bound_the_newest_records_are_dropped_and_counted() {
 
 #[test]
 fn cluster_mode_presence_changes_are_persisted() {
-    let redis = support::redis::RedisServer::start();
+    presence_changes_persisted(support::redis::RedisServer::start());
+}
+
+/// The same on a real Redis Cluster (3 masters, 3 replicas).
+#[test]
+fn cluster_mode_presence_changes_are_persisted_on_a_redis_cluster() {
+    presence_changes_persisted(support::redis::RedisServer::start_cluster(3));
+}
+
+fn presence_changes_persisted(redis: support::redis::RedisServer) {
     let broker = Broker::start_on(free_port());
     let url = redis.url();
     let srv = Server::start_with_config(&["--redis", &url, "--kafka", &broker.addr()], Some(CONFIG));
