@@ -369,9 +369,33 @@ fn main() {
     let mut route_sha = route.clone();
     route_sha[0] = b"EVALSHA".to_vec();
     route_sha[1] = scripts::sha_of(scripts::ROUTE.as_bytes()).unwrap().as_bytes().to_vec();
+    // A recoverable room message (LOG_ROOM: INCR, XADD, PEXPIRE, the trim check,
+    // PUBLISH): the rate of one master at this is the ceiling of recoverable messages
+    // for a whole cluster (every recovery key is in one slot).
+    redis.cmd(&["SCRIPT", "LOAD", scripts::LOG_ROOM]);
+    let env = "x".repeat(120);
+    let log_room: Vec<Vec<u8>> = [
+        "EVALSHA",
+        scripts::sha_of(scripts::LOG_ROOM.as_bytes()).unwrap(),
+        "2",
+        "{recovery}:seq",
+        "{recovery}:log:room:t:bench",
+        env.as_str(),
+        "1000",
+        "120000",
+        "room:{t:bench}",
+        "PUBLISH",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
     let mut results = Vec::new();
-    let commands =
-        [("PUBLISH 64B", publish), ("EVAL ROUTE (offline user)", route), ("EVALSHA ROUTE (same)", route_sha)];
+    let commands = [
+        ("PUBLISH 64B", publish),
+        ("EVAL ROUTE (offline user)", route),
+        ("EVALSHA ROUTE (same)", route_sha),
+        ("EVALSHA LOG_ROOM (120 B)", log_room),
+    ];
     for (name, cmd) in commands {
         let (base, base_cpu) = pipeline_throughput(&redis, &url, cmd.clone(), 1, dur);
         for batch in [1usize, 16, 128, 1024] {
