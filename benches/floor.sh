@@ -4,7 +4,10 @@
 #      sockets, 50 rounds/s, a reader draining them on the other core: sender CPU per send;
 #   2. shardgate (one shard on core 0) with a room of 1000 at 50 messages/s, the load
 #      generator on core 1: server CPU per delivery (`server_cpu_us_per_received`);
-# then prints the ratio (shardgate / floor). Repeat it: the machine is shared and noisy.
+# then prints the ratio (shardgate / floor); and 3. the same room of 1000 drained by the
+# floor's own epoll reader (send_floor --target), the ratio with the same reader on both
+# sides (the load generator waits on io_uring, and each wake-up of its sockets is charged
+# to the sender). Repeat it: the machine is shared and noisy.
 #
 #   benches/floor.sh [seconds]        (release builds are made first)
 set -euo pipefail
@@ -29,3 +32,14 @@ json=$(taskset -c 1 ./target/release/shardgate-loadtest fanout --url "http://127
 sg=$(python3 -c 'import json,sys; print(round(json.loads(sys.argv[1])["steady"]["server_cpu_us_per_received"], 2))' "$json")
 echo "shardgate: room of 1000, 50 msgs/s: ${sg} us of server CPU per delivery"
 python3 -c "import sys; f, s = float(sys.argv[1]), float(sys.argv[2]); print(f'ratio shardgate / floor: {s / f:.2f}x')" "$floor" "$sg"
+
+# 3. The same reader on both sides.
+port2=$((port + 1))
+test_secret="integration-test-secret-0123456789"
+taskset -c 0 ./target/release/shardgate serve --listen "127.0.0.1:$port2" --shards 1 --no-pin \
+  --jwt-secret "$test_secret" --events-per-second 100000 >/dev/null 2>&1 &
+pid2=$!
+trap 'kill $pid $pid2 2>/dev/null || true' EXIT
+for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port2/readyz" >/dev/null && break; sleep 0.1; done
+cargo bench --quiet --bench send_floor -- --sockets 1000 --rate 50 --seconds "$secs" --frame 160 \
+  --sender-cpu 0 --reader-cpu 1 --target "127.0.0.1:$port2" --server-pid "$pid2" 2>/dev/null | tail -3

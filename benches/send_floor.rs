@@ -9,6 +9,14 @@
 //! [--frame 122] [--batch 1] [--sender-cpu 0] [--reader-cpu 1]`. `--batch K` sends K
 //! frames per socket per round: as K separate sends, then as one coalesced send of K
 //! frames, the two costs side by side.
+//!
+//! `--target HOST:PORT --server-pid PID` then measures a shardgate server (started with
+//! the test secret) against the same reader: as many Socket.IO clients join one room and
+//! are drained by this program's epoll reader, one more client sends to the room at
+//! `--rate`, and the server process's CPU per delivery is read from `/proc`. The reader
+//! matters: a client that waits with one io_uring poll per socket (the load generator,
+//! on glommio) makes every send wake it through io_uring, a cost the kernel charges to
+//! the *sender*; the floor's reader and this one use one epoll set.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -17,7 +25,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 struct Args {
+    target: Option<std::net::SocketAddr>,
+    server_pid: u32,
     sockets: usize,
     rate: u64,
     seconds: u64,
@@ -28,13 +41,28 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a =
-        Args { sockets: 1000, rate: 50, seconds: 10, frame: 122, batch: 1, sender_cpu: 0, reader_cpu: 1 };
+    let mut a = Args {
+        target: None,
+        server_pid: 0,
+        sockets: 1000,
+        rate: 50,
+        seconds: 10,
+        frame: 122,
+        batch: 1,
+        sender_cpu: 0,
+        reader_cpu: 1,
+    };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
+        if argv[i] == "--target" {
+            a.target = argv.get(i + 1).and_then(|v| v.parse().ok());
+            i += 2;
+            continue;
+        }
         let v = argv.get(i + 1).and_then(|v| v.parse::<u64>().ok());
         match (argv[i].as_str(), v) {
+            ("--server-pid", Some(v)) => a.server_pid = v as u32,
             ("--sockets", Some(v)) => a.sockets = v as usize,
             ("--rate", Some(v)) => a.rate = v.max(1),
             ("--seconds", Some(v)) => a.seconds = v.max(1),
@@ -186,4 +214,62 @@ fn main() {
     stop.store(true, Ordering::Relaxed);
     reader.join().unwrap();
     println!("  reader drained {} bytes", bytes.load(Ordering::Relaxed));
+    if let Some(target) = a.target {
+        let server = server_fanout(target, &a);
+        println!("  ratio shardgate / floor (same reader): {:.2}x", server / per_send);
+    }
+}
+
+/// shardgate at `target` fanning out to `a.sockets` members of one room, drained by the
+/// same epoll reader; returns the server's CPU microseconds per delivery.
+fn server_fanout(target: std::net::SocketAddr, a: &Args) -> f64 {
+    use support::{token, Client};
+    let room = serde_json::json!("floor");
+    let mut readers = Vec::with_capacity(a.sockets);
+    for i in 0..a.sockets {
+        let mut c = Client::connect(target, &token(&format!("r{i}"), "floor"));
+        assert_eq!(c.emit_ack("join_room", room.clone())["ok"], true);
+        readers.push(c.into_stream());
+    }
+    let mut sender = Client::connect(target, &token("sender", "floor"));
+    assert_eq!(sender.emit_ack("join_room", room.clone())["ok"], true);
+    let stop = Arc::new(AtomicBool::new(false));
+    let bytes = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (stop, bytes, cpu) = (stop.clone(), bytes.clone(), a.reader_cpu);
+        std::thread::spawn(move || {
+            pin(cpu);
+            drain(readers, stop, bytes)
+        })
+    };
+    // The same 40 bytes of content as the load generator's fan-out.
+    let body = serde_json::json!({ "room": "floor", "content": "x".repeat(40) });
+    let period = Duration::from_nanos(1_000_000_000 / a.rate);
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu0 = support::cpu_seconds(a.server_pid);
+    let bytes0 = bytes.load(Ordering::Relaxed);
+    let start = Instant::now();
+    let messages = a.rate * a.seconds;
+    for m in 0..messages {
+        let due = start + period * m as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        sender.emit("message:send", body.clone());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu = (support::cpu_seconds(a.server_pid) - cpu0) * 1e6;
+    let drained = bytes.load(Ordering::Relaxed) - bytes0;
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    let deliveries = messages * a.sockets as u64;
+    let per = cpu / deliveries as f64;
+    println!(
+        "shardgate: room of {}, {} msgs/s, {} s: {messages} messages, {deliveries} deliveries, {drained} bytes drained ({} per delivery), server CPU {cpu:.0} us, {per:.2} us per delivery",
+        a.sockets,
+        a.rate,
+        a.seconds,
+        drained / deliveries.max(1)
+    );
+    per
 }

@@ -119,6 +119,11 @@ async fn connection(shard: Rc<Shard>, http: HttpPhase) {
 
 /// The task of a WebSocket connection: the Engine.IO loop, then the goodbye.
 async fn websocket(shard: Rc<Shard>, mut io: Box<ConnIo>) {
+    // Frames pushed while nothing is queued are written at once (`Conns::push`); `finish`
+    // retires the entry, and with it this descriptor, before the socket closes.
+    if let Some(c) = shard.state.borrow_mut().conns.get_mut(io.id) {
+        c.fd = Some(std::os::fd::AsRawFd::as_raw_fd(&io.stream));
+    }
     let reason = run(&shard, &mut io).await;
     // Boxed: the idle task should not carry the goodbye's state.
     Box::pin(finish(&shard, &mut io, reason)).await;

@@ -333,6 +333,12 @@ impl Client {
     }
 
     /// Upgrade, then Socket.IO CONNECT with `{"token": token}`; panics unless accepted.
+    /// The socket itself, for a reader that drains it without decoding (benchmarks).
+    #[allow(dead_code)]
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
     pub fn connect(addr: SocketAddr, token: &str) -> Client {
         let mut c = Client::upgrade(addr, "", "");
         let r = c.sio_connect(Some(json!({ "token": token })));

@@ -50,6 +50,11 @@ pub(crate) struct ConnEntry {
     /// Set while the session is on HTTP long-polling; `None` on WebSocket (from the
     /// start, or once upgraded).
     pub poll: Option<Box<Polling>>,
+    /// The WebSocket's descriptor while its connection task runs: a frame pushed while
+    /// nothing is queued is written at once from here ([`Conns::push`]), without waking
+    /// the task. Cleared before the socket can be closed (the task retires the entry
+    /// first).
+    pub fd: Option<std::os::fd::RawFd>,
 }
 
 /// A binary packet waiting for its attachments.
@@ -216,9 +221,23 @@ impl Conns {
             c.close_now = true;
             c.discard_outbox();
         } else {
-            c.outbox.push_back(frame.clone());
-            c.out_bytes += frame.len();
             m.inc(Counter::Deliveries);
+            // Nothing queued: the socket has every earlier byte, so the frame may go out
+            // now, in order, without a wake-up and a poll of the connection's task.
+            let sent = match c.fd {
+                Some(fd) if c.outbox.is_empty() && c.poll.is_none() => send_now(fd, frame),
+                _ => 0,
+            };
+            if sent > 0 {
+                m.add(Counter::BytesOut, sent as u64);
+            }
+            if sent == frame.len() {
+                return true;
+            }
+            // The rest waits for the task, which waits for the socket to drain.
+            c.outbox.push_back(frame.clone());
+            c.head_off = sent;
+            c.out_bytes += frame.len() - sent;
         }
         c.wake();
         c.close.is_none()
@@ -242,9 +261,49 @@ impl Conns {
     }
 }
 
+/// Writes as much of `frame` as the socket takes without blocking (`send` with
+/// `MSG_DONTWAIT`); 0 when it takes nothing or fails (the connection's task then meets
+/// the error on its own write).
+fn send_now(fd: std::os::fd::RawFd, frame: &[u8]) -> usize {
+    // SAFETY: `fd` is the connection's open socket (cleared from the entry before the
+    // socket is closed), and the buffer is a live slice of the given length.
+    let n = unsafe {
+        libc::send(fd, frame.as_ptr().cast(), frame.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    };
+    n.max(0) as usize
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_goes_out_at_once_while_nothing_is_queued_and_in_order_after() {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        let (mut conns, m) = (Conns::default(), ShardMetrics::default());
+        let id = conns.insert(ConnEntry { fd: Some(server.as_raw_fd()), ..Default::default() });
+        assert!(conns.push(&m, 1 << 20, id, &Frame::from(&b"one"[..])));
+        assert!(conns.get(id).unwrap().outbox.is_empty(), "written, not queued");
+        let mut got = [0u8; 3];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"one");
+        // Something queued (a write the task has not finished): later frames queue behind.
+        conns.get_mut(id).unwrap().outbox.push_back(Frame::from(&b"two"[..]));
+        assert!(conns.push(&m, 1 << 20, id, &Frame::from(&b"three"[..])));
+        assert_eq!(conns.get(id).unwrap().outbox.len(), 2);
+        // A long-polling session is never written from here.
+        let id2 = conns.insert(ConnEntry {
+            fd: Some(server.as_raw_fd()),
+            poll: Some(Box::default()),
+            ..Default::default()
+        });
+        assert!(conns.push(&m, 1 << 20, id2, &Frame::from(&b"polled"[..])));
+        assert_eq!(conns.get(id2).unwrap().outbox.len(), 1);
+    }
 
     #[test]
     fn a_slow_consumer_is_closed_and_its_queue_dropped() {
