@@ -454,21 +454,9 @@ fn flush(shard: &Shard, io: &mut ConnIo, cx: &mut Context<'_>) -> Result<(), Clo
         };
         match res {
             Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(CloseReason::TransportError),
-            Poll::Ready(Ok(mut n)) => {
+            Poll::Ready(Ok(n)) => {
                 m.add(Counter::BytesOut, n as u64);
-                c.out_bytes = c.out_bytes.saturating_sub(n);
-                while n > 0 {
-                    let Some(f) = c.outbox.front() else { break };
-                    let left = f.len() - c.head_off;
-                    if n >= left {
-                        n -= left;
-                        c.outbox.pop_front();
-                        c.head_off = 0;
-                    } else {
-                        c.head_off += n;
-                        n = 0;
-                    }
-                }
+                c.advance(n);
             }
             Poll::Pending => return Ok(()),
         }

@@ -220,6 +220,7 @@ async fn run_shard(
     let bell = bell.into_stream();
     let inbox = glommio::spawn_local(inbox_task(shard.clone(), bell));
     let tick = glommio::spawn_local(tick_task(shard.clone()));
+    let writer = glommio::spawn_local(writer_task(shard.clone()));
     debug!(shard = id, "shard started");
     let acceptor = glommio::spawn_local(accept_loop(shard.clone(), listener));
     let operator = admin.map(|l| glommio::spawn_local(crate::operator::admin_loop(shard.clone(), l)));
@@ -247,6 +248,7 @@ async fn run_shard(
     }
     drop(inbox);
     drop(tick);
+    drop(writer);
     drop(operator);
     info!(shard = id, "shard stopped");
 }
@@ -351,6 +353,20 @@ async fn inbox_task(shard: Rc<Shard>, mut bell: UnixStream) {
 }
 
 /// Periodic timers of every connection of the shard, and directory upkeep.
+/// Sends the frames each pass queued for WebSockets (`Conns::poll_write_dirty`): it runs
+/// after the task that queued them yields, so a socket that got several frames in one
+/// pass (a burst of room messages) costs one send, and no connection task is woken for
+/// it.
+async fn writer_task(shard: Rc<Shard>) {
+    loop {
+        std::future::poll_fn(|cx| {
+            let mut st = shard.state.borrow_mut();
+            st.conns.poll_write_dirty(shard.metrics(), cx)
+        })
+        .await;
+    }
+}
+
 async fn tick_task(shard: Rc<Shard>) {
     let period = Duration::from_millis(shard.shared.config.tick_ms());
     let mut last_sweep = 0;

@@ -50,10 +50,10 @@ pub(crate) struct ConnEntry {
     /// Set while the session is on HTTP long-polling; `None` on WebSocket (from the
     /// start, or once upgraded).
     pub poll: Option<Box<Polling>>,
-    /// The WebSocket's descriptor while its connection task runs: a frame pushed while
-    /// nothing is queued is written at once from here ([`Conns::push`]), without waking
-    /// the task. Cleared before the socket can be closed (the task retires the entry
-    /// first).
+    /// The WebSocket's descriptor while its connection task runs: frames pushed to it are
+    /// written by the shard's writer task ([`Conns::poll_write_dirty`]), without waking
+    /// the connection's task. Cleared before the socket can be closed (the task retires
+    /// the entry first).
     pub fd: Option<std::os::fd::RawFd>,
 }
 
@@ -113,6 +113,23 @@ impl ConnEntry {
         self.head_off = 0;
     }
 
+    /// `n` more bytes of the queue were written.
+    pub fn advance(&mut self, mut n: usize) {
+        self.out_bytes = self.out_bytes.saturating_sub(n);
+        while n > 0 {
+            let Some(f) = self.outbox.front() else { break };
+            let left = f.len() - self.head_off;
+            if n >= left {
+                n -= left;
+                self.outbox.pop_front();
+                self.head_off = 0;
+            } else {
+                self.head_off += n;
+                n = 0;
+            }
+        }
+    }
+
     /// Queues `frame` without a bound (server pings: tiny and at most one outstanding).
     pub fn push_unbounded(&mut self, frame: &Frame) {
         self.outbox.push_back(frame.clone());
@@ -164,6 +181,11 @@ pub(crate) struct Session {
 #[derive(Default)]
 pub(crate) struct Conns {
     slab: Slab<ConnEntry>,
+    /// WebSockets whose queue went from empty to not empty in this pass: the shard's
+    /// writer task sends their frames, coalesced, once the running task yields.
+    dirty: Vec<ConnId>,
+    /// Wakes the writer task when `dirty` gets its first entry.
+    writer: Option<Waker>,
 }
 
 impl Conns {
@@ -222,25 +244,58 @@ impl Conns {
             c.discard_outbox();
         } else {
             m.inc(Counter::Deliveries);
-            // Nothing queued: the socket has every earlier byte, so the frame may go out
-            // now, in order, without a wake-up and a poll of the connection's task.
-            let sent = match c.fd {
-                Some(fd) if c.outbox.is_empty() && c.poll.is_none() => send_now(fd, frame),
-                _ => 0,
-            };
-            if sent > 0 {
-                m.add(Counter::BytesOut, sent as u64);
-            }
-            if sent == frame.len() {
+            let was_empty = c.outbox.is_empty();
+            c.outbox.push_back(frame.clone());
+            c.out_bytes += frame.len();
+            if c.fd.is_some() && c.poll.is_none() {
+                // A WebSocket: its frames of this pass go out in one send from the
+                // writer task, without waking the connection's own task.
+                if was_empty {
+                    self.dirty.push(id);
+                    if let Some(w) = self.writer.take() {
+                        w.wake();
+                    }
+                }
                 return true;
             }
-            // The rest waits for the task, which waits for the socket to drain.
-            c.outbox.push_back(frame.clone());
-            c.head_off = sent;
-            c.out_bytes += frame.len() - sent;
         }
         c.wake();
         c.close.is_none()
+    }
+
+    /// The writer task's turn: every connection that got frames since its last turn
+    /// sends them now, coalesced into one `sendmsg` (`MSG_DONTWAIT`); what a socket does
+    /// not take stays queued and the connection's task is woken to wait for it. `Pending`
+    /// when there is nothing to write (the writer's waker is kept).
+    pub fn poll_write_dirty(
+        &mut self,
+        m: &ShardMetrics,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.dirty.is_empty() {
+            self.writer = Some(cx.waker().clone());
+            return std::task::Poll::Pending;
+        }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for id in &dirty {
+            let Some(c) = self.slab.get_mut(*id) else { continue };
+            let Some(fd) = c.fd else { continue };
+            if c.close.is_some() || c.outbox.is_empty() {
+                continue;
+            }
+            let sent = send_queued(fd, c);
+            if sent > 0 {
+                m.add(Counter::BytesOut, sent as u64);
+                c.advance(sent);
+            }
+            if !c.outbox.is_empty() {
+                c.wake();
+            }
+        }
+        // Keep the list's allocation for the next pass.
+        dirty.clear();
+        self.dirty = dirty;
+        std::task::Poll::Ready(())
     }
 
     /// Asks connection `id` to close; queued frames are flushed first (for at most
@@ -261,16 +316,30 @@ impl Conns {
     }
 }
 
-/// Writes as much of `frame` as the socket takes without blocking (`send` with
-/// `MSG_DONTWAIT`); 0 when it takes nothing or fails (the connection's task then meets
-/// the error on its own write).
-fn send_now(fd: std::os::fd::RawFd, frame: &[u8]) -> usize {
+/// Most frames gathered into one `sendmsg`.
+const GATHER: usize = 64;
+
+/// Writes as much of `c`'s queue as the socket takes without blocking (one `sendmsg` of
+/// up to [`GATHER`] frames, `MSG_DONTWAIT`); 0 when it takes nothing or fails (the
+/// connection's task then meets the error on its own write).
+fn send_queued(fd: std::os::fd::RawFd, c: &ConnEntry) -> usize {
+    let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; GATHER];
+    let mut n = 0;
+    for (i, f) in c.outbox.iter().take(GATHER).enumerate() {
+        let bytes = if i == 0 { &f[c.head_off.min(f.len())..] } else { &f[..] };
+        iov[n] = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
+        n += 1;
+    }
     // SAFETY: `fd` is the connection's open socket (cleared from the entry before the
-    // socket is closed), and the buffer is a live slice of the given length.
-    let n = unsafe {
-        libc::send(fd, frame.as_ptr().cast(), frame.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    // socket is closed); a zeroed msghdr points at `n` iovecs over frames `c` holds for
+    // the call.
+    let sent = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = n as _;
+        libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
     };
-    n.max(0) as usize
+    sent.max(0) as usize
 }
 
 #[cfg(test)]
@@ -278,30 +347,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_frame_goes_out_at_once_while_nothing_is_queued_and_in_order_after() {
+    fn a_pass_of_frames_goes_out_in_one_write_from_the_writer_in_order() {
         use std::io::Read;
         use std::os::fd::AsRawFd;
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (server, _) = l.accept().unwrap();
         let (mut conns, m) = (Conns::default(), ShardMetrics::default());
+        let waker = std::task::Waker::noop().clone();
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(conns.poll_write_dirty(&m, &mut cx).is_pending(), "nothing to write");
         let id = conns.insert(ConnEntry { fd: Some(server.as_raw_fd()), ..Default::default() });
-        assert!(conns.push(&m, 1 << 20, id, &Frame::from(&b"one"[..])));
-        assert!(conns.get(id).unwrap().outbox.is_empty(), "written, not queued");
-        let mut got = [0u8; 3];
+        for f in [&b"one,"[..], b"two,", b"three"] {
+            assert!(conns.push(&m, 1 << 20, id, &Frame::from(f)));
+        }
+        assert_eq!(conns.dirty, vec![id], "listed once");
+        assert!(conns.poll_write_dirty(&m, &mut cx).is_ready());
+        assert!(conns.get(id).unwrap().outbox.is_empty(), "all written");
+        assert_eq!(m.get(Counter::BytesOut), 13);
+        let mut got = [0u8; 13];
         client.read_exact(&mut got).unwrap();
-        assert_eq!(&got, b"one");
-        // Something queued (a write the task has not finished): later frames queue behind.
-        conns.get_mut(id).unwrap().outbox.push_back(Frame::from(&b"two"[..]));
-        assert!(conns.push(&m, 1 << 20, id, &Frame::from(&b"three"[..])));
-        assert_eq!(conns.get(id).unwrap().outbox.len(), 2);
-        // A long-polling session is never written from here.
+        assert_eq!(&got, b"one,two,three");
+        // A long-polling session is left to its request.
         let id2 = conns.insert(ConnEntry {
             fd: Some(server.as_raw_fd()),
             poll: Some(Box::default()),
             ..Default::default()
         });
         assert!(conns.push(&m, 1 << 20, id2, &Frame::from(&b"polled"[..])));
+        assert!(conns.dirty.is_empty());
         assert_eq!(conns.get(id2).unwrap().outbox.len(), 1);
     }
 
