@@ -141,26 +141,63 @@ fn drain(readers: Vec<TcpStream>, stop: Arc<AtomicBool>, bytes: Arc<AtomicU64>) 
     unsafe { libc::close(ep) };
 }
 
+/// The epoll reader on its own thread, pinned to `cpu`, until [`Reader::finish`].
+struct Reader {
+    stop: Arc<AtomicBool>,
+    bytes: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Reader {
+    fn start(readers: Vec<TcpStream>, cpu: usize) -> Reader {
+        let stop = Arc::new(AtomicBool::new(false));
+        let bytes = Arc::new(AtomicU64::new(0));
+        let (s, b) = (stop.clone(), bytes.clone());
+        let thread = std::thread::spawn(move || {
+            pin(cpu);
+            drain(readers, s, b)
+        });
+        Reader { stop, bytes, thread }
+    }
+
+    /// Bytes drained so far.
+    fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Stops the reader; the bytes it drained.
+    fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Calls `step` `count` times, `rate` times a second.
+fn paced(rate: u64, count: u64, mut step: impl FnMut()) {
+    let period = Duration::from_nanos(1_000_000_000 / rate);
+    let start = Instant::now();
+    for i in 0..count {
+        if let Some(wait) = (start + period * i as u32).checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        step();
+    }
+}
+
 /// Rounds at `rate` per second for `seconds`; each round writes `chunks` (one buffer per
 /// send) to every socket. Returns the sender thread's CPU microseconds and sends made.
 fn run(writers: &mut [TcpStream], chunks: &[Vec<u8>], rate: u64, seconds: u64) -> (u64, u64) {
-    let period = Duration::from_nanos(1_000_000_000 / rate);
-    let rounds = rate * seconds;
-    let start = Instant::now();
     let cpu0 = thread_cpu_us();
     let mut sends = 0u64;
-    for round in 0..rounds {
-        let due = start + period * round as u32;
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
+    paced(rate, rate * seconds, || {
         for w in writers.iter_mut() {
             for c in chunks {
                 w.write_all(c).unwrap();
                 sends += 1;
             }
         }
-    }
+    });
     (thread_cpu_us() - cpu0, sends)
 }
 
@@ -177,15 +214,7 @@ fn main() {
         writers.push(w);
         readers.push(r);
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let bytes = Arc::new(AtomicU64::new(0));
-    let reader = {
-        let (stop, bytes, cpu) = (stop.clone(), bytes.clone(), a.reader_cpu);
-        std::thread::spawn(move || {
-            pin(cpu);
-            drain(readers, stop, bytes)
-        })
-    };
+    let reader = Reader::start(readers, a.reader_cpu);
     pin(a.sender_cpu);
     let f = frame(a.frame);
     let separate: Vec<Vec<u8>> = (0..a.batch).map(|_| f.clone()).collect();
@@ -211,9 +240,7 @@ fn main() {
             cpu as f64 / sends as f64
         );
     }
-    stop.store(true, Ordering::Relaxed);
-    reader.join().unwrap();
-    println!("  reader drained {} bytes", bytes.load(Ordering::Relaxed));
+    println!("  reader drained {} bytes", reader.finish());
     if let Some(target) = a.target {
         let server = server_fanout(target, &a);
         println!("  ratio shardgate / floor (same reader): {:.2}x", server / per_send);
@@ -233,35 +260,17 @@ fn server_fanout(target: std::net::SocketAddr, a: &Args) -> f64 {
     }
     let mut sender = Client::connect(target, &token("sender", "floor"));
     assert_eq!(sender.emit_ack("join_room", room.clone())["ok"], true);
-    let stop = Arc::new(AtomicBool::new(false));
-    let bytes = Arc::new(AtomicU64::new(0));
-    let reader = {
-        let (stop, bytes, cpu) = (stop.clone(), bytes.clone(), a.reader_cpu);
-        std::thread::spawn(move || {
-            pin(cpu);
-            drain(readers, stop, bytes)
-        })
-    };
+    let reader = Reader::start(readers, a.reader_cpu);
     // The same 40 bytes of content as the load generator's fan-out.
     let body = serde_json::json!({ "room": "floor", "content": "x".repeat(40) });
-    let period = Duration::from_nanos(1_000_000_000 / a.rate);
     std::thread::sleep(Duration::from_millis(300));
     let cpu0 = support::cpu_seconds(a.server_pid);
-    let bytes0 = bytes.load(Ordering::Relaxed);
-    let start = Instant::now();
+    let bytes0 = reader.bytes();
     let messages = a.rate * a.seconds;
-    for m in 0..messages {
-        let due = start + period * m as u32;
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
-        sender.emit("message:send", body.clone());
-    }
+    paced(a.rate, messages, || sender.emit("message:send", body.clone()));
     std::thread::sleep(Duration::from_millis(300));
     let cpu = (support::cpu_seconds(a.server_pid) - cpu0) * 1e6;
-    let drained = bytes.load(Ordering::Relaxed) - bytes0;
-    stop.store(true, Ordering::Relaxed);
-    reader.join().unwrap();
+    let drained = reader.finish() - bytes0;
     let deliveries = messages * a.sockets as u64;
     let per = cpu / deliveries as f64;
     println!(

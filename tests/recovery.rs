@@ -6,6 +6,7 @@
 //! `tests/interop/recovery.test.mjs`. Every test with Redis runs on a single redis-server
 //! and again on a real Redis Cluster of 3 masters and 3 replicas (`on_both!` at the end).
 
+#[macro_use]
 mod support;
 
 use std::time::Duration;
@@ -247,19 +248,8 @@ fn a_client_further_behind_than_the_logs_gets_a_new_session(redis: RedisServer) 
     assert_eq!(ack["code"], "not_in_room", "nothing restored: {ack}");
 }
 
-/// Every test above taking a `RedisServer` runs on a single redis-server (`single::…`)
-/// and on a real Redis Cluster of 3 masters and 3 replicas (`redis_cluster::…`).
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        mod single {
-            $(#[test] fn $name() { super::$name(super::RedisServer::start()) })*
-        }
-        mod redis_cluster {
-            $(#[test] fn $name() { super::$name(super::RedisServer::start_cluster(3)) })*
-        }
-    };
-}
-
+// Every test above taking a `RedisServer` runs on a single redis-server (`single::…`)
+// and on a real Redis Cluster of 3 masters and 3 replicas (`redis_cluster::…`).
 on_both!(
     a_session_is_restored_on_another_node_with_its_rooms_and_missed_messages,
     a_pid_restores_nothing_for_another_user_when_guessed_or_expired,

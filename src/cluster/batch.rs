@@ -157,8 +157,12 @@ impl Batch {
     /// Appends one command.
     pub fn cmd<A: AsRef<[u8]>>(&mut self, args: &[A], then: Then) {
         // A script the bridge loads when it connects goes by its SHA-1 (`scripts::ALL`).
-        match (args.first().map(AsRef::as_ref), args.get(1).and_then(|s| scripts::sha_of(s.as_ref()))) {
-            (Some(b"EVAL"), Some(sha)) => {
+        let sha = match args.first().map(AsRef::as_ref) {
+            Some(b"EVAL") => args.get(1).and_then(|s| scripts::sha_of(s.as_ref())),
+            _ => None,
+        };
+        match sha {
+            Some(sha) => {
                 let mut by_sha: Vec<&[u8]> = args.iter().map(AsRef::as_ref).collect();
                 by_sha[0] = b"EVALSHA";
                 by_sha[1] = sha.as_bytes();

@@ -34,28 +34,30 @@ pub enum Registration {
 /// Registers socket `sid` of `user`: in the server's socket list (for its sweep), then
 /// the UP script on the user's keys.
 pub fn register(c: &Cluster, batch: &mut Batch, user: &Key, sid: &str, socket: SocketRef, how: Registration) {
+    let queue = if how == Registration::Restored { "drop" } else { "" };
+    let then = Then::Drain { socket, answer: how == Registration::New, user: user.clone() };
+    registration(c, batch, scripts::UP, user, sid, &[c.per_user(), queue], then);
+}
+
+/// A registering script (UP, or RESUME on a single Redis) for socket `sid` of `user`,
+/// after the socket's entry in the server's socket list: KEYS the user's, ARGV prefix,
+/// server, sid, user, now, presence lifetime, then `extra`.
+pub fn registration(
+    c: &Cluster,
+    batch: &mut Batch,
+    script: &str,
+    user: &Key,
+    sid: &str,
+    extra: &[&str],
+    then: Then,
+) {
     let s = &c.settings;
     let (now, ttl, u) = (wall_ms().to_string(), s.presence_ttl_secs.to_string(), redis_id(user));
     batch.cmd(&["HSET", &c.keys.connections(c.me()), sid, &u], Then::Ignore);
     let [k1, k2, k3] = c.keys.user_keys(user);
-    let queue = if how == Registration::Restored { "drop" } else { "" };
-    let args = [
-        "EVAL",
-        scripts::UP,
-        "3",
-        &k1,
-        &k2,
-        &k3,
-        c.keys.prefix(),
-        c.me(),
-        sid,
-        &u,
-        &now,
-        &ttl,
-        c.per_user(),
-        queue,
-    ];
-    batch.cmd(&args, Then::Drain { socket, answer: how == Registration::New, user: user.clone() });
+    let mut args = vec!["EVAL", script, "3", &k1, &k2, &k3, c.keys.prefix(), c.me(), sid, &u, &now, &ttl];
+    args.extend_from_slice(extra);
+    batch.cmd(&args, then);
 }
 
 /// Unregisters socket `sid` of `user` on `server` (the DOWN script on the user's keys);

@@ -20,13 +20,12 @@ use shardgate_io::packet;
 use shardgate_io::resp::{self, Reply};
 use shardgate_shard::metrics::Counter;
 use shardgate_shard::msg::{BridgeMsg, Frame, Key, Restored, ShardMsg, SocketRef};
-use shardgate_shard::shared::wall_ms;
 use std::sync::Arc;
 use tracing::debug;
 
 use super::batch::{Batch, Then};
 use super::keys::{from_redis_id, redis_id, Keys};
-use super::plan::{plan, register, Registration};
+use super::plan::{plan, register, registration, Registration};
 use super::resume::Claim;
 use super::scripts;
 use super::state::Cluster;
@@ -179,40 +178,18 @@ fn send_resume(c: &Cluster, sid: &str, batch: &mut Batch) {
         return;
     };
     let (user, pid, offset) = claim;
-    let s = &c.settings;
-    let (now, ttl) = (wall_ms().to_string(), s.presence_ttl_secs.to_string());
     let offset = offset.map(|o| o.to_string()).unwrap_or_default();
-    let u = redis_id(&user);
     let live = r.live_ttl_ms.to_string();
+    let then = Then::Resume { sid: sid.to_string() };
     if c.sharded.get() {
         // The recovery slot's half; the registration follows its reply (`on_resumed`).
-        let (k1, k2) = (c.keys.session(&pid), c.keys.recovery_seq());
+        let (k1, k2, u) = (c.keys.session(&pid), c.keys.recovery_seq(), redis_id(&user));
         let args =
             ["EVAL", scripts::RESUME_LOG, "2", &k1, &k2, c.keys.prefix(), c.me(), sid, &u, &offset, &live];
-        batch.cmd(&args, Then::Resume { sid: sid.to_string() });
+        batch.cmd(&args, then);
         return;
     }
-    // In the server's socket list first (for its sweep), as any registration.
-    batch.cmd(&["HSET", &c.keys.connections(c.me()), sid, &u], Then::Ignore);
-    let [k1, k2, k3] = c.keys.user_keys(&user);
-    let args = [
-        "EVAL",
-        scripts::RESUME,
-        "3",
-        &k1,
-        &k2,
-        &k3,
-        c.keys.prefix(),
-        c.me(),
-        sid,
-        &u,
-        &now,
-        &ttl,
-        &pid,
-        &offset,
-        &live,
-    ];
-    batch.cmd(&args, Then::Resume { sid: sid.to_string() });
+    registration(c, batch, scripts::RESUME, &user, sid, &[&pid, &offset, &live], then);
 }
 
 /// Undoes a claim's room memberships on this node.

@@ -90,6 +90,25 @@ end
     };
 }
 
+/// `servers(set)`: the distinct servers of a set of sockets (`server|sid` members).
+macro_rules! lua_servers {
+    () => {
+        r#"
+local function servers(k)
+  local seen, names = {}, {}
+  for _, m in ipairs(redis.call('SMEMBERS', k)) do
+    local s = string.match(m, '^(.-)|')
+    if s and not seen[s] then
+      seen[s] = true
+      table.insert(names, s)
+    end
+  end
+  return names
+end
+"#
+    };
+}
+
 /// `enqueue(queue, frame, cap, ttl)`: appends to a user's bounded offline queue.
 macro_rules! lua_enqueue {
     () => {
@@ -281,19 +300,15 @@ return redis.call(ARGV[5], ARGV[4], 'S'..seq..' '..ARGV[1])
 /// ARGV: prefix, envelope, log_len, log_ttl_ms.
 pub const LOG_USER: &str = concat!(
     lua_log!(),
+    lua_servers!(),
     r#"
 local p = ARGV[1]
 local seq = redis.call('INCR', KEYS[1])
 log(KEYS[2], seq, ARGV[2], ARGV[3], ARGV[4])
 local payload = 'S'..seq..' '..ARGV[2]
-local servers, names, reached = {}, {}, 0
-for _, m in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-  local s = string.match(m, '^(.-)|')
-  if s then servers[s] = true end
-end
-for s, _ in pairs(servers) do
+local names, reached = servers(KEYS[3]), 0
+for _, s in ipairs(names) do
   reached = reached + redis.call('SPUBLISH', p..'{recovery}:server:'..s, payload)
-  table.insert(names, s)
 end
 if reached == 0 then return {-1, payload} end
 return {reached, table.concat(names, ',')}
@@ -309,19 +324,15 @@ return {reached, table.concat(names, ',')}
 pub const ROUTE_LOGGED: &str = concat!(
     lua_enqueue!(),
     lua_log!(),
+    lua_servers!(),
     r#"
 local p, u = ARGV[1], ARGV[2]
 local seq = redis.call('INCR', p..'{recovery}:seq')
 log(p..'{recovery}:log:user:'..u, seq, ARGV[3], ARGV[6], ARGV[7])
 local payload = 'S'..seq..' '..ARGV[3]
-local servers, names, reached = {}, {}, 0
-for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local s = string.match(m, '^(.-)|')
-  if s then servers[s] = true end
-end
-for s, _ in pairs(servers) do
+local names, reached = servers(KEYS[1]), 0
+for _, s in ipairs(names) do
   reached = reached + redis.call('PUBLISH', p..'server:{'..s..'}', payload)
-  table.insert(names, s)
 end
 if reached == 0 then
   enqueue(KEYS[2], payload, ARGV[4], ARGV[5])

@@ -4,6 +4,21 @@
 //! Every wait is bounded; nothing sleeps where it can poll.
 #![allow(dead_code)]
 
+/// Declares, for each named `fn name(redis: RedisServer)` of the test file, two tests:
+/// `single::name` on one redis-server and `redis_cluster::name` on a real Redis Cluster
+/// of 3 masters and 3 replicas (the file declares `#[macro_use] mod support;`).
+#[allow(unused_macros)]
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod single {
+            $(#[test] fn $name() { super::$name(crate::support::redis::RedisServer::start()) })*
+        }
+        mod redis_cluster {
+            $(#[test] fn $name() { super::$name(crate::support::redis::RedisServer::start_cluster(3)) })*
+        }
+    };
+}
+
 pub mod ferretdb;
 pub mod kafka;
 pub mod persister;
