@@ -2,6 +2,7 @@
 //! and the same tests again on a real Redis Cluster (3 masters, 3 replicas) started by
 //! the test (`on_both!` at the end).
 
+#[macro_use]
 mod support;
 
 use std::time::Duration;
@@ -498,7 +499,12 @@ fn chat_follows_slots_that_move_between_masters() {
     let mut phone = phone.join().expect("the phone connected");
     assert_eq!(redis.members("user:{t1:bob}:sockets").len(), 2, "both devices registered on the new master");
     b.wait_for("TRYAGAIN / MOVED counted", |s| s.metric("shardgate_cluster_redirects_total") > 0);
-    assert_eq!(send("after bob's slot moved"), "delivered");
+    // Node a watches bob's presence: Redis unsubscribed that channel with the slot, and
+    // node a subscribes it again at the new owner.
+    a.wait_for("node a followed the move", |s| s.metric("shardgate_cluster_resubscribes_total") >= 1);
+    let status = send("after bob's slot moved");
+    let tail = |s: &Server| s.log().lines().rev().take(12).collect::<Vec<_>>().join("\n");
+    assert_eq!(status, "delivered", "node a:\n{}\nnode b:\n{}", tail(&a), tail(&b));
     for c in [&mut bob, &mut phone] {
         assert_eq!(c.expect_event("message:new")["content"], "after bob's slot moved");
     }
@@ -524,20 +530,8 @@ fn chat_follows_slots_that_move_between_masters() {
     assert_eq!(a.metric("shardgate_redis_up") + b.metric("shardgate_redis_up"), 2, "no session was lost");
 }
 
-/// Every test above taking a `RedisServer` runs twice: on a single redis-server
-/// (`single::…`) and on a real Redis Cluster of 3 masters and 3 replicas
-/// (`redis_cluster::…`), with each node pointed at one member.
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        mod single {
-            $(#[test] fn $name() { super::$name(super::RedisServer::start()) })*
-        }
-        mod redis_cluster {
-            $(#[test] fn $name() { super::$name(super::RedisServer::start_cluster(3)) })*
-        }
-    };
-}
-
+// Every test above taking a `RedisServer` runs on a single redis-server (`single::…`)
+// and on a real Redis Cluster of 3 masters and 3 replicas (`redis_cluster::…`).
 on_both!(
     direct_messages_rooms_offline_and_presence_across_nodes,
     crashed_node_users_go_offline_and_redis_restart_recovers,
