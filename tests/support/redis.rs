@@ -21,9 +21,20 @@ pub struct RedisServer {
 
 /// A free loopback port below 55536: a cluster node's bus listens on port + 10000.
 fn free_port() -> u16 {
+    // Below the kernel's ephemeral range (32768 and up), so that no client connection of
+    // a test running alongside takes the port (or its bus port) between the check and
+    // redis-server's bind.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seed = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
     loop {
-        let p = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        if p < 55536 && TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let x = (seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
+        let p = 12_000 + (x % 10_700) as u16;
+        if TcpListener::bind(("127.0.0.1", p)).is_ok() && TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok()
+        {
             return p;
         }
     }
