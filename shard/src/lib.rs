@@ -26,6 +26,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod msg;
 mod operator;
+mod parked;
 mod polling;
 pub mod record;
 pub mod runtime;
@@ -35,6 +36,7 @@ mod slab;
 mod state;
 mod timers;
 mod upgrade;
+mod websocket;
 mod wire;
 
 pub use slab::ConnId;

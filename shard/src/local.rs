@@ -10,6 +10,7 @@ use shardgate_io::engineio::Open;
 
 use crate::ids::{ConnId, ShardId};
 use crate::metrics::{Counter, ShardMetrics};
+use crate::parked::Parking;
 use crate::shared::{MetricsBlock, Shared};
 use crate::state::conns::{ConnEntry, Polling};
 use crate::state::State;
@@ -32,6 +33,8 @@ pub(crate) struct Shard {
     pub wbuf: RefCell<Vec<u8>>,
     /// Wakes the shard's main task at shutdown.
     pub stop_waker: RefCell<Option<Waker>>,
+    /// The epoll set and watcher of parked WebSockets (`None`: connections never park).
+    pub parking: Option<Parking>,
 }
 
 impl Shard {
@@ -44,6 +47,7 @@ impl Shard {
             scratch: RefCell::new(vec![0u8; SCRATCH].into_boxed_slice()),
             wbuf: RefCell::new(Vec::with_capacity(SCRATCH)),
             stop_waker: RefCell::new(None),
+            parking: None,
         }
     }
 

@@ -74,6 +74,17 @@ labels! {
         /// Requests that arrived on another shard than their session's and were handed
         /// to the owner with their connection.
         Handoffs => "polling_handoffs_total",
+        /// WebSockets parked now: idle, without a task, watched by the shard's epoll set
+        /// (gauge).
+        Parked => "websockets_parked",
+        /// WebSockets parked (a task ended because its client was idle).
+        Parks => "websocket_parks_total",
+        /// Reads served on parked WebSockets without giving them a task (pongs, occasional
+        /// events).
+        ParkedReads => "websocket_parked_reads_total",
+        /// Parked WebSockets given a task again (to read a stream of frames, to write
+        /// what a full socket did not take, or to close).
+        Resumes => "websocket_resumes_total",
         /// Long-polling sessions upgraded to WebSocket.
         Upgrades => "transport_upgrades_total",
         /// Requests naming a session id that is unknown, closed or not this process's.

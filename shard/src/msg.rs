@@ -218,6 +218,9 @@ pub enum ShardMsg {
         /// What the sender read from it: the request head and anything after.
         read: Vec<u8>,
     },
+    /// From the shard's parking watcher: parked WebSocket `0` is readable (data, its
+    /// peer's close or an error).
+    Readable(ConnId),
     /// Deliver `frame` to every local member of `room` but `except`.
     RoomDeliver {
         /// Room key.

@@ -28,6 +28,7 @@ use crate::local::Shard;
 use crate::mesh::{Doorbell, Mesh, Owner, RING_READ};
 use crate::metrics::Counter;
 use crate::msg::ShardMsg;
+use crate::parked::Parking;
 pub use crate::shared::{MetricsBlock, Shared, StartOptions};
 
 /// Mesh messages handled per wake-up of the inbox task: large enough to amortise the
@@ -215,7 +216,12 @@ async fn run_shard(
     bell: Doorbell,
     admin: Option<TcpListener>,
 ) {
-    let shard = Rc::new(Shard::new(id, shared.clone()));
+    let mut shard = Shard::new(id, shared.clone());
+    match Parking::start(id, shared.mesh.clone()) {
+        Ok(p) => shard.parking = Some(p),
+        Err(e) => warn!(shard = id, "idle WebSockets will not park: {e}"),
+    }
+    let shard = Rc::new(shard);
     debug_assert_eq!(bell.owner, Owner::Shard(id));
     let bell = bell.into_stream();
     let inbox = glommio::spawn_local(inbox_task(shard.clone(), bell));
@@ -250,6 +256,7 @@ async fn run_shard(
     drop(tick);
     drop(writer);
     drop(operator);
+    crate::websocket::release_parked(&shard);
     info!(shard = id, "shard stopped");
 }
 
@@ -352,21 +359,26 @@ async fn inbox_task(shard: Rc<Shard>, mut bell: UnixStream) {
     }
 }
 
-/// Periodic timers of every connection of the shard, and directory upkeep.
 /// Sends the frames each pass queued for WebSockets (`Conns::poll_write_dirty`): it runs
 /// after the task that queued them yields, so a socket that got several frames in one
 /// pass (a burst of room messages) costs one send, and no connection task is woken for
-/// it.
+/// it. It also serves the parked WebSockets that were roused (`websocket.rs`).
 async fn writer_task(shard: Rc<Shard>) {
+    let mut roused = Vec::new();
     loop {
         std::future::poll_fn(|cx| {
             let mut st = shard.state.borrow_mut();
-            st.conns.poll_write_dirty(shard.metrics(), cx)
+            let ready = st.conns.poll_write_dirty(shard.metrics(), cx);
+            st.conns.take_roused(&mut roused);
+            ready
         })
         .await;
+        // Outside the state's borrow: serving a parked connection runs its events.
+        crate::websocket::serve_roused(&shard, &mut roused);
     }
 }
 
+/// Periodic timers of every connection of the shard, and directory upkeep.
 async fn tick_task(shard: Rc<Shard>) {
     let period = Duration::from_millis(shard.shared.config.tick_ms());
     let mut last_sweep = 0;

@@ -1,7 +1,8 @@
 //! The shard's timer scan, run every tick by the shard's tick task: Engine.IO pings,
 //! pong and connect timeouts, forced closes of stuck flushes, typing expiry and
-//! delivery-report expiry, and the retirement of closed long-polling sessions that no
-//! request holds. One pass over the shard's connections per tick.
+//! delivery-report expiry, the retirement of closed long-polling sessions that no
+//! request holds, and the request to park for WebSocket tasks whose client said nothing
+//! since the last tick (`websocket.rs`). One pass over the shard's connections per tick.
 
 use crate::metrics::{CloseReason, Counter};
 use crate::msg::DeliveryStatus;
@@ -15,6 +16,7 @@ pub(crate) fn tick(st: &mut State, now: u64) {
     let mut closes = Vec::new();
     let mut typing_expired = Vec::new();
     let mut retire = Vec::new();
+    let mut pings = Vec::new();
     for (id, c) in st.conns.iter_mut() {
         if let Some(reason) = c.close {
             // A long-polling session no GET holds has nobody else to retire it.
@@ -39,7 +41,12 @@ pub(crate) fn tick(st: &mut State, now: u64) {
         if now >= c.next_ping && c.pong_deadline == 0 {
             c.next_ping = now + interval;
             c.pong_deadline = now + timeout;
-            c.push_unbounded(&ping);
+            pings.push(id);
+        }
+        // A WebSocket task whose client said nothing for a whole tick parks (`websocket.rs`).
+        if c.fd.is_some() && c.poll.is_none() && !c.parked && !std::mem::take(&mut c.heard) && !c.park {
+            c.park = true;
+            c.wake();
         }
         if let Some(s) = c.session.as_ref() {
             for (room, until) in &s.typing {
@@ -48,6 +55,9 @@ pub(crate) fn tick(st: &mut State, now: u64) {
                 }
             }
         }
+    }
+    for id in pings {
+        st.conns.push_unbounded(id, &ping);
     }
     for (id, reason) in closes {
         crate::polling::close(st, id, reason, true, now);

@@ -50,11 +50,22 @@ pub(crate) struct ConnEntry {
     /// Set while the session is on HTTP long-polling; `None` on WebSocket (from the
     /// start, or once upgraded).
     pub poll: Option<Box<Polling>>,
-    /// The WebSocket's descriptor while its connection task runs: frames pushed to it are
-    /// written by the shard's writer task ([`Conns::poll_write_dirty`]), without waking
-    /// the connection's task. Cleared before the socket can be closed (the task retires
-    /// the entry first).
+    /// The WebSocket's descriptor, whether its connection runs as a task or is parked:
+    /// frames pushed to it are written by the shard's writer task
+    /// ([`Conns::poll_write_dirty`]), without waking the connection's task. Cleared
+    /// before the socket can be closed (the task retires the entry first).
     pub fd: Option<std::os::fd::RawFd>,
+    /// The WebSocket is parked: no task, its descriptor in the shard's epoll set
+    /// (`parked.rs`); what would wake its task lists it for the writer task instead
+    /// ([`Conns::rouse`]), which serves it or gives it a task again.
+    pub parked: bool,
+    /// The tick asks the connection's task to park once it has nothing in progress.
+    pub park: bool,
+    /// The client sent something since the last tick (a task that reads sets it).
+    pub heard: bool,
+    /// The writer left frames queued that the socket did not take: a parked connection
+    /// needs its task to wait for the socket.
+    pub blocked: bool,
 }
 
 /// A binary packet waiting for its attachments.
@@ -130,13 +141,6 @@ impl ConnEntry {
         }
     }
 
-    /// Queues `frame` without a bound (server pings: tiny and at most one outstanding).
-    pub fn push_unbounded(&mut self, frame: &Frame) {
-        self.outbox.push_back(frame.clone());
-        self.out_bytes += frame.len();
-        self.wake();
-    }
-
     /// True for a long-polling session that no request or probe holds.
     pub fn detached(&self) -> bool {
         self.poll.as_ref().is_some_and(|p| p.detached())
@@ -184,7 +188,10 @@ pub(crate) struct Conns {
     /// WebSockets whose queue went from empty to not empty in this pass: the shard's
     /// writer task sends their frames, coalesced, once the running task yields.
     dirty: Vec<ConnId>,
-    /// Wakes the writer task when `dirty` gets its first entry.
+    /// Parked WebSockets that became readable or were woken (a close, a full socket):
+    /// the writer task serves them ([`Conns::take_roused`]).
+    roused: Vec<ConnId>,
+    /// Wakes the writer task when `dirty` or `roused` gets its first entry.
     writer: Option<Waker>,
 }
 
@@ -242,25 +249,52 @@ impl Conns {
             c.close = Some(CloseReason::SlowConsumer);
             c.close_now = true;
             c.discard_outbox();
-        } else {
-            m.inc(Counter::Deliveries);
-            let was_empty = c.outbox.is_empty();
-            c.outbox.push_back(frame.clone());
-            c.out_bytes += frame.len();
-            if c.fd.is_some() && c.poll.is_none() {
-                // A WebSocket: its frames of this pass go out in one send from the
-                // writer task, without waking the connection's own task.
-                if was_empty {
-                    self.dirty.push(id);
-                    if let Some(w) = self.writer.take() {
-                        w.wake();
-                    }
-                }
-                return true;
-            }
+            rouse(c, id, &mut self.roused, &mut self.writer);
+            return false;
         }
-        c.wake();
-        c.close.is_none()
+        m.inc(Counter::Deliveries);
+        self.queue(id, frame);
+        true
+    }
+
+    /// Queues `frame` on connection `id` without a bound (server pings: tiny, at most
+    /// one outstanding).
+    pub fn push_unbounded(&mut self, id: ConnId, frame: &Frame) {
+        self.queue(id, frame);
+    }
+
+    fn queue(&mut self, id: ConnId, frame: &Frame) {
+        let Some(c) = self.slab.get_mut(id) else { return };
+        let was_empty = c.outbox.is_empty();
+        c.outbox.push_back(frame.clone());
+        c.out_bytes += frame.len();
+        if c.fd.is_some() && c.poll.is_none() {
+            // A WebSocket: its frames of this pass go out in one send from the writer
+            // task, without waking the connection's own task (or giving a parked one a
+            // task).
+            if was_empty {
+                self.dirty.push(id);
+                if let Some(w) = self.writer.take() {
+                    w.wake();
+                }
+            }
+        } else {
+            c.wake();
+        }
+    }
+
+    /// Wakes connection `id`'s task, or, if it is parked, lists it for the writer task
+    /// (from the parking watcher: it is readable).
+    pub fn rouse(&mut self, id: ConnId) {
+        if let Some(c) = self.slab.get_mut(id) {
+            rouse(c, id, &mut self.roused, &mut self.writer);
+        }
+    }
+
+    /// The parked connections roused since the last call (possibly stale or repeated:
+    /// check `parked`).
+    pub fn take_roused(&mut self, into: &mut Vec<ConnId>) {
+        into.append(&mut self.roused);
     }
 
     /// The writer task's turn: every connection that got frames since its last turn
@@ -273,6 +307,9 @@ impl Conns {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<()> {
         if self.dirty.is_empty() {
+            if !self.roused.is_empty() {
+                return std::task::Poll::Ready(());
+            }
             self.writer = Some(cx.waker().clone());
             return std::task::Poll::Pending;
         }
@@ -289,7 +326,8 @@ impl Conns {
                 c.advance(sent);
             }
             if !c.outbox.is_empty() {
-                c.wake();
+                c.blocked = true;
+                rouse(c, *id, &mut self.roused, &mut self.writer);
             }
         }
         // Keep the list's allocation for the next pass.
@@ -312,6 +350,18 @@ impl Conns {
             c.close_now = true;
             c.discard_outbox();
         }
+        rouse(c, id, &mut self.roused, &mut self.writer);
+    }
+}
+
+/// Wakes `c`'s task, or lists it in `roused` (waking the writer) if it is parked.
+fn rouse(c: &mut ConnEntry, id: ConnId, roused: &mut Vec<ConnId>, writer: &mut Option<Waker>) {
+    if c.parked {
+        roused.push(id);
+        if let Some(w) = writer.take() {
+            w.wake();
+        }
+    } else {
         c.wake();
     }
 }

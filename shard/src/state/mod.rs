@@ -308,6 +308,7 @@ impl State {
                 self.push_new(conn, frame);
             }
             ShardMsg::Adopt { fd, read } => self.adopted.push((fd, read)),
+            ShardMsg::Readable(conn) => self.conns.rouse(conn),
             ShardMsg::Shutdown => {}
             #[cfg(test)]
             ShardMsg::Test(_) => {}
