@@ -89,6 +89,9 @@ pub struct Outcome {
     pub before: ServerSample,
     /// Once every connection was up (or failed) for a second: the steady state begins.
     pub steady: Option<(usize, ServerSample)>,
+    /// `idle` only: a second before the deadline, once the connections have been idle
+    /// for most of the run (a server may shed per-connection state from idle ones).
+    pub settled: Option<ServerSample>,
     /// At the deadline.
     pub end: ServerSample,
     /// Seconds until every connection was up or failed.
@@ -117,6 +120,7 @@ pub fn follow(
         timeline: Timeline::new(procs),
         before: ServerSample::take(pids, 0.0, 0),
         steady: None,
+        settled: None,
         end: ServerSample::default(),
         connect_secs: None,
         failure: None,
@@ -158,6 +162,9 @@ pub fn follow(
         let late = p.t + 1.0 >= common.duration.as_secs_f64();
         if out.steady.is_none() && (out.connect_secs.is_some_and(|c| p.t >= c + 1.0) || late) {
             out.steady = Some((k, ServerSample::take(pids, p.t, p.connected)));
+        }
+        if matches!(kind, Kind::Idle) && late && out.steady.is_some() && out.settled.is_none() {
+            out.settled = Some(ServerSample::take(pids, p.t, p.connected));
         }
     }
     bar.finish_and_clear();
@@ -207,13 +214,21 @@ pub fn result(run: &Run, procs: usize, o: &Outcome) -> Value {
         "server_rss_before_bytes": o.before.rss,
         "server_rss_after_bytes": o.steady.as_ref().and_then(|s| s.1.rss),
         "rss_bytes_per_connection": Value::Null,
+        "rss_bytes_per_connection_at_connect": Value::Null,
         "timeline": timeline,
     });
+    let per_conn = |s: &ServerSample| match (o.before.rss, s.rss) {
+        (Some(b), Some(a)) => a.saturating_sub(b).checked_div(s.connected),
+        _ => None,
+    };
     if let Some((k, s)) = &o.steady {
-        if let (Some(b), Some(a)) = (o.before.rss, s.rss) {
-            if let Some(per) = a.saturating_sub(b).checked_div(s.connected) {
-                r["rss_bytes_per_connection"] = json!(per);
-            }
+        // Idle memory is read once the connections have been idle (`settled`); the
+        // sample a second after the last connect is kept beside it.
+        r["rss_bytes_per_connection_at_connect"] = json!(per_conn(s));
+        let settled = o.settled.as_ref().filter(|x| x.connected == s.connected && x.rss.is_some());
+        r["rss_bytes_per_connection"] = json!(per_conn(settled.unwrap_or(s)));
+        if let Some(x) = settled {
+            r["server_rss_after_bytes"] = json!(x.rss);
         }
         // The steady window: from the steady sample to the deadline.
         let received_before: u64 = tl.points().take(k + 1).map(|p| p.latency.len()).sum();
@@ -316,10 +331,11 @@ pub fn table(r: &Value) -> String {
     if !r["server_rss_after_bytes"].is_null() {
         let _ = writeln!(
             out,
-            "server rss          {} -> {} bytes ({} bytes per connection)",
+            "server rss          {} -> {} bytes ({} bytes per connection; {} right after connecting)",
             s(&r["server_rss_before_bytes"]),
             s(&r["server_rss_after_bytes"]),
-            s(&r["rss_bytes_per_connection"])
+            s(&r["rss_bytes_per_connection"]),
+            s(&r["rss_bytes_per_connection_at_connect"])
         );
     }
     let _ = writeln!(out, "sockstat            {} -> {}", s(&r["sockstat_before"]), s(&r["sockstat_after"]));

@@ -44,6 +44,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 const SHUTDOWN_POLL: Duration = Duration::from_millis(10);
 /// Period of the home-shard directory upkeep (expired offline messages, old users).
 const DIRECTORY_SWEEP_MS: u64 = 10_000;
+/// Connections parked or pinged in one tick that make the next tick release the memory
+/// the shard's allocator holds freed (`StartOptions::release_memory`).
+const RELEASE_AFTER_WAVE: usize = 256;
 /// Period of a drain's batches.
 const DRAIN_STEP: Duration = Duration::from_millis(100);
 /// Fewest connections a shard closes per drain step.
@@ -382,14 +385,36 @@ async fn writer_task(shard: Rc<Shard>) {
 async fn tick_task(shard: Rc<Shard>) {
     let period = Duration::from_millis(shard.shared.config.tick_ms());
     let mut last_sweep = 0;
+    let (mut parks_seen, mut release_due) = (0, false);
     loop {
         glommio::timer::sleep(period).await;
+        if std::mem::take(&mut release_due) {
+            release_memory(&shard);
+        }
         let now = shard.shared.now();
         let mut st = shard.state.borrow_mut();
-        crate::timers::tick(&mut st, now);
+        let pinged = crate::timers::tick(&mut st, now);
         if now - last_sweep >= DIRECTORY_SWEEP_MS {
             last_sweep = now;
             st.sweep_directory(now);
         }
+        drop(st);
+        // A wave of parks (their tasks freed) or of pings (their queues, the pongs read
+        // in place) leaves freed pages behind: give them back at the next tick, once the
+        // wave is over.
+        let parks = shard.metrics().get(Counter::Parks);
+        if (parks - parks_seen) as usize + pinged >= RELEASE_AFTER_WAVE {
+            parks_seen = parks;
+            release_due = true;
+        }
+    }
+}
+
+/// Gives the OS the pages this shard's allocator holds freed (`release_memory`).
+fn release_memory(shard: &Shard) {
+    if let Some(release) = shard.shared.release_memory {
+        let started = Instant::now();
+        release();
+        debug!(shard = shard.id, took_us = started.elapsed().as_micros() as u64, "freed memory released");
     }
 }

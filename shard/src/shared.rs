@@ -42,6 +42,9 @@ pub struct Shared {
     /// The internal address of the operator endpoints, if they are kept off the public
     /// port (resolved: port 0 picks a free one).
     pub admin_listen: Option<SocketAddr>,
+    /// Returns to the OS what the calling thread's allocator holds freed
+    /// ([`StartOptions::release_memory`]).
+    pub release_memory: Option<fn()>,
     /// Extra Prometheus text appended to `/metrics` (process-level facts).
     pub static_metrics: String,
     /// The bridge's inbox in cluster mode; `None` runs the embedded bus.
@@ -76,6 +79,7 @@ impl Shared {
             epoch: Instant::now(),
             listen,
             admin_listen: opts.admin_listen,
+            release_memory: opts.release_memory,
             static_metrics: opts.static_metrics,
             bridge: opts.bridge,
             server_id: opts.server_id,
@@ -173,6 +177,10 @@ pub struct StartOptions {
     pub dev_secret: Option<String>,
     /// Serve `/metrics` and `/admin/*` on this internal address only (`--admin-listen`).
     pub admin_listen: Option<SocketAddr>,
+    /// Returns to the OS the pages the calling thread's allocator holds freed (the binary
+    /// knows its allocator): a shard calls it after a wave of connections parked
+    /// (`websocket.rs`), whose tasks' memory would otherwise stay resident.
+    pub release_memory: Option<fn()>,
 }
 
 impl Default for StartOptions {
@@ -192,6 +200,7 @@ impl Default for StartOptions {
             admin_token: None,
             dev_secret: None,
             admin_listen: None,
+            release_memory: None,
         }
     }
 }

@@ -9,8 +9,8 @@ use crate::msg::DeliveryStatus;
 use crate::session::stop_typing;
 use crate::state::State;
 
-/// One pass of the timer scan at shard time `now`.
-pub(crate) fn tick(st: &mut State, now: u64) {
+/// One pass of the timer scan at shard time `now`; returns the number of pings queued.
+pub(crate) fn tick(st: &mut State, now: u64) -> usize {
     let (interval, timeout) = (st.shared.config.ping_interval_ms, st.shared.config.ping_timeout_ms);
     let ping = st.ping.clone();
     let mut closes = Vec::new();
@@ -56,6 +56,7 @@ pub(crate) fn tick(st: &mut State, now: u64) {
             }
         }
     }
+    let pinged = pings.len();
     for id in pings {
         st.conns.push_unbounded(id, &ping);
     }
@@ -72,4 +73,5 @@ pub(crate) fn tick(st: &mut State, now: u64) {
         st.metrics().inc(Counter::ReportTimeouts);
         st.resolve(msg_id, DeliveryStatus::Sent);
     }
+    pinged
 }

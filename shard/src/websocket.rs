@@ -280,6 +280,13 @@ fn park(shard: &Shard, io: Box<ConnIo>) -> Result<(), Box<ConnIo>> {
 /// here, and gives a task back to those that need one. `ids` may hold connections that
 /// are gone or no longer parked.
 pub(crate) fn serve_roused(shard: &Rc<Shard>, ids: &mut Vec<ConnId>) {
+    serve_each(shard, ids);
+    if ids.capacity() > crate::state::conns::LIST_KEEP {
+        *ids = Vec::new();
+    }
+}
+
+fn serve_each(shard: &Rc<Shard>, ids: &mut Vec<ConnId>) {
     for id in ids.drain(..) {
         let (fd, needs_task) = {
             let st = shard.state.borrow();

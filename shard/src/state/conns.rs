@@ -295,6 +295,9 @@ impl Conns {
     /// check `parked`).
     pub fn take_roused(&mut self, into: &mut Vec<ConnId>) {
         into.append(&mut self.roused);
+        if self.roused.capacity() > LIST_KEEP {
+            self.roused = Vec::new();
+        }
     }
 
     /// The writer task's turn: every connection that got frames since its last turn
@@ -325,13 +328,21 @@ impl Conns {
                 m.add(Counter::BytesOut, sent as u64);
                 c.advance(sent);
             }
-            if !c.outbox.is_empty() {
+            if c.outbox.is_empty() && c.parked {
+                // A parked connection keeps no queue allocation (a running task frees it
+                // when it flushes).
+                c.outbox = Default::default();
+            } else if !c.outbox.is_empty() {
                 c.blocked = true;
                 rouse(c, *id, &mut self.roused, &mut self.writer);
             }
         }
-        // Keep the list's allocation for the next pass.
+        // Keep the list's allocation for the next pass, unless a wave (pings to every
+        // connection) made it large.
         dirty.clear();
+        if dirty.capacity() > LIST_KEEP {
+            dirty = Vec::new();
+        }
         self.dirty = dirty;
         std::task::Poll::Ready(())
     }
@@ -365,6 +376,10 @@ fn rouse(c: &mut ConnEntry, id: ConnId, roused: &mut Vec<ConnId>, writer: &mut O
         c.wake();
     }
 }
+
+/// Entries the writer's lists keep room for between passes (a larger one is freed
+/// once empty: idle connections must not pay for a wave's list).
+pub(crate) const LIST_KEEP: usize = 4096;
 
 /// Most frames gathered into one `sendmsg`.
 const GATHER: usize = 64;
