@@ -18,6 +18,7 @@ use crate::msg::DeliveryStatus;
 use crate::record::{self, Receipt};
 use crate::shared::wall_ms;
 use crate::state::conns::{ConnEntry, Session};
+use crate::state::members::push_small;
 use crate::state::pending::Pending;
 use crate::state::router::Dispatch;
 use crate::state::{event_frame, State};
@@ -96,6 +97,8 @@ fn on_connect(
         }
     };
     *upgrade_token = None;
+    let mut identity = identity;
+    identity.tenant = st.tenant(identity.tenant);
     let user_key = key(&identity.tenant, &identity.user);
     let burst = st.shared.config.event_burst as f64;
     if let Some(c) = st.conns.get_mut(id) {
@@ -280,7 +283,7 @@ fn join_room(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value]) {
     }
     if !already {
         if let Some(s) = st.conns.session_mut(id) {
-            s.rooms.push(k.clone());
+            push_small(&mut s.rooms, k.clone());
         }
         st.rooms.add(&k, id);
         if let Some(s) = st.conns.session(id) {
@@ -549,7 +552,7 @@ fn presence(st: &mut State, id: ConnId, ack: Option<u64>, args: &[Value], on: bo
         };
         let watching = s.watching.contains(&k);
         if on && !watching {
-            s.watching.push(k.clone());
+            push_small(&mut s.watching, k.clone());
             st.watchers.add(&k, id);
             let d = st.router.watch(k, socket);
             st.dispatch(d);

@@ -14,6 +14,7 @@ use std::collections::{HashMap, VecDeque};
 use crate::ids::{Frame, Key, Origin, ShardId, SocketRef};
 use crate::metrics::Counter;
 use crate::msg::{DeliveryStatus, ShardMsg};
+use crate::state::members::push_small;
 
 /// What the directory asks its shard to do.
 #[derive(Debug)]
@@ -69,7 +70,7 @@ fn bump(list: &mut Vec<(ShardId, u32)>, shard: ShardId, up: bool) {
     match list.iter_mut().find(|(s, _)| *s == shard) {
         Some((_, n)) if up => *n += 1,
         Some((_, n)) => *n = n.saturating_sub(1),
-        None if up => list.push((shard, 1)),
+        None if up => push_small(list, (shard, 1)),
         None => {}
     }
     list.retain(|&(_, n)| n > 0);

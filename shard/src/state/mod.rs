@@ -70,6 +70,9 @@ pub(crate) struct State {
     pub ids: ulid::Generator,
     /// The Engine.IO ping every connection gets, encoded once.
     pub ping: Frame,
+    /// One copy of each tenant id the shard's sessions name (a tenant has many
+    /// connections; each would otherwise hold its own copy); swept with the directory.
+    tenants: std::collections::HashSet<Arc<str>>,
 }
 
 impl State {
@@ -98,6 +101,7 @@ impl State {
             adopted: Vec::new(),
             ids: ulid::Generator::new(),
             ping: packet::server_frame(packet::PING.as_bytes()).into(),
+            tenants: Default::default(),
         }
     }
 
@@ -427,7 +431,18 @@ impl State {
     }
 
     /// Periodic upkeep of the directory: expired offline messages and forgotten users.
+    /// The shard's one copy of tenant id `tenant`.
+    pub fn tenant(&mut self, tenant: Arc<str>) -> Arc<str> {
+        if let Some(t) = self.tenants.get(&tenant) {
+            return t.clone();
+        }
+        self.tenants.insert(tenant.clone());
+        tenant
+    }
+
     pub fn sweep_directory(&mut self, now: u64) {
+        // Tenants no session names any more.
+        self.tenants.retain(|t| Arc::strong_count(t) > 1);
         let mut out = Vec::new();
         self.directory.sweep(now, wall_ms(), &mut out);
         if let Some(j) = self.journal.as_mut() {
