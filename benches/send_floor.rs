@@ -16,7 +16,10 @@
 //! `--rate`, and the server process's CPU per delivery is read from `/proc`. The reader
 //! matters: a client that waits with one io_uring poll per socket (the load generator,
 //! on glommio) makes every send wake it through io_uring, a cost the kernel charges to
-//! the *sender*; the floor's reader and this one use one epoll set.
+//! the *sender*; the floor's reader and this one use one epoll set. With `--batch K` the
+//! sender writes K messages per round in one write, so each member gets K frames in one
+//! pass of the server (which its writer sends as one `sendmsg`), and the ratios against
+//! both floors (K separate sends, one coalesced send) are printed.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -229,10 +232,12 @@ fn main() {
         a.batch
     );
     println!("  separate sends: {sends} sends, sender CPU {cpu} us, {per_send:.2} us per send");
+    let mut coalesced_per_frame = None;
     if a.batch > 1 {
         let coalesced = vec![separate.concat()];
         let (cpu, sends) = run(&mut writers, &coalesced, a.rate, a.seconds);
         let frames = sends * a.batch as u64;
+        coalesced_per_frame = Some(cpu as f64 / frames as f64);
         println!(
             "  coalesced: {sends} sends of {} frames, sender CPU {cpu} us, {:.2} us per frame ({:.2} us per send)",
             a.batch,
@@ -244,6 +249,9 @@ fn main() {
     if let Some(target) = a.target {
         let server = server_fanout(target, &a);
         println!("  ratio shardgate / floor (same reader): {:.2}x", server / per_send);
+        if let Some(per_frame) = coalesced_per_frame {
+            println!("  ratio shardgate / coalesced floor (same reader): {:.2}x", server / per_frame);
+        }
     }
 }
 
@@ -261,22 +269,35 @@ fn server_fanout(target: std::net::SocketAddr, a: &Args) -> f64 {
     let mut sender = Client::connect(target, &token("sender", "floor"));
     assert_eq!(sender.emit_ack("join_room", room.clone())["ok"], true);
     let reader = Reader::start(readers, a.reader_cpu);
-    // The same 40 bytes of content as the load generator's fan-out.
-    let body = serde_json::json!({ "room": "floor", "content": "x".repeat(40) });
+    // The same 40 bytes of content as the load generator's fan-out; `batch` messages per
+    // round in one write.
+    let body = serde_json::json!(["message:send", { "room": "floor", "content": "x".repeat(40) }]);
+    let mut round = Vec::new();
+    for _ in 0..a.batch {
+        let text = format!("42{body}");
+        shardgate_io::ws::encode_masked_frame(
+            shardgate_io::ws::OpKind::Text,
+            text.as_bytes(),
+            [7, 1, 3, 9],
+            &mut round,
+        );
+    }
     std::thread::sleep(Duration::from_millis(300));
     let cpu0 = support::cpu_seconds(a.server_pid);
     let bytes0 = reader.bytes();
-    let messages = a.rate * a.seconds;
-    paced(a.rate, messages, || sender.emit("message:send", body.clone()));
+    let rounds = a.rate * a.seconds;
+    let messages = rounds * a.batch as u64;
+    paced(a.rate, rounds, || sender.send_raw(&round));
     std::thread::sleep(Duration::from_millis(300));
     let cpu = (support::cpu_seconds(a.server_pid) - cpu0) * 1e6;
     let drained = reader.finish() - bytes0;
     let deliveries = messages * a.sockets as u64;
     let per = cpu / deliveries as f64;
     println!(
-        "shardgate: room of {}, {} msgs/s, {} s: {messages} messages, {deliveries} deliveries, {drained} bytes drained ({} per delivery), server CPU {cpu:.0} us, {per:.2} us per delivery",
+        "shardgate: room of {}, {} rounds/s of {} messages, {} s: {messages} messages, {deliveries} deliveries, {drained} bytes drained ({} per delivery), server CPU {cpu:.0} us, {per:.2} us per delivery",
         a.sockets,
         a.rate,
+        a.batch,
         a.seconds,
         drained / deliveries.max(1)
     );
