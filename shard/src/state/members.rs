@@ -76,6 +76,16 @@ mod tests {
     use crate::ids::key;
 
     #[test]
+    fn a_list_of_one_allocates_for_one_then_grows_as_usual() {
+        let mut list = Vec::new();
+        push_small(&mut list, 1u64);
+        assert_eq!(list.capacity(), 1);
+        push_small(&mut list, 2);
+        assert!(list.capacity() >= 2);
+        assert_eq!(list, [1, 2]);
+    }
+
+    #[test]
     fn reports_first_and_last_and_drops_empty_keys() {
         let (mut m, room) = (Members::default(), key("t", "lobby"));
         let (a, b) = (ConnId::from_u64(1), ConnId::from_u64(2));

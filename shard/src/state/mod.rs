@@ -456,3 +456,21 @@ impl State {
 pub(crate) fn event_frame(name: &str, payload: &Value) -> Frame {
     packet::event_frame(name, payload).into()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    #[test]
+    fn a_shard_keeps_one_copy_of_each_tenant_until_no_session_names_it() {
+        let mut st = super::State::new(0, crate::bench::shared().unwrap());
+        let a = st.tenant("acme".into());
+        let b = st.tenant(Arc::from("acme"));
+        assert!(Arc::ptr_eq(&a, &b), "the second session shares the first one's copy");
+        st.sweep_directory(0);
+        assert!(Arc::ptr_eq(&st.tenant("acme".into()), &a), "still named: kept");
+        drop((a, b));
+        st.sweep_directory(0);
+        assert_eq!(st.tenants.len(), 0, "named by no session: dropped");
+    }
+}
