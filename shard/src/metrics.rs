@@ -83,7 +83,8 @@ labels! {
         /// events).
         ParkedReads => "websocket_parked_reads_total",
         /// Parked WebSockets given a task again (to read a stream of frames, to write
-        /// what a full socket did not take, or to close).
+        /// what a full socket did not take, or to close after flushing what is queued; a
+        /// parked connection that closes with nothing queued is closed in place).
         Resumes => "websocket_resumes_total",
         /// Long-polling sessions upgraded to WebSocket.
         Upgrades => "transport_upgrades_total",

@@ -329,7 +329,7 @@ fn serve_each(shard: &Rc<Shard>, ids: &mut Vec<ConnId>) {
         };
         drop(scratch);
         if let Some(reason) = end {
-            resume(shard, id, fd, rd, Some(reason));
+            close_parked(shard, id, fd, rd, reason);
             continue;
         }
         // Still parked, unless it spoke twice within a tick or must close. What its
@@ -345,6 +345,36 @@ fn serve_each(shard: &Rc<Shard>, ids: &mut Vec<ConnId>) {
             resume(shard, id, fd, rd, None);
         }
     }
+}
+
+/// Closes parked connection `id` for `reason` (its client closed, or sent what ends it)
+/// without giving it a task: with nothing queued, the close frame is one non-blocking
+/// send on a socket whose buffer is empty. With frames queued (events the last read
+/// answered), a task writes them and says goodbye.
+fn close_parked(shard: &Rc<Shard>, id: ConnId, fd: RawFd, rd: Reader, reason: CloseReason) {
+    {
+        let mut st = shard.state.borrow_mut();
+        let Some(c) = st.conns.get_mut(id).filter(|c| c.parked) else { return };
+        if !c.outbox.is_empty() {
+            drop(st);
+            return resume(shard, id, fd, rd, Some(reason));
+        }
+        c.parked = false;
+        c.fd = None;
+        let now = shard.shared.now();
+        crate::session::retire(&mut st, id, reason, now);
+    }
+    if let Some(p) = &shard.parking {
+        p.forget(fd);
+    }
+    shard.metrics().dec(Counter::Parked);
+    if reason != CloseReason::TransportError {
+        let bye = ws::close_frame(close_code_for(reason), reason.as_str());
+        // SAFETY: send(2) of our buffer on the parked connection's open descriptor.
+        unsafe { libc::send(fd, bye.as_ptr().cast(), bye.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    }
+    // SAFETY: the parked entry owned the descriptor; the entry is gone, so is this.
+    unsafe { libc::close(fd) };
 }
 
 /// Gives parked connection `id` (descriptor `fd`, reader state `rd`) a task again; with
