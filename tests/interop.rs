@@ -38,3 +38,14 @@ fn official_client_on_long_polling_only() {
     assert_eq!(srv.metric("shardgate_transport_upgrades_total"), 0);
     assert!(srv.metric("shardgate_polling_requests_total") > 50);
 }
+
+/// Clients the node parks while they are idle (a short ping interval makes its tick
+/// short), on the official client's default transports.
+#[test]
+fn official_client_on_parked_websockets() {
+    let srv = Server::start(&["--shards", "2", "--ping-interval-ms", "400", "--ping-timeout-ms", "400"]);
+    let env =
+        [("SHARDGATE_URL", format!("http://{}", srv.addr)), ("SHARDGATE_TRANSPORTS", "default".to_string())];
+    support::interop_suite("parked.test.mjs", &env, || format!("server log:\n{}", srv.log()));
+    assert!(srv.metric("shardgate_websocket_parks_total") >= 2);
+}
