@@ -5,8 +5,6 @@
 
 mod support;
 
-use std::io::Write;
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -154,26 +152,11 @@ fn parked_websockets_close_from_either_side_with_their_reason() {
         "--drain-ms",
         "500",
     ]);
-    let mut slow = TcpStream::connect(srv.addr).unwrap();
-    let mut hello = "GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".as_bytes().to_vec();
-    for text in [format!("40{{\"token\":\"{}\"}}", token("slow", "t")), "42[\"join_room\",\"flood\"]".into()]
-    {
-        ws::encode_masked_frame(OpKind::Text, text.as_bytes(), [1, 2, 3, 4], &mut hello);
-    }
-    slow.write_all(&hello).unwrap();
+    let slow = support::silent_member(srv.addr, "slow", "flood");
     let mut sender = Client::connect(srv.addr, &token("sender", "t"));
     sender.emit_ack("join_room", json!("flood"));
     srv.wait_for("the silent client to park", |s| s.metric(PARKED) >= 1);
-    let big = "y".repeat(16 * 1024);
-    let end = Instant::now() + Duration::from_secs(20);
-    while srv.metric("shardgate_connections_closed_total{reason=\"slow_consumer\"}") == 0 {
-        assert!(Instant::now() < end, "the parked slow consumer was never cut off");
-        for _ in 0..50 {
-            sender.emit("message:send", json!({ "room": "flood", "content": big }));
-        }
-        sender.emit_ack("join_room", json!("flood"));
-    }
-    assert_eq!(sender.emit_ack("join_room", json!("other"))["ok"], true);
+    support::flood_until_slow_consumer(&srv, &mut sender, "flood");
     drop(slow);
 
     // A drain says goodbye to parked connections with 1001 server_shutdown.

@@ -169,26 +169,10 @@ fn fragmented_messages_and_websocket_pings_work() {
 fn slow_consumers_are_disconnected_and_counted() {
     let srv = Server::start(&["--outbound-queue-bytes", "65536", "--events-per-second", "100000"]);
     // A raw client that upgrades, connects, joins and then never reads again.
-    let mut slow = TcpStream::connect(srv.addr).unwrap();
-    let mut hello = "GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".as_bytes().to_vec();
-    for text in
-        [format!("40{{\"token\":\"{}\"}}", token("slow", "t")), "42[\"join_room\",\"flood\"]".to_string()]
-    {
-        ws::encode_masked_frame(OpKind::Text, text.as_bytes(), [1, 2, 3, 4], &mut hello);
-    }
-    slow.write_all(&hello).unwrap();
+    let _slow = support::silent_member(srv.addr, "slow", "flood");
     let mut sender = Client::connect(srv.addr, &token("sender", "t"));
     sender.emit_ack("join_room", json!("flood"));
-    let big = "y".repeat(16 * 1024);
-    let end = Instant::now() + Duration::from_secs(20);
-    while srv.metric("shardgate_connections_closed_total{reason=\"slow_consumer\"}") == 0 {
-        assert!(Instant::now() < end, "slow consumer never cut off");
-        for _ in 0..50 {
-            sender.emit("message:send", json!({ "room": "flood", "content": big }));
-        }
-        sender.emit_ack("join_room", json!("flood"));
-    }
-    assert_eq!(sender.emit_ack("join_room", json!("other"))["ok"], true);
+    support::flood_until_slow_consumer(&srv, &mut sender, "flood");
 }
 
 #[test]

@@ -308,19 +308,29 @@ fn route(shard: &Shard, req: &Request, full: bool) -> Route {
 
 #[cfg(test)]
 mod tests {
-    /// A waiting long-polling GET holds no more than a running WebSocket does.
+    /// The connection task is what every running connection costs, and a parked one is its
+    /// entry alone: keep them small.
     #[test]
-    fn waiting_get_stays_small() {
+    fn connection_state_stays_small() {
         glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
             .spawn(|| async move {
                 let l = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                let stream = glommio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+                let addr = l.local_addr().unwrap();
+                let connect = || glommio::net::TcpStream::connect(addr);
                 let shared = crate::bench::shared().unwrap();
                 let shard = std::rc::Rc::new(crate::local::Shard::new(0, shared));
-                // The connection task, and its wait in a box.
-                let get = std::mem::size_of_val(&super::serve(shard, stream, false));
+                let id = crate::ids::ConnId::from_u64(1);
+                // A running WebSocket: its task, and the connection's state in its box.
+                let io =
+                    crate::websocket::upgraded(id, connect().await.unwrap(), Vec::new(), Default::default());
+                let ws = crate::websocket::running_size(shard.clone(), io);
+                assert!(ws <= 320, "a running WebSocket holds {ws} bytes");
+                // A waiting long-polling GET: the connection task, and its wait in a box.
+                let get = std::mem::size_of_val(&super::serve(shard, connect().await.unwrap(), false));
                 let get = get + std::mem::size_of::<crate::polling::Waiting>();
-                assert!(get <= 320, "a waiting GET holds {get} bytes");
+                assert!(get <= ws, "a waiting GET holds {get} bytes, a running WebSocket {ws}");
+                // A parked WebSocket is its entry alone.
+                assert!(std::mem::size_of::<crate::state::conns::ConnEntry>() <= 128);
             })
             .unwrap()
             .join()

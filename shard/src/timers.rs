@@ -44,7 +44,7 @@ pub(crate) fn tick(st: &mut State, now: u64) -> usize {
             pings.push(id);
         }
         // A WebSocket task whose client said nothing for a whole tick parks (`websocket.rs`).
-        if c.fd.is_some() && c.poll.is_none() && !c.parked && !std::mem::take(&mut c.heard) && !c.park {
+        if c.is_websocket() && !c.parked && !std::mem::take(&mut c.heard) && !c.park {
             c.park = true;
             c.wake();
         }

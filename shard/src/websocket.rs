@@ -364,10 +364,7 @@ fn close_parked(shard: &Rc<Shard>, id: ConnId, fd: RawFd, rd: Reader, reason: Cl
         let now = shard.shared.now();
         crate::session::retire(&mut st, id, reason, now);
     }
-    if let Some(p) = &shard.parking {
-        p.forget(fd);
-    }
-    shard.metrics().dec(Counter::Parked);
+    unwatch(shard, fd);
     if reason != CloseReason::TransportError {
         let bye = ws::close_frame(close_code_for(reason), reason.as_str());
         // SAFETY: send(2) of our buffer on the parked connection's open descriptor.
@@ -388,12 +385,8 @@ fn resume(shard: &Rc<Shard>, id: ConnId, fd: RawFd, rd: Reader, reason: Option<C
         // A fresh task is not asked to park before a whole tick passed.
         c.heard = true;
     }
-    if let Some(p) = &shard.parking {
-        p.forget(fd);
-    }
-    let m = shard.metrics();
-    m.inc(Counter::Resumes);
-    m.dec(Counter::Parked);
+    unwatch(shard, fd);
+    shard.metrics().inc(Counter::Resumes);
     // SAFETY: the parked connection's descriptor, owned by its entry until now.
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
     let io = Box::new(ConnIo { stream, rd });
@@ -403,6 +396,14 @@ fn resume(shard: &Rc<Shard>, id: ConnId, fd: RawFd, rd: Reader, reason: Option<C
             glommio::spawn_local(goodbye(shard.clone(), io, r)).detach();
         }
     }
+}
+
+/// Takes `fd`, parked no more, out of the shard's epoll set.
+fn unwatch(shard: &Shard, fd: RawFd) {
+    if let Some(p) = &shard.parking {
+        p.forget(fd);
+    }
+    shard.metrics().dec(Counter::Parked);
 }
 
 /// Closes the descriptors of connections still parked when the shard stops.
@@ -523,29 +524,9 @@ async fn stream_close(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<(
     stream.close().await
 }
 
+/// What a running connection holds: its task's future and its boxed state (for the size
+/// test in `conn.rs`).
 #[cfg(test)]
-mod tests {
-    /// The connection task is what every running connection costs: keep it small.
-    #[test]
-    fn running_connection_task_stays_small() {
-        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-            .spawn(|| async move {
-                let l = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                let addr = l.local_addr().unwrap();
-                let connect = || glommio::net::TcpStream::connect(addr);
-                let shared = crate::bench::shared().unwrap();
-                let shard = std::rc::Rc::new(crate::local::Shard::new(0, shared));
-                let id = crate::ids::ConnId::from_u64(1);
-                // A running WebSocket: its task, and the connection's state in its box.
-                let io = super::upgraded(id, connect().await.unwrap(), Vec::new(), Default::default());
-                let ws = std::mem::size_of_val(&super::task(shard.clone(), io));
-                let ws = ws + std::mem::size_of::<super::ConnIo>();
-                assert!(ws <= 320, "a running WebSocket holds {ws} bytes");
-                // A parked WebSocket is its entry alone.
-                assert!(std::mem::size_of::<crate::state::conns::ConnEntry>() <= 128);
-            })
-            .unwrap()
-            .join()
-            .unwrap();
-    }
+pub(crate) fn running_size(shard: Rc<Shard>, io: Box<ConnIo>) -> usize {
+    std::mem::size_of_val(&task(shard, io)) + std::mem::size_of::<ConnIo>()
 }

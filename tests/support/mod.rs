@@ -617,6 +617,34 @@ impl Client {
     }
 }
 
+/// A raw client that upgrades, connects as `user`, joins `room` and then never reads
+/// again: its socket fills once the node sends it enough.
+pub fn silent_member(addr: SocketAddr, user: &str, room: &str) -> TcpStream {
+    let mut slow = TcpStream::connect(addr).unwrap();
+    let mut hello = "GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".as_bytes().to_vec();
+    for text in [format!("40{{\"token\":\"{}\"}}", token(user, "t")), format!("42[\"join_room\",\"{room}\"]")]
+    {
+        ws::encode_masked_frame(OpKind::Text, text.as_bytes(), [1, 2, 3, 4], &mut hello);
+    }
+    slow.write_all(&hello).unwrap();
+    slow
+}
+
+/// `sender` (a member of `room`) floods it with 16 KiB messages until the node counts a
+/// slow-consumer close (20 s at most), then checks the sender is still served.
+pub fn flood_until_slow_consumer(srv: &Server, sender: &mut Client, room: &str) {
+    let big = "y".repeat(16 * 1024);
+    let end = Instant::now() + Duration::from_secs(20);
+    while srv.metric("shardgate_connections_closed_total{reason=\"slow_consumer\"}") == 0 {
+        assert!(Instant::now() < end, "the slow consumer was never cut off");
+        for _ in 0..50 {
+            sender.emit("message:send", json!({ "room": room, "content": big }));
+        }
+        sender.emit_ack("join_room", json!(room));
+    }
+    assert_eq!(sender.emit_ack("join_room", json!("other"))["ok"], true);
+}
+
 /// CPU seconds (user + system) process `pid` used so far, from `/proc`.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

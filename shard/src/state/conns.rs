@@ -141,6 +141,11 @@ impl ConnEntry {
         }
     }
 
+    /// A WebSocket (running or parked): its frames are sent by the shard's writer task.
+    pub fn is_websocket(&self) -> bool {
+        self.fd.is_some() && self.poll.is_none()
+    }
+
     /// True for a long-polling session that no request or probe holds.
     pub fn detached(&self) -> bool {
         self.poll.as_ref().is_some_and(|p| p.detached())
@@ -268,7 +273,7 @@ impl Conns {
         let was_empty = c.outbox.is_empty();
         c.outbox.push_back(frame.clone());
         c.out_bytes += frame.len();
-        if c.fd.is_some() && c.poll.is_none() {
+        if c.is_websocket() {
             // A WebSocket: its frames of this pass go out in one send from the writer
             // task, without waking the connection's own task (or giving a parked one a
             // task).
