@@ -130,6 +130,12 @@ fn main() {
     }
     let records = node.metric("shardgate_kafka_delivered_total");
     println!("records acknowledged by the broker: {records} (every message and the socket events)");
+    let floor = kafka_floor(&addr, SENDERS * PER_SENDER);
+    println!(
+        "kafka floor: a bare librdkafka producer with the node's settings: {floor:.2} us of CPU per record; the node's extra CPU with persistence: {:.2} us per message (the 1.15x budget: {:.2} us)",
+        cpu_on - cpu_off,
+        cpu_off * 0.15
+    );
 
     // 2. The persister through the backlog, against plain insert_many of the same documents.
     let db = FerretDb::start();
@@ -160,11 +166,90 @@ fn main() {
         "RESULT {}",
         json!({ "msgs_per_sec_off": off.round(), "msgs_per_sec_on": on.round(), "ratio_on_off": on / off,
                 "cpu_us_per_msg_off": cpu_off, "cpu_us_per_msg_on": cpu_on, "cpu_ratio_on_off": cpu_on / cpu_off,
-                "kafka_records": records,
+                "kafka_records": records, "kafka_floor_us_per_record": floor,
                 "persister_docs_per_sec": persister_rate.round(), "insert_many_docs_per_sec": baseline_rate.round(),
                 "persister_ratio": persister_rate / baseline_rate,
                 "lag_ms_p50": p50, "lag_ms_p99": p99, "lag_ms_p999": p999 })
     );
+}
+
+/// The floor of the node's Kafka cost: `n` message records like the node's (built by
+/// the shard's own `record::message`, keyed by conversation) handed as fast as librdkafka
+/// takes them to a bare `ThreadedProducer` with the node's settings
+/// (`producer_config`), in this process, until the broker acknowledged every one; the
+/// process's CPU (every librdkafka thread included) per record. Handing records over in
+/// one tight loop batches them at least as well as the node's bridge does, so this is
+/// what one record per message costs at the least.
+fn kafka_floor(brokers: &str, n: usize) -> f64 {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    struct Count(Arc<AtomicU64>);
+    impl rdkafka::ClientContext for Count {}
+    impl ProducerContext for Count {
+        type DeliveryOpaque = ();
+        fn delivery(&self, r: &DeliveryResult<'_>, _: ()) {
+            assert!(r.is_ok(), "the floor's record was refused: {:?}", r.as_ref().err());
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    let cfg = shardgate::config::KafkaSettings { brokers: Some(brokers.to_string()), ..Default::default() };
+    let topic = "floor.records";
+    let admin: AdminClient<DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
+    let spec = NewTopic::new(topic, cfg.partitions, TopicReplication::Fixed(cfg.replication));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let created = rt.block_on(admin.create_topics([&spec], &AdminOptions::new())).expect("create topic");
+    assert!(created.iter().all(|r| r.is_ok()), "create {topic}: {created:?}");
+    let delivered = Arc::new(AtomicU64::new(0));
+    let producer: ThreadedProducer<Count> = shardgate::persist::producer::producer_config(&cfg)
+        .create_with_context(Count(delivered.clone()))
+        .expect("producer");
+    let records: Vec<shardgate_shard::record::Record> = (0..n)
+        .map(|i| {
+            let (from, to) = (format!("s{}", i % SENDERS), format!("r{}", i % SENDERS));
+            let msg = json!({ "id": format!("01JFLOOR{i:018}"), "from": from, "to": to,
+                              "content": "x".repeat(64), "ts": 1_764_000_000_000u64 + i as u64 });
+            let conversation = shardgate_shard::record::dm_conversation(&from, &to);
+            shardgate_shard::record::message("on", conversation, &msg, None, &[], None)
+        })
+        .collect();
+    // A first record up front: the connection, the topic's metadata, the producer id.
+    let warm = BaseRecord::to(topic).key(&records[0].key).payload(&records[0].payload);
+    producer.send(warm).map_err(|(e, _)| e).expect("first record");
+    while delivered.load(Ordering::Relaxed) < 1 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let cpu = cpu_seconds(std::process::id());
+    for r in &records {
+        let mut rec = BaseRecord::to(topic).key(&r.key).payload(&r.payload);
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    rec = back;
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                Err((e, _)) => panic!("floor produce: {e}"),
+            }
+        }
+    }
+    let end = Instant::now() + Duration::from_secs(120);
+    while delivered.load(Ordering::Relaxed) < n as u64 + 1 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let used = cpu_seconds(std::process::id()) - cpu;
+    assert_eq!(
+        delivered.load(Ordering::Relaxed),
+        n as u64 + 1,
+        "the broker did not acknowledge every floor record"
+    );
+    used * 1e6 / n as f64
 }
 
 /// Cumulative store-lag bucket counts from the persister's `/metrics`: (le ms, count).

@@ -137,6 +137,21 @@ fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// The producer's librdkafka settings: idempotent, every replica acknowledging, batched
+/// and compressed as configured, never expiring a record. `benches/persist.rs` measures a
+/// bare producer with these same settings as the floor of the node's Kafka cost.
+pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = client_config(cfg);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", cfg.linger_ms.to_string())
+        .set("batch.size", cfg.batch_bytes.to_string())
+        .set("compression.type", &cfg.compression)
+        .set("queue.buffering.max.messages", cfg.producer_queue.to_string())
+        .set("message.timeout.ms", "0");
+    c
+}
+
 impl RecordProducer {
     /// Builds the producer and the admin client; connects lazily.
     pub fn new(
@@ -145,15 +160,8 @@ impl RecordProducer {
         inbox: Arc<Inbox<Record>>,
         block: MetricsBlock,
     ) -> Result<RecordProducer, KafkaError> {
-        let producer: ThreadedProducer<Reports> = client_config(&cfg)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", cfg.linger_ms.to_string())
-            .set("batch.size", cfg.batch_bytes.to_string())
-            .set("compression.type", &cfg.compression)
-            .set("queue.buffering.max.messages", cfg.producer_queue.to_string())
-            .set("message.timeout.ms", "0")
-            .create_with_context(Reports { shared: shared.clone(), block })?;
+        let producer: ThreadedProducer<Reports> =
+            producer_config(&cfg).create_with_context(Reports { shared: shared.clone(), block })?;
         Ok(RecordProducer {
             cfg,
             shared,
