@@ -6,7 +6,8 @@
 //!    messages each, fire and forget, 64-byte content) against a node without `--kafka`
 //!    and one with it, a warm-up turn then three turns each, alternating: delivered
 //!    messages/s and the node process's CPU per message (from `/proc`), medians and their
-//!    ratios.
+//!    ratios; then the Kafka floor: the same number of message records through a bare
+//!    librdkafka producer with the node's settings, CPU per record (`kafka_floor`).
 //! 2. **The persister's throughput.** The 320 000 messages now in Kafka, consumed by a
 //!    fresh `shardgate persist` into FerretDB (messages, conversations, users): documents/s
 //!    until its `/metrics` counts them all, against a plain loop of `insert_many`

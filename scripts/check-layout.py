@@ -14,8 +14,7 @@ import sys
 
 CRATES = ["src", "shard/src", "io/src", "loadtest/src"]
 MAX_LINES = 700
-# `vendor`: third-party sources kept as upstream wrote them (vendor/README.md).
-SKIP_DIRS = {"target", "target-exp", "node_modules", "tests", ".git", "vendor"}
+SKIP_DIRS = {"target", "node_modules", "tests", ".git"}
 
 
 def module_name(root, path):

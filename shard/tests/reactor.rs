@@ -1,16 +1,16 @@
-//! The patched glommio reactor pass (`vendor/README.md`): what the patch changes must
-//! still hold. Each test runs a real executor on its own thread, bounded in time.
+//! The properties of glommio's reactor that shardgate relies on, and that any patch or
+//! upgrade of it must keep (docs/performance.md, "The ack path against its floor", tells
+//! of a patch that was tried). Each test runs a real executor on its own thread, bounded
+//! in time.
 //!
 //! * a sleeping executor is woken by a waker fired from another thread (the sleep
-//!   notifier, whose heavy barrier became a fence) and by a shared channel, every time;
-//! * a timer fires at its deadline, not before, whether the executor slept with an
-//!   earlier-armed latency timer kept or armed a new one, and thousands of short timers
-//!   in several tasks never leave the executor asleep with none armed;
-//! * preemption still happens: a task that never yields sees `need_preempt` within a
-//!   few preemption periods (the latency timer is kept across passes, the throughput
-//!   timer until it fires);
-//! * I/O queued by a pass and submitted with the sleep completes: TCP round trips with a
-//!   client on another thread.
+//!   notifier and its barrier) and by a shared channel, every time;
+//! * a timer fires at its deadline, not before and not much after, whether the pass
+//!   before the sleep was busy or idle, and thousands of short timers in several tasks
+//!   never leave the executor asleep with none armed;
+//! * preemption happens: a task that never yields sees `need_preempt` within a few
+//!   preemption periods;
+//! * TCP round trips complete through passes that sleep between them.
 
 use std::future::Future;
 use std::io::{Read, Write};
