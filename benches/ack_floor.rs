@@ -33,8 +33,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "common/floor.rs"]
+mod floor;
 #[path = "../tests/support/mod.rs"]
 mod support;
+
+use floor::{epoll_add, pin, thread_cpu_us};
+use shardgate_io::ws::{self, OpKind, Role};
 
 struct Args {
     connections: usize,
@@ -60,101 +65,53 @@ fn args() -> Args {
         client_cpu: 1,
         targets: Vec::new(),
     };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < argv.len() {
-        if argv[i] == "--target" {
+    for (name, v) in floor::flags() {
+        if name == "--target" {
             // NAME=HOST:PORT/PID
-            let t = argv.get(i + 1).and_then(|v| {
-                let (name, rest) = v.split_once('=')?;
+            let t = v.split_once('=').and_then(|(name, rest)| {
                 let (addr, pid) = rest.split_once('/')?;
                 Some((name.to_string(), addr.parse().ok()?, pid.parse().ok()?))
             });
-            match t {
-                Some(t) => a.targets.push(t),
-                None => panic!("--target wants NAME=HOST:PORT/PID, got {:?}", argv.get(i + 1)),
-            }
-            i += 2;
+            a.targets.push(t.unwrap_or_else(|| panic!("--target wants NAME=HOST:PORT/PID, got {v:?}")));
             continue;
         }
-        let v = argv.get(i + 1).and_then(|v| v.parse::<u64>().ok());
-        match (argv[i].as_str(), v) {
-            ("--connections", Some(v)) => a.connections = (v as usize).max(1),
-            ("--rate", Some(v)) => a.rate = v.max(1),
-            ("--seconds", Some(v)) => a.seconds = v.max(1),
-            ("--content", Some(v)) => a.content = v as usize,
-            ("--reply", Some(v)) => a.reply = (v as usize).max(8),
-            ("--rounds", Some(v)) => a.rounds = (v as usize).max(1),
-            ("--server-cpu", Some(v)) => a.server_cpu = v as usize,
-            ("--client-cpu", Some(v)) => a.client_cpu = v as usize,
-            // `cargo bench` passes `--bench`; anything else unknown is ignored too.
-            _ => {
-                i += 1;
-                continue;
-            }
+        let Ok(v) = v.parse::<u64>() else { continue };
+        match name.as_str() {
+            "--connections" => a.connections = (v as usize).max(1),
+            "--rate" => a.rate = v.max(1),
+            "--seconds" => a.seconds = v.max(1),
+            "--content" => a.content = v as usize,
+            "--reply" => a.reply = (v as usize).max(8),
+            "--rounds" => a.rounds = (v as usize).max(1),
+            "--server-cpu" => a.server_cpu = v as usize,
+            "--client-cpu" => a.client_cpu = v as usize,
+            _ => {}
         }
-        i += 2;
     }
     a
 }
 
-fn pin(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t with one bit set, applied to the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+/// Splits the complete frames off the front of `pending` (masked client frames for
+/// `Role::Server`, server frames for `Role::Client`), calling `each` with every payload.
+fn frames(pending: &mut Vec<u8>, role: Role, mut each: impl FnMut(&[u8])) {
+    let mut at = 0;
+    while let Some((frame, used)) =
+        ws::decode_frame(&mut pending[at..], usize::MAX, role).expect("a well-formed frame")
+    {
+        each(&pending[at + frame.payload.start..at + frame.payload.end]);
+        at += used;
     }
-}
-
-/// CPU time (user + system) of the calling thread, in microseconds.
-fn thread_cpu_us() -> u64 {
-    // SAFETY: getrusage fills the struct it is given.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
-        ru
-    };
-    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-    us(ru.ru_utime) + us(ru.ru_stime)
-}
-
-/// One complete WebSocket frame at the front of `buf`: (header + payload length, payload
-/// offset, payload length), masked or not.
-fn frame_at(buf: &[u8]) -> Option<(usize, usize, usize)> {
-    if buf.len() < 2 {
-        return None;
-    }
-    let masked = buf[1] & 0x80 != 0;
-    let (len, mut head) = match buf[1] & 0x7f {
-        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
-        127 if buf.len() >= 10 => (u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize, 10),
-        126 | 127 => return None,
-        n => (n as usize, 2),
-    };
-    if masked {
-        head += 4;
-    }
-    (buf.len() >= head + len).then_some((head + len, head, len))
+    pending.drain(..at);
 }
 
 /// An unmasked server text frame carrying an ack packet, `len` bytes in all.
 fn ack_frame(len: usize) -> Vec<u8> {
-    let payload = len.saturating_sub(4).clamp(126, 65535);
-    let mut f = vec![0x81, 126];
-    f.extend_from_slice(&(payload as u16).to_be_bytes());
-    let mut p = b"430[{\"ok\":true,\"pad\":\"".to_vec();
-    p.resize(payload - 3, b'x');
-    p.extend_from_slice(b"\"}]");
-    f.extend(p);
+    let mut payload = b"430[{\"ok\":true,\"pad\":\"".to_vec();
+    payload.resize(len.saturating_sub(4 + 3).max(payload.len()), b'x');
+    payload.extend_from_slice(b"\"}]");
+    let mut f = Vec::new();
+    ws::encode_frame(OpKind::Text, &payload, &mut f);
     f
-}
-
-fn epoll_add(ep: i32, fd: i32, token: u64) {
-    let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
-    // SAFETY: `ep` and `fd` are open descriptors owned by the caller.
-    let rc = unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) };
-    assert_eq!(rc, 0, "epoll_ctl: {}", std::io::Error::last_os_error());
 }
 
 /// The minimal server: one epoll set, one read per readable socket, one write of as many
@@ -183,16 +140,12 @@ fn floor_server(mut socks: Vec<TcpStream>, reply: Vec<u8>, stop: Arc<AtomicBool>
                 Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
                 Err(e) => panic!("floor server read: {e}"),
             };
-            let p = &mut pending[i];
-            p.extend_from_slice(&buf[..k]);
-            let mut at = 0;
+            pending[i].extend_from_slice(&buf[..k]);
             out.clear();
-            while let Some((whole, _, _)) = frame_at(&p[at..]) {
-                at += whole;
+            frames(&mut pending[i], Role::Server, |_| {
                 out.extend_from_slice(&reply);
                 answered += 1;
-            }
-            p.drain(..at);
+            });
             if !out.is_empty() {
                 socks[i].write_all(&out).unwrap();
             }
@@ -262,12 +215,7 @@ fn client(socks: &mut [TcpStream], rate: u64, seconds: u64, content: usize) -> (
                     );
                     next_id[c] += 1;
                     frame.clear();
-                    shardgate_io::ws::encode_masked_frame(
-                        shardgate_io::ws::OpKind::Text,
-                        text.as_bytes(),
-                        [7, 1, 3, 9],
-                        &mut frame,
-                    );
+                    ws::encode_masked_frame(OpKind::Text, text.as_bytes(), [7, 1, 3, 9], &mut frame);
                     socks[c].write_all(&frame).expect("client write");
                     sent += 1;
                 }
@@ -282,27 +230,21 @@ fn client(socks: &mut [TcpStream], rate: u64, seconds: u64, content: usize) -> (
                     Ok(0) => panic!("the server closed connection {i}"),
                     Ok(k) => {
                         bytes += k as u64;
-                        let p = &mut pending[i];
-                        p.extend_from_slice(&buf[..k]);
-                        let mut at = 0;
-                        while let Some((whole, off, len)) = frame_at(&p[at..]) {
-                            let payload = &p[at + off..at + off + len];
+                        pending[i].extend_from_slice(&buf[..k]);
+                        let mut pings = 0;
+                        frames(&mut pending[i], Role::Client, |payload| {
                             if payload.starts_with(b"43") {
                                 acks += 1;
                             } else if payload == b"2" {
-                                // An Engine.IO ping from a target: answer it.
-                                let mut pong = Vec::new();
-                                shardgate_io::ws::encode_masked_frame(
-                                    shardgate_io::ws::OpKind::Text,
-                                    b"3",
-                                    [1, 2, 3, 4],
-                                    &mut pong,
-                                );
-                                let _ = socks[i].write_all(&pong);
+                                pings += 1;
                             }
-                            at += whole;
+                        });
+                        // An Engine.IO ping from a target: answer it.
+                        for _ in 0..pings {
+                            let mut pong = Vec::new();
+                            ws::encode_masked_frame(OpKind::Text, b"3", [1, 2, 3, 4], &mut pong);
+                            let _ = socks[i].write_all(&pong);
                         }
-                        p.drain(..at);
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) => panic!("client read: {e}"),

@@ -28,8 +28,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "common/floor.rs"]
+mod floor;
 #[path = "../tests/support/mod.rs"]
 mod support;
+
+use floor::{epoll_add, pin, thread_cpu_us};
 
 struct Args {
     target: Option<std::net::SocketAddr>,
@@ -55,54 +59,25 @@ fn args() -> Args {
         sender_cpu: 0,
         reader_cpu: 1,
     };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < argv.len() {
-        if argv[i] == "--target" {
-            a.target = argv.get(i + 1).and_then(|v| v.parse().ok());
-            i += 2;
+    for (name, v) in floor::flags() {
+        if name == "--target" {
+            a.target = v.parse().ok();
             continue;
         }
-        let v = argv.get(i + 1).and_then(|v| v.parse::<u64>().ok());
-        match (argv[i].as_str(), v) {
-            ("--server-pid", Some(v)) => a.server_pid = v as u32,
-            ("--sockets", Some(v)) => a.sockets = v as usize,
-            ("--rate", Some(v)) => a.rate = v.max(1),
-            ("--seconds", Some(v)) => a.seconds = v.max(1),
-            ("--frame", Some(v)) => a.frame = v as usize,
-            ("--batch", Some(v)) => a.batch = (v as usize).max(1),
-            ("--sender-cpu", Some(v)) => a.sender_cpu = v as usize,
-            ("--reader-cpu", Some(v)) => a.reader_cpu = v as usize,
-            // `cargo bench` passes `--bench`; anything else unknown is ignored too.
-            _ => {
-                i += 1;
-                continue;
-            }
+        let Ok(v) = v.parse::<u64>() else { continue };
+        match name.as_str() {
+            "--server-pid" => a.server_pid = v as u32,
+            "--sockets" => a.sockets = v as usize,
+            "--rate" => a.rate = v.max(1),
+            "--seconds" => a.seconds = v.max(1),
+            "--frame" => a.frame = v as usize,
+            "--batch" => a.batch = (v as usize).max(1),
+            "--sender-cpu" => a.sender_cpu = v as usize,
+            "--reader-cpu" => a.reader_cpu = v as usize,
+            _ => {}
         }
-        i += 2;
     }
     a
-}
-
-fn pin(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t with one bit set, applied to the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
-/// CPU time (user + system) of the calling thread, in microseconds.
-fn thread_cpu_us() -> u64 {
-    // SAFETY: getrusage fills the struct it is given.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
-        ru
-    };
-    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-    us(ru.ru_utime) + us(ru.ru_stime)
 }
 
 /// A server frame of `len` bytes in all (2-byte header, text opcode), as shardgate sends.
@@ -119,8 +94,7 @@ fn drain(readers: Vec<TcpStream>, stop: Arc<AtomicBool>, bytes: Arc<AtomicU64>) 
     let ep = unsafe { libc::epoll_create1(0) };
     for (i, r) in readers.iter().enumerate() {
         r.set_nonblocking(true).unwrap();
-        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: i as u64 };
-        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, r.as_raw_fd(), &mut ev) };
+        epoll_add(ep, r.as_raw_fd(), i as u64);
     }
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut buf = vec![0u8; 64 * 1024];
