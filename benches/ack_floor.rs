@@ -27,7 +27,7 @@
 //! `--rounds`, and the medians and ratios are printed.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -38,7 +38,7 @@ mod floor;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use floor::{epoll_add, pin, thread_cpu_us};
+use floor::{epoll_add, loopback_pairs, pin, thread_cpu_us};
 use shardgate_io::ws::{self, OpKind, Role};
 
 struct Args {
@@ -262,18 +262,7 @@ fn client(socks: &mut [TcpStream], rate: u64, seconds: u64, content: usize) -> (
 
 /// One turn of the floor: CPU microseconds per message.
 fn floor_turn(a: &Args) -> f64 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut clients = Vec::with_capacity(a.connections);
-    let mut accepted = Vec::with_capacity(a.connections);
-    for _ in 0..a.connections {
-        let c = TcpStream::connect(addr).unwrap();
-        c.set_nodelay(true).unwrap();
-        let (s, _) = listener.accept().unwrap();
-        s.set_nodelay(true).unwrap();
-        clients.push(c);
-        accepted.push(s);
-    }
+    let (mut clients, accepted): (Vec<_>, Vec<_>) = loopback_pairs(a.connections).into_iter().unzip();
     let stop = Arc::new(AtomicBool::new(false));
     let (s, reply, cpu) = (stop.clone(), ack_frame(a.reply), a.server_cpu);
     let server = std::thread::spawn(move || floor_server(accepted, reply, s, cpu));

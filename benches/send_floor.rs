@@ -22,7 +22,7 @@
 //! both floors (K separate sends, one coalesced send) are printed.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,7 +33,7 @@ mod floor;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use floor::{epoll_add, pin, thread_cpu_us};
+use floor::{epoll_add, loopback_pairs, pin, thread_cpu_us};
 
 struct Args {
     target: Option<std::net::SocketAddr>,
@@ -180,17 +180,7 @@ fn run(writers: &mut [TcpStream], chunks: &[Vec<u8>], rate: u64, seconds: u64) -
 
 fn main() {
     let a = args();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut writers = Vec::with_capacity(a.sockets);
-    let mut readers = Vec::with_capacity(a.sockets);
-    for _ in 0..a.sockets {
-        let r = TcpStream::connect(addr).unwrap();
-        let (w, _) = listener.accept().unwrap();
-        w.set_nodelay(true).unwrap();
-        writers.push(w);
-        readers.push(r);
-    }
+    let (readers, mut writers): (Vec<_>, Vec<_>) = loopback_pairs(a.sockets).into_iter().unzip();
     let reader = Reader::start(readers, a.reader_cpu);
     pin(a.sender_cpu);
     let f = frame(a.frame);

@@ -1,5 +1,6 @@
 //! What the floor programs (`send_floor`, `ack_floor`) share: their command line, pinning
-//! a thread to a core, a thread's own CPU time, and adding a descriptor to an epoll set.
+//! a thread to a core, a thread's own CPU time, adding a descriptor to an epoll set, and
+//! opening loopback connections.
 
 use std::os::fd::RawFd;
 
@@ -49,4 +50,20 @@ pub fn epoll_add(ep: RawFd, fd: RawFd, token: u64) {
     // SAFETY: `ep` and `fd` are open descriptors owned by the caller.
     let rc = unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) };
     assert_eq!(rc, 0, "epoll_ctl: {}", std::io::Error::last_os_error());
+}
+
+/// `n` loopback TCP connections, each as (the connecting end, the accepted end), both
+/// with `TCP_NODELAY`.
+pub fn loopback_pairs(n: usize) -> Vec<(std::net::TcpStream, std::net::TcpStream)> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    (0..n)
+        .map(|_| {
+            let c = std::net::TcpStream::connect(addr).unwrap();
+            let (s, _) = listener.accept().unwrap();
+            c.set_nodelay(true).unwrap();
+            s.set_nodelay(true).unwrap();
+            (c, s)
+        })
+        .collect()
 }
