@@ -92,6 +92,10 @@ bitflags::bitflags! {
         const CQSIZE    = 1 << 3;
         const CLAMP     = 1 << 4;
         const ATTACH_WQ = 1 << 5;
+        /// Completions that need task work (a poll that fired, a timeout) do not
+        /// interrupt the task while it runs in user space; they run at its next
+        /// transition into the kernel (Linux 5.19).
+        const COOP_TASKRUN = 1 << 8;
     }
 }
 

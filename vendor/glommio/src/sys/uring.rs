@@ -915,8 +915,20 @@ impl SleepableRing {
         source_map: Rc<RefCell<SourceMap>>,
     ) -> io::Result<Self> {
         assert!(*IO_URING_RECENT_ENOUGH);
+        // A completion arriving while the executor runs tasks must not interrupt it
+        // (an inter-processor interrupt from the core whose send made a socket
+        // readable, then the task work on return to user space): the executor enters
+        // the kernel often enough (every socket call, every pass), a sleeping one is
+        // still woken, and a timer fires on this core, whose interrupt return runs it.
+        // Kernels before 5.19 refuse the flag: use the ring without it.
+        let ring = iou::IoUring::new_with_flags(
+            size as _,
+            iou::SetupFlags::COOP_TASKRUN,
+            iou::SetupFeatures::empty(),
+        )
+        .or_else(|_| iou::IoUring::new(size as _))?;
         Ok(SleepableRing {
-            ring: iou::IoUring::new(size as _)?,
+            ring,
             size,
             submission_queue: UringQueueState::with_capacity(size * 4),
             name,
