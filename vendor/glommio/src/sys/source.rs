@@ -294,6 +294,11 @@ impl Source {
         }
     }
 
+    /// Whether the source was handed to a ring (a completion will come for it).
+    pub(super) fn is_enqueued(&self) -> bool {
+        self.inner.borrow().enqueued.is_some()
+    }
+
     pub(super) fn raw(&self) -> RawFd {
         self.inner.borrow().raw
     }

@@ -1119,6 +1119,21 @@ impl SleepableRing {
                 .or_else(Reactor::intr_ok)
         }
     }
+
+    /// Sleeps like `sleep`, with the rings already linked by an earlier call's poll
+    /// that is still pending: SQEs this pass filled go with the wait.
+    fn sleep_linked(&mut self) -> io::Result<usize> {
+        match self.ring.submit_sqes_and_wait(1) {
+            Ok(n) => {
+                self.in_kernel += n as usize;
+                Ok(1)
+            }
+            Err(e) => Err(e)
+                .or_else(Reactor::busy_ok)
+                .or_else(Reactor::again_ok)
+                .or_else(Reactor::intr_ok),
+        }
+    }
 }
 
 impl UringCommon for SleepableRing {
@@ -1240,6 +1255,12 @@ pub(crate) struct Reactor {
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
+    /// The poll of the latency ring submitted by the last sleep. While it is pending it
+    /// still links the rings: the latency ring posted nothing since it was armed (a
+    /// completion would have fired it) and it was armed against an empty completion
+    /// queue (a poll fires at once otherwise), so the next sleep waits on it instead of
+    /// arming another.
+    link_src: RefCell<Option<Source>>,
 
     // This keeps the `eventfd` alive. Drop will close it when we're done
     notifier: Arc<sys::SleepNotifier>,
@@ -1371,6 +1392,7 @@ impl Reactor {
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
+            link_src: RefCell::new(None),
             notifier,
             eventfd_src,
             source_map,
@@ -1741,6 +1763,13 @@ impl Reactor {
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
     fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
+        let mut link = self.link_src.borrow_mut();
+        // Pending until its completion is consumed (a link's completion sets no result).
+        // One that fired and is not consumed yet is no longer armed, but then the wait
+        // returns at once for that completion, and the next sleep arms anew.
+        if matches!(&*link, Some(src) if src.is_enqueued()) {
+            return ring.sleep_linked().or_else(Self::busy_ok).map(|_| {});
+        }
         let link_rings = Source::new(
             IoRequirements::default(),
             self.link_fd,
@@ -1748,7 +1777,10 @@ impl Reactor {
             None,
             None,
         );
-        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
+        let slept = ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {});
+        // With no SQE free, `sleep` did not link: not enqueued, it is armed anew next time.
+        *link = Some(link_rings);
+        slept
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
