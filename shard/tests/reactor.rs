@@ -1,7 +1,7 @@
 //! The properties of glommio's reactor that shardgate relies on, and that any patch or
 //! upgrade of it must keep (docs/performance.md, "The ack path against its floor", tells
 //! of a patch that was tried). Each test runs a real executor on its own thread, bounded
-//! in time.
+//! in time by a watchdog thread outside glommio (`within`).
 //!
 //! * a sleeping executor is woken by a waker fired from another thread (the sleep
 //!   notifier and its barrier) and by a shared channel, every time;
@@ -29,12 +29,25 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = T> + 'static,
 {
-    LocalExecutorBuilder::new(Placement::Unbound)
-        .preempt_timer(preempt)
-        .spawn(f)
-        .expect("executor")
-        .join()
-        .expect("executor thread")
+    let ex = LocalExecutorBuilder::new(Placement::Unbound).preempt_timer(preempt).spawn(f).expect("executor");
+    within("the executor", move || ex.join().expect("executor thread"))
+}
+
+/// Waits for `join` (an executor thread's end) on a watchdog of its own: a reactor that
+/// loses its wake-ups also loses the glommio timers a test bounds itself with, and would
+/// leave the test hanging instead of failing.
+fn within<T: Send + 'static>(what: &str, join: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(join());
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what} did not finish in 60 s: a wake-up or a timer was lost")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("{what} panicked"),
+    }
 }
 
 /// A future completed by another thread: `fire` wakes whatever waker it last saw.
@@ -123,7 +136,7 @@ fn shared_channels_ping_pong_between_two_sleeping_executors() {
         drop(tx);
         last
     });
-    b.join().unwrap();
+    within("the answering executor", move || b.join().unwrap());
     assert_eq!(got, N);
 }
 
@@ -200,7 +213,7 @@ fn short_timers_are_never_lost() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    ex.join().unwrap();
+    within("the timer executor", move || ex.join().unwrap());
 }
 
 #[test]
@@ -263,6 +276,6 @@ fn tcp_round_trips_through_passes_that_sleep() {
         assert_eq!(u64::from_le_bytes(buf), i + 1);
     }
     drop(c);
-    server.join().unwrap();
+    within("the server executor", move || server.join().unwrap());
     assert_eq!(served.load(Ordering::Relaxed), ROUNDS);
 }
