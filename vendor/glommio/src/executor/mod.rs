@@ -1502,21 +1502,16 @@ impl LocalExecutor {
                         // future is probably the one setting up the task queues and etc.
                         break t.unwrap();
                     } else {
-                        if spin_before_park.is_zero() {
-                            // No spinning: park at once. Parking polls the rings and
-                            // does not sleep if anything is ready, and it submits this
-                            // pass's I/O with the sleep instead of in an enter of its own.
-                            this.parker
-                                .park()
-                                .expect("Failed to park! This is actually pretty bad!");
-                        } else {
-                            while !this.reactor.spin_poll_io().unwrap() {
-                            if pre_time.elapsed() > spin_before_park {
+                        // With no spinning configured, park at once without a spin
+                        // poll first: parking polls the rings and does not sleep if
+                        // anything is ready, and it submits this pass's I/O with the
+                        // sleep instead of in an enter of its own.
+                        while spin_before_park.is_zero() || !this.reactor.spin_poll_io().unwrap() {
+                            if pre_time.elapsed() >= spin_before_park {
                                 this.parker
                                     .park()
                                     .expect("Failed to park! This is actually pretty bad!");
                                 break;
-                            }
                             }
                         }
                         // reset the timer for deduct spin loop time

@@ -944,6 +944,24 @@ impl SleepableRing {
         self.ring.raw().ring_fd
     }
 
+    /// Keeps `armed`, the latency-ring timer of an earlier pass, while it is pending and
+    /// fires no later than `d` from now; otherwise cancels it and queues a new one for
+    /// `d`. Returns whether a new timer was queued (its SQE still to be flushed).
+    fn keep_or_arm_latency_timer(
+        &mut self,
+        armed: &mut Option<(Source, Instant)>,
+        d: Duration,
+    ) -> bool {
+        let due = Instant::now() + d;
+        if matches!(armed, Some((src, at)) if *at <= due && src.result().is_none()) {
+            return false;
+        }
+        drop(armed.take());
+        *armed = Some((self.prepare_latency_preemption_timer(d), due));
+        self.flush_cancellations(&mut 0);
+        true
+    }
+
     /// This function prepares a timer that fires unconditionally after a
     /// certain duration. The timer is added at the front of the queue such
     /// that it will be the first SQE submitted the next time we enter the
@@ -1093,22 +1111,16 @@ impl SleepableRing {
             // We have now prepared the SQE that links the two rings. It is submitted and
             // waited on in one `io_uring_enter`: the kernel submits before it waits, and
             // returns at once (an error, nothing consumed) when it cannot take the SQE.
-            match self.ring.submit_sqes_and_wait(1) {
-                Ok(n) => {
-                    self.in_kernel += n as usize;
-                    // The rings were linked, and we slept. Good morning!
-                    Ok(1)
-                }
-                Err(e) => {
+            self.submit_and_wait_one()
+                .or_else(|e| {
                     // We failed to submit the `SQE` that links the rings. Just can't
                     // sleep. We make the SQE a no-op and return.
                     unsafe { crate::uring_sys::io_uring_prep_nop(sqe_ptr) };
                     Err(e)
-                        .or_else(Reactor::busy_ok)
-                        .or_else(Reactor::again_ok)
-                        .or_else(Reactor::intr_ok)
-                }
-            }
+                })
+                .or_else(Reactor::busy_ok)
+                .or_else(Reactor::again_ok)
+                .or_else(Reactor::intr_ok)
         } else {
             // Can't link rings because we ran out of `CQE`s. Just can't sleep.
             // Submit what we have, once we're out of here we'll consume them
@@ -1123,16 +1135,18 @@ impl SleepableRing {
     /// Sleeps like `sleep`, with the rings already linked by an earlier call's poll
     /// that is still pending: SQEs this pass filled go with the wait.
     fn sleep_linked(&mut self) -> io::Result<usize> {
-        match self.ring.submit_sqes_and_wait(1) {
-            Ok(n) => {
-                self.in_kernel += n as usize;
-                Ok(1)
-            }
-            Err(e) => Err(e)
-                .or_else(Reactor::busy_ok)
-                .or_else(Reactor::again_ok)
-                .or_else(Reactor::intr_ok),
-        }
+        self.submit_and_wait_one()
+            .or_else(Reactor::busy_ok)
+            .or_else(Reactor::again_ok)
+            .or_else(Reactor::intr_ok)
+    }
+
+    /// Submits the filled SQEs and waits for a completion in one `io_uring_enter`.
+    fn submit_and_wait_one(&mut self) -> io::Result<usize> {
+        let submitted = self.ring.submit_sqes_and_wait(1)?;
+        self.in_kernel += submitted as usize;
+        // Slept, and woken. Good morning!
+        Ok(1)
     }
 }
 
@@ -1865,8 +1879,7 @@ impl Reactor {
         // pending and fires no later than the timer this pass needs: firing early only
         // means one preemption (or one wake-up) sooner, which the next pass handles, and
         // keeping it saves a cancel and a re-arm (two SQEs and a ring entry) per pass.
-        let now = Instant::now();
-        let armed = self
+        let mut armed = self
             .latency_preemption_timeout_src
             .take()
             .filter(|(src, _)| src.result().is_none());
@@ -1912,18 +1925,13 @@ impl Reactor {
             && lat_ring.can_sleep();
         let mut slept = false;
 
-        let mut armed = armed;
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
+            // Checked again: the rings were consumed since `armed` was taken, and a timer
+            // that fired meanwhile will not wake us.
             if let Some(dur) = user_timer {
-                let due = now + dur;
-                // Checked again: the rings were consumed since `armed` was taken, and a
-                // timer that fired meanwhile will not wake us.
-                if !matches!(&armed, Some((src, at)) if *at <= due && src.result().is_none()) {
-                    drop(armed.take());
-                    armed = Some((lat_ring.prepare_latency_preemption_timer(dur), due));
-                    flush_cancellations!(into &mut 0; lat_ring);
+                if lat_ring.keep_or_arm_latency_timer(&mut armed, dur) {
                     assert!(flush_rings!(lat_ring)? > 0);
                 }
             }
@@ -1957,13 +1965,7 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            let now = Instant::now();
-            let due = now + preempt;
-            let keep = matches!(&armed, Some((src, at)) if *at <= due && src.result().is_none());
-            if !keep {
-                drop(armed.take());
-                armed = Some((lat_ring.prepare_latency_preemption_timer(preempt), due));
-                flush_cancellations!(into &mut 0; lat_ring);
+            if lat_ring.keep_or_arm_latency_timer(&mut armed, preempt) {
                 flush_rings!(lat_ring, main_ring)?;
             }
         }
